@@ -1,0 +1,29 @@
+# The two quick-start commands (README.md): `make train` and `make test`.
+# Each installs the project into .venv first (once; again only when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test bench-synthetic clean-data
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+train: install  ## the default pipeline on the embedded synthetic data (ARGS='key=value ...' adds overrides)
+	$(BIN)/python -m train $(ARGS)
+
+test: install  ## the test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-synthetic: install  ## generator throughput (images/s per core)
+	$(BIN)/python -m train.bench synthetic
+
+clean-data:
+	rm -rf data/synthetic

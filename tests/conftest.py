@@ -1,0 +1,45 @@
+"""Shared fixtures: the real Hydra config, cut down, and one small pipeline run for many tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+QUIET = ["print_config=false", "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """Compose ``conf/config.yaml`` exactly as ``python -m train`` would, with overrides."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One synthetic-data cache for the whole session (same settings -> generated once)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def tiny_config(tmp_path, data_dir):
+    """``compose_config`` for a fresh checkpoints folder, the shared data cache and debug=tiny."""
+    def make(*overrides: str) -> DictConfig:
+        return compose_config(f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "debug=tiny",
+                              *QUIET, *overrides)
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, data_dir):
+    """The default pipeline (data -> stage1) once on tiny synthetic data; returns its Run."""
+    from train.__main__ import run_task
+    from train.runs import Run
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = compose_config(f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET)
+    run_task(cfg)
+    (run_path,) = list((root / "checkpoints").iterdir())
+    return Run.open(run_path)

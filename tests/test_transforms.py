@@ -1,0 +1,54 @@
+"""Validator-faithful evaluation transforms and the training transform."""
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+
+from bad_images import photo
+from train.data.transforms import EvalTransform, ModelInput, TrainTransform, ValidatorQuery, validator_level
+
+
+def test_level0_is_square_centre_crop_then_resize():
+    image = np.zeros((300, 500, 3), np.uint8)
+    image[:, 100:400] = 255  # the centred 300x300 square is white, the sides black
+    out = validator_level(0)(image=image)["image"]
+    assert out.shape == (224, 224, 3) and out[:, 2:-2].min() == 255
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_queries_are_224_jpegs_reproducible_per_sample(level):
+    image = photo(320, 256)
+    query = ValidatorQuery(level, seed=7)
+    a, b = query(image, 5), query(image, 5)
+    assert a.shape == (224, 224, 3) and np.array_equal(a, b)
+    if level > 0:
+        assert not np.array_equal(a, query(image, 6))  # another sample, another draw
+        assert not np.array_equal(a, ValidatorQuery(level, seed=8)(image, 5))
+
+
+def test_levels_add_the_validator_distortions():
+    kinds = [{type(t).__name__ for t in validator_level(level).transforms} for level in (1, 2, 3)]
+    assert {"Rotate", "RandomResizedCrop", "HorizontalFlip", "VerticalFlip"} <= kinds[0]
+    assert {"ColorJitter", "ImageCompression"} <= kinds[1] - kinds[0]
+    assert {"GaussNoise", "GaussianBlur"} <= kinds[2] - kinds[1]
+
+
+def test_unknown_level_is_rejected():
+    with pytest.raises(ValueError, match="one of"):
+        validator_level(4)
+
+
+def test_model_input_normalises_to_chw():
+    out = ModelInput(32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(np.full((64, 80, 3), 255, np.uint8))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert torch.allclose(out, torch.ones_like(out))
+
+
+def test_eval_and_train_transforms_give_model_sized_tensors():
+    image = photo(256, 256)
+    assert EvalTransform(2, img_size=48)(image, 0).shape == (3, 48, 48)
+    train = TrainTransform([A.RandomResizedCrop(size=(100, 100)), A.HorizontalFlip()], img_size=48)
+    train.reseed(1)
+    first = train(image, 0)
+    train.reseed(1)
+    assert first.shape == (3, 48, 48) and torch.equal(first, train(image, 0))

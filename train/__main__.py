@@ -1,0 +1,52 @@
+"""``python -m train``: compose the config, open or create the run, run the task, report."""
+from __future__ import annotations
+
+import logging
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from train.runs import Run
+from train.tasks import get_task
+from train.utils.console import log_to_file, print_config, save_config, setup_logging
+
+log = logging.getLogger("train")
+
+
+def run_task(cfg: DictConfig) -> float | None:
+    """Run ``cfg.task.name`` in the run named by ``run_dir`` (or a new one); returns the optimised metric."""
+    setup_logging()
+    task = cfg.task.name
+    fn = get_task(task)
+    run = Run.open(cfg.run_dir) if cfg.get("run_dir") else \
+        Run.create(cfg.paths.checkpoints_dir, cfg.get("run_name") or cfg.get("experiment_name") or task)
+    log_to_file(run.path / "train.log")
+    save_config(cfg, run.path / task / "config.yaml")
+    if cfg.get("print_config", True):
+        print_config(cfg)
+    log.info("run %s: task '%s'", run.path, task)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    metrics = fn(cfg, run)
+    log.info("run %s: task '%s' finished", run.path, task)
+    optimized = cfg.get("optimized_metric")
+    return _lookup(metrics, optimized) if optimized else None
+
+
+def _lookup(metrics: dict, key: str) -> float:
+    """Find ``key`` in (possibly per-stage nested) task metrics; sweeps minimise/maximise it."""
+    if key in metrics:
+        return float(metrics[key])
+    for value in metrics.values():
+        if isinstance(value, dict) and key in value:
+            return float(value[key])
+    raise KeyError(f"optimized_metric={key!r} not among the task's metrics")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return run_task(cfg)
+
+
+if __name__ == "__main__":
+    main()

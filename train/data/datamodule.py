@@ -1,0 +1,152 @@
+"""The LightningDataModule every image task uses: one index, five splits, validator levels."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from train.data.images import ImageReader, decode_rgb
+from train.data.index import build_index, where
+from train.data.sources import DataError
+from train.data.splits import SPLITS
+from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from train.runs import atomic_write_json
+
+log = logging.getLogger(__name__)
+BALANCE = ("none", "sampler", "class_weights")
+
+
+class ImageDataset(Dataset):
+    """Samples of one split: ``{"image": tensor, "label": int, "index": position}``."""
+
+    def __init__(self, index: pa.Table, transform, decode_side: int = 256):
+        self.files = index.column("file").to_pylist()
+        self.rows = index.column("row").to_numpy()
+        self.columns = index.column("column").to_pylist()
+        self.labels = index.column("label").to_numpy()
+        self.transform, self.decode_side = transform, decode_side
+        self.reader = ImageReader()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        file, row = self.files[i], int(self.rows[i])
+        data = self.reader.read(file, row, self.columns[i])
+        image = decode_rgb(data, max_side=self.decode_side, where=where(file, row))
+        return {"image": self.transform(image, i), "label": int(self.labels[i]), "index": i}
+
+
+def _reseed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "reseed"):
+        transform.reseed(torch.initial_seed() % 2**32)
+
+
+class RoadworkDataModule(pl.LightningDataModule):
+    """Builds the run's sample index from a source, then serves each split.
+
+    ``val_levels`` / ``test_levels`` are validator augmentation levels: each gets its own
+    dataloader, so every metric is reported per level.
+    """
+
+    def __init__(self, source, splits: dict, split_seed: int = 0, verify_images: bool = True,
+                 max_bad_fraction: float = 0.02, batch_size: int = 64, eval_batch_size: int | None = None,
+                 num_workers: int = 2, balance: str = "none", img_size: int = 224,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 train_transforms: Sequence = (), val_levels: Sequence[int] = (0,),
+                 test_levels: Sequence[int] = (0, 1, 2, 3), eval_seed: int = 0, index_path: str | None = None,
+                 root: str | None = None):
+        super().__init__()
+        if balance not in BALANCE:
+            raise ValueError(f"data.balance={balance!r}; allowed: {list(BALANCE)}")
+        self.source, self.splits, self.split_seed = source, dict(splits), split_seed
+        self.verify_images, self.max_bad_fraction = verify_images, max_bad_fraction
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.balance, self.img_size = num_workers, balance, img_size
+        self.mean, self.std, self.train_transforms = tuple(mean), tuple(std), list(train_transforms)
+        self.val_levels, self.test_levels, self.eval_seed = list(val_levels), list(test_levels), eval_seed
+        self.index_path = Path(index_path) if index_path else None
+        self.index: pa.Table | None = None
+
+    # --- building the index (the `data` stage) ---------------------------------------------
+    def prepare_data(self) -> None:
+        self.source.prepare()
+
+    def build_index(self, out_dir: Path) -> tuple[Path, dict]:
+        """Write ``index.parquet`` and ``data_stats.json`` into ``out_dir``; returns (path, stats)."""
+        self.prepare_data()
+        index, stats = build_index(self.source.samples(), self.splits, self.split_seed, self.verify_images,
+                                   self.max_bad_fraction, workers=max(1, self.num_workers))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "index.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(index, tmp)
+        tmp.replace(path)
+        atomic_write_json(out_dir / "data_stats.json", {"source": getattr(self.source, "name", ""), **stats})
+        self.index_path, self.index = path, index
+        return path, stats
+
+    # --- serving splits ----------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.index is None:
+            if self.index_path is None:
+                raise DataError("no sample index: run the data stage first (`python -m train task=data`) "
+                                "or pass index_path")
+            self.index = pq.read_table(self.index_path)
+
+    def split(self, name: str) -> pa.Table:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; allowed: {list(SPLITS)}")
+        self.setup()
+        table = self.index.filter(pc.equal(self.index.column("split"), name))
+        if table.num_rows == 0:
+            raise DataError(f"split '{name}' is empty in {self.index_path}")
+        return table
+
+    def class_counts(self, name: str = "train") -> np.ndarray:
+        return np.bincount(self.split(name).column("label").to_numpy(), minlength=2)
+
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        """Inverse-frequency loss weights when ``balance=class_weights``, else None."""
+        if self.balance != "class_weights":
+            return None
+        counts = self.class_counts().astype(np.float64)
+        return torch.tensor(counts.sum() / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+
+    def dataset(self, name: str, level: int | None = None) -> ImageDataset:
+        """Split ``name`` with training augmentation (``level=None``) or as validator ``level`` queries."""
+        transform = TrainTransform(self.train_transforms, self.img_size, self.mean, self.std) if level is None \
+            else EvalTransform(level, self.img_size, self.mean, self.std, self.eval_seed)
+        return ImageDataset(self.split(name), transform)
+
+    def loader(self, dataset: ImageDataset, shuffle: bool = False, sampler=None, batch_size: int | None = None):
+        return DataLoader(dataset, batch_size=batch_size or self.eval_batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0, worker_init_fn=_reseed_worker,
+                          drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train")
+        sampler = None
+        if self.balance == "sampler":
+            counts = self.class_counts()
+            weights = (1.0 / np.maximum(counts, 1))[ds.labels]
+            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(ds), replacement=True)
+        return self.loader(ds, shuffle=True, sampler=sampler, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.loader(self.dataset("val", level)) for level in self.val_levels]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self.loader(self.dataset("test", level)) for level in self.test_levels]

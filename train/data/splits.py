@@ -1,0 +1,40 @@
+"""Split assignment by scene: views of one scene never straddle two splits."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+SPLITS = ("train", "meta", "val", "calib", "test")
+
+
+def check_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
+    """Validate ``data.splits``: known names, non-negative, summing to 1."""
+    unknown = set(fractions) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"data.splits has unknown split(s) {sorted(unknown)}; allowed: {list(SPLITS)}")
+    fr = {k: float(v) for k, v in fractions.items()}
+    if any(v < 0 for v in fr.values()):
+        raise ValueError(f"data.splits fractions must be >= 0, got {fr}")
+    if abs(sum(fr.values()) - 1.0) > 1e-6:
+        raise ValueError(f"data.splits fractions must sum to 1, got {sum(fr.values()):.4f} ({fr})")
+    return fr
+
+
+def assign_splits(scene_ids: Sequence[str], fractions: Mapping[str, float], seed: int = 0) -> np.ndarray:
+    """Give every sample a split name so that each split gets ~its fraction of *samples*.
+
+    Scenes are shuffled with ``seed`` and laid end to end; a scene goes to the split whose
+    share of the cumulative sample count contains the scene's midpoint. Deterministic.
+    """
+    fr = check_fractions(fractions)
+    scene_ids = np.asarray(scene_ids, dtype=object)
+    scenes, inverse, counts = np.unique(scene_ids.astype(str), return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(scenes))
+    mid = (np.cumsum(counts[order]) - counts[order] / 2) / counts.sum()
+    names = [k for k in SPLITS if fr.get(k, 0) > 0]
+    edges = np.cumsum([fr[k] for k in names])
+    bucket = np.minimum(np.searchsorted(edges, mid, side="right"), len(names) - 1)
+    scene_split = np.empty(len(scenes), dtype=object)
+    scene_split[order] = np.asarray(names, dtype=object)[bucket]
+    return scene_split[inverse]

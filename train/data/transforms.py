@@ -1,0 +1,100 @@
+"""Image transforms: albumentations for training, and the validator-faithful evaluation.
+
+The NATIX validator re-encodes every query as a 224x224 JPEG after one of four augmentation
+levels (25% each). :class:`ValidatorQuery` reproduces a level, seeded per sample so a report
+is reproducible; :class:`ModelInput` then does what the miner's image processor does.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+
+from train.data.images import decode_rgb, encode_jpeg
+
+QUERY_SIZE = 224  # the validator's query side
+QUERY_JPEG_QUALITY = 75
+LEVELS = (0, 1, 2, 3)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _geometric(size: int) -> list[A.BasicTransform]:
+    """Level 1's geometry: rotation up to +-20 deg, RandomResizedCrop (scale 0.2-1), flips."""
+    return [A.Rotate(limit=20, p=1.0), A.RandomResizedCrop(size=(size, size), scale=(0.2, 1.0)),
+            A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+
+
+def validator_level(level: int, size: int = QUERY_SIZE) -> A.Compose:
+    """The validator's augmentation ``level`` (0-3) as an albumentations pipeline."""
+    if level == 0:  # square centre crop, then resize
+        return A.Compose([A.SmallestMaxSize(max_size=size), A.CenterCrop(size, size)])
+    if level == 1:
+        return A.Compose(_geometric(size))
+    if level == 2:  # + saturation, contrast, JPEG
+        return A.Compose(_geometric(size) + [
+            A.ColorJitter(brightness=0, contrast=(0.7, 1.3), saturation=(0.6, 1.4), hue=0, p=1.0),
+            A.ImageCompression(quality_range=(40, 80), p=1.0)])
+    if level == 3:  # + stronger distortions, Gaussian noise, blur
+        return A.Compose(_geometric(size) + [
+            A.ColorJitter(brightness=(0.7, 1.3), contrast=(0.5, 1.5), saturation=(0.4, 1.6), hue=0, p=1.0),
+            A.ImageCompression(quality_range=(20, 60), p=1.0),
+            A.GaussNoise(std_range=(0.02, 0.08), p=1.0),
+            A.GaussianBlur(sigma_limit=(0.5, 2.0), p=1.0)])
+    raise ValueError(f"validator level must be one of {LEVELS}, got {level}")
+
+
+class ValidatorQuery:
+    """Image -> the 224 px JPEG query the validator would send at ``level`` (decoded back to RGB).
+
+    Levels 1-3 are random in the validator; here sample ``i`` always gets the same draw for a
+    given ``seed``, whichever worker or order it is processed in.
+    """
+
+    def __init__(self, level: int, seed: int = 0):
+        self.level, self.seed = level, seed
+        self.transform = validator_level(level)
+
+    def __call__(self, image: np.ndarray, i: int) -> np.ndarray:
+        self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.level, i]).generate_state(1)[0]))
+        query = self.transform(image=image)["image"]
+        return decode_rgb(encode_jpeg(query, QUERY_JPEG_QUALITY), where=f"validator query {i}")
+
+
+class ModelInput:
+    """RGB array -> normalised CHW float tensor at the model's input size."""
+
+    def __init__(self, img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.transform = A.Compose([A.Resize(img_size, img_size, interpolation=1, area_for_downscale="image"),
+                                    A.Normalize(mean=tuple(mean), std=tuple(std))])
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.transform(image=image)["image"].transpose(2, 0, 1).copy())
+
+
+class EvalTransform:
+    """Validator query at ``level`` followed by the model's input transform."""
+
+    def __init__(self, level: int, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int = 0):
+        self.query, self.model_input = ValidatorQuery(level, seed), ModelInput(img_size, mean, std)
+
+    def __call__(self, image: np.ndarray, i: int) -> torch.Tensor:
+        return self.model_input(self.query(image, i))
+
+
+class TrainTransform:
+    """Configured albumentations transforms (random), then the model's input transform."""
+
+    def __init__(self, transforms: Sequence[A.BasicTransform], img_size: int, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
+        self.augment = A.Compose(list(transforms))
+        self.model_input = ModelInput(img_size, mean, std)
+
+    def __call__(self, image: np.ndarray, i: int) -> torch.Tensor:
+        return self.model_input(self.augment(image=image)["image"])
+
+    def reseed(self, seed: int) -> None:
+        """Give each DataLoader worker its own augmentation stream."""
+        self.augment.set_random_seed(seed)

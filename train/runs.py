@@ -1,0 +1,138 @@
+"""Run folders and their registry: how tasks hand artifacts to each other.
+
+A run is ``checkpoints/<run>/``; each task writes into ``<run>/<task>/`` and records its
+artifacts (path, sha256) and metrics in ``<run>/registry.json``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REGISTRY = "registry.json"
+SUMMARY = "summary.json"
+
+
+class RunError(RuntimeError):
+    """A run folder or its registry is missing something a task needs."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, then rename: a kill never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return dt.datetime.now().isoformat(timespec="seconds")
+
+
+class Run:
+    """One run folder and its registry."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path).resolve()
+        self.registry_path = self.path / REGISTRY
+        if not self.registry_path.exists():
+            raise RunError(f"{self.path} is not a run folder: it has no {REGISTRY}")
+
+    # --- creation -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, checkpoints_dir: str | Path, name: str) -> "Run":
+        """Make a new run folder ``<checkpoints_dir>/<name>-<timestamp>`` (suffixed if taken)."""
+        root = Path(checkpoints_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for attempt in range(1000):
+            path = root / (f"{name}-{stamp}" + (f"-{attempt}" if attempt else ""))
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            atomic_write_json(path / REGISTRY, {"run": path.name, "created": _now(), "tasks": {}})
+            return cls(path)
+        raise RunError(f"could not create a run folder under {root}")
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Run":
+        path = Path(path)
+        if not path.is_dir():
+            raise RunError(f"run_dir={path} does not exist")
+        return cls(path)
+
+    # --- registry -------------------------------------------------------------------------
+    def read(self) -> dict:
+        return json.loads(self.registry_path.read_text())
+
+    def task_dir(self, task: str) -> Path:
+        d = self.path / task
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def is_complete(self, task: str) -> bool:
+        return self.read()["tasks"].get(task, {}).get("status") == "complete"
+
+    def record(self, task: str, artifacts: dict[str, Path] | None = None,
+               metrics: dict[str, Any] | None = None, **info: Any) -> None:
+        """Mark ``task`` complete with its artifacts (hashed) and metrics."""
+        reg = self.read()
+        reg["tasks"][task] = {
+            "status": "complete",
+            "finished": _now(),
+            "artifacts": {k: {"path": str(Path(p).resolve().relative_to(self.path)), "sha256": sha256_file(Path(p))}
+                          for k, p in (artifacts or {}).items()},
+            "metrics": metrics or {},
+            **info,
+        }
+        atomic_write_json(self.registry_path, reg)
+        self.write_summary()
+
+    def artifact(self, task: str, name: str, verify: bool = True) -> Path:
+        """Path of a recorded artifact; a clear error if the task or file is missing or altered."""
+        entry = self.read()["tasks"].get(task)
+        if not entry or entry.get("status") != "complete":
+            raise RunError(f"run {self.path.name} has no completed '{task}' stage; "
+                           f"run `python -m train task={task} run_dir={self.path}` first")
+        if name not in entry["artifacts"]:
+            raise RunError(f"stage '{task}' of run {self.path.name} recorded no artifact '{name}' "
+                           f"(it has: {sorted(entry['artifacts'])})")
+        record = entry["artifacts"][name]
+        path = self.path / record["path"]
+        if not path.exists():
+            raise RunError(f"artifact '{task}/{name}' is missing: {path}")
+        if verify and sha256_file(path) != record["sha256"]:
+            raise RunError(f"artifact '{task}/{name}' changed since it was recorded (sha256 mismatch): {path}")
+        return path
+
+    def metrics(self, task: str) -> dict:
+        return self.read()["tasks"].get(task, {}).get("metrics", {})
+
+    def write_summary(self) -> Path:
+        """A compact, human-facing view of the registry: each task's metrics."""
+        reg = self.read()
+        summary = {"run": reg["run"], "tasks": {t: e.get("metrics", {}) for t, e in reg["tasks"].items()}}
+        atomic_write_json(self.path / SUMMARY, summary)
+        return self.path / SUMMARY

@@ -1,0 +1,1 @@
+"""Small helpers: logging set-up, config printing, metric tables."""

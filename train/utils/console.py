@@ -1,0 +1,70 @@
+"""What the user sees: logging through rich, the config tree, metric tables."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.tree import Tree
+
+console = Console()
+_FILE_HANDLER_ATTR = "_roadwork_file"
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Rich console logging on the root logger (idempotent)."""
+    root = logging.getLogger()
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        root.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False))
+    root.setLevel(level)
+    for noisy in ("PIL", "matplotlib", "urllib3", "fsspec", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_to_file(path: Path) -> None:
+    """Also write the log to ``path`` (replacing an earlier file handler of ours)."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, _FILE_HANDLER_ATTR, False)]:
+        root.removeHandler(h)
+        h.close()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    setattr(handler, _FILE_HANDLER_ATTR, True)
+    root.addHandler(handler)
+
+
+def print_config(cfg: DictConfig) -> None:
+    """Print the resolved config as a rich tree, one branch per top-level key."""
+    tree = Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        branch = tree.add(f"[bold]{key}")
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        branch.add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
+    console.print(tree)
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """The resolved config as YAML, so a run folder says exactly what produced it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def print_metrics(metrics: Mapping[str, float], title: str) -> None:
+    """A table with one row per prefix (e.g. ``test/L0``) and one column per metric name."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        prefix, _, name = key.rpartition("/")
+        rows.setdefault(prefix, {})[name] = float(value)
+    names = list(dict.fromkeys(n for r in rows.values() for n in r))
+    table = Table(title=title)
+    table.add_column("")
+    for n in names:
+        table.add_column(n, justify="right")
+    for prefix, row in rows.items():
+        table.add_row(prefix, *(f"{row[n]:.4f}" if n in row else "" for n in names))
+    console.print(table)
