@@ -8,3 +8,8 @@ _os.environ.setdefault("WANDB_MODE", "offline")  # logger=wandb syncs only if th
 _os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 LABELS = {0: "None", 1: "Roadwork"}  # the NATIX label map; index 1 is the positive class
+
+import warnings as _warnings
+
+# pytorch_lightning 2.6 on torch 2.14 warns on every step about a torch pytree rename: noise, not a problem.
+_warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")

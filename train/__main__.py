@@ -7,11 +7,13 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from train.runs import Run
+from train.data import BadImageError, DataError
+from train.runs import Run, RunError
 from train.tasks import get_task
 from train.utils.console import log_to_file, print_config, save_config, setup_logging
 
 log = logging.getLogger("train")
+USER_ERRORS = (DataError, BadImageError, RunError, FileNotFoundError)
 
 
 def run_task(cfg: DictConfig) -> float | None:
@@ -45,7 +47,11 @@ def _lookup(metrics: dict, key: str) -> float:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    return run_task(cfg)
+    try:
+        return run_task(cfg)
+    except USER_ERRORS as e:  # bad input or a missing stage: the message says it all, no traceback
+        log.error("%s: %s", type(e).__name__, e)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

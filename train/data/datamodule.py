@@ -22,6 +22,7 @@ from train.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
 BALANCE = ("none", "sampler", "class_weights")
+EVAL_DECODE_SIDE = 512
 
 
 class ImageDataset(Dataset):
@@ -80,11 +81,12 @@ class RoadworkDataModule(pl.LightningDataModule):
 
     # --- building the index (the `data` stage) ---------------------------------------------
     def prepare_data(self) -> None:
-        self.source.prepare()
+        if self.index_path is None:  # once indexed, the source is not touched again
+            self.source.prepare()
 
     def build_index(self, out_dir: Path) -> tuple[Path, dict]:
         """Write ``index.parquet`` and ``data_stats.json`` into ``out_dir``; returns (path, stats)."""
-        self.prepare_data()
+        self.source.prepare()
         index, stats = build_index(self.source.samples(), self.splits, self.split_seed, self.verify_images,
                                    self.max_bad_fraction, workers=max(1, self.num_workers))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,9 +128,11 @@ class RoadworkDataModule(pl.LightningDataModule):
 
     def dataset(self, name: str, level: int | None = None) -> ImageDataset:
         """Split ``name`` with training augmentation (``level=None``) or as validator ``level`` queries."""
-        transform = TrainTransform(self.train_transforms, self.img_size, self.mean, self.std) if level is None \
-            else EvalTransform(level, self.img_size, self.mean, self.std, self.eval_seed)
-        return ImageDataset(self.split(name), transform)
+        if level is None:  # training crops end at img_size: decoding at 2x that is enough (JPEG draft mode)
+            transform, side = TrainTransform(self.train_transforms, self.img_size, self.mean, self.std), 2 * self.img_size
+        else:  # the validator sees the full image; only huge ones are reduced
+            transform, side = EvalTransform(level, self.img_size, self.mean, self.std, self.eval_seed), EVAL_DECODE_SIDE
+        return ImageDataset(self.split(name), transform, decode_side=side)
 
     def loader(self, dataset: ImageDataset, shuffle: bool = False, sampler=None, batch_size: int | None = None):
         return DataLoader(dataset, batch_size=batch_size or self.eval_batch_size, shuffle=shuffle and sampler is None,

@@ -1,0 +1,59 @@
+"""The DataModule over a run's index: levels, class balance, bad images at load time."""
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from train.data.images import BadImageError
+
+
+@pytest.fixture
+def datamodule(tiny_run, tiny_config):
+    return instantiate(tiny_config().data, index_path=str(tiny_run.artifact("data", "index")))
+
+
+def test_levels_give_different_queries_of_the_same_images(datamodule):
+    l0, l1 = datamodule.dataset("test", 0), datamodule.dataset("test", 1)
+    assert len(l0) == len(l1) > 0
+    a, b = l0[0], l1[0]
+    assert a["image"].shape == b["image"].shape == (3, datamodule.img_size, datamodule.img_size)
+    assert a["label"] == b["label"] and not torch.equal(a["image"], b["image"])
+    assert torch.equal(l1[3]["image"], datamodule.dataset("test", 1)[3]["image"])  # seeded per sample
+
+
+def test_loaders_per_level_and_batches(datamodule):
+    loaders = datamodule.test_dataloader()
+    assert len(loaders) == len(datamodule.test_levels)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].shape[1:] == (3, datamodule.img_size, datamodule.img_size)
+    assert set(batch["label"].tolist()) <= {0, 1}
+
+
+def test_class_weights_and_weighted_sampler(tiny_run, tiny_config):
+    index = str(tiny_run.artifact("data", "index"))
+    weighted = instantiate(tiny_config("data.balance=class_weights").data, index_path=index)
+    counts = weighted.class_counts()
+    w = weighted.class_weights
+    assert torch.allclose(w * torch.tensor(counts, dtype=torch.float32), torch.full((2,), counts.sum() / 2))
+    sampled = instantiate(tiny_config("data.balance=sampler", "data.batch_size=64").data, index_path=index)
+    labels = torch.cat([b["label"] for b in sampled.train_dataloader()])
+    assert counts[1] / counts.sum() > 0.7 and 0.3 < labels.float().mean() < 0.7  # rebalanced toward 50:50
+    with pytest.raises(Exception, match=r"data.balance='oversample'; allowed: \['none', 'sampler', 'class_weights'\]"):
+        instantiate(tiny_config("data.balance=oversample").data)
+
+
+def test_a_bad_image_at_load_time_names_file_and_row(tiny_run, tiny_config, tmp_path):
+    """With verification off, a corrupt image still fails with its file and row, not a bare decoder error."""
+    table = pq.read_table(tiny_run.artifact("data", "index"))
+    files = np.array(table.column("file").to_pylist())
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff garbage")
+    files[table.column("split").to_numpy(zero_copy_only=False) == "test"] = str(broken)
+    rows = np.where(np.array(table.column("split").to_pylist()) == "test", -1, table.column("row").to_numpy())
+    patched = table.set_column(table.schema.get_field_index("file"), "file", [files.tolist()])
+    patched = patched.set_column(patched.schema.get_field_index("row"), "row", [rows.tolist()])
+    pq.write_table(patched, tmp_path / "index.parquet")
+    dm = instantiate(tiny_config().data, index_path=str(tmp_path / "index.parquet"))
+    with pytest.raises(BadImageError, match="broken.jpg: cannot decode"):
+        dm.dataset("test", 0)[0]

@@ -1,0 +1,94 @@
+"""python -m train end to end: run folders, the registry, skipping, run_dir hand-off, multirun."""
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from train.__main__ import run_task
+from train.runs import Run, RunError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fast_dev_run_of_the_default_pipeline(tiny_config, tmp_path):
+    cfg = tiny_config("debug=fast_dev_run", "data.source.n_scenes=150", "data.source.workers=1")
+    run_task(cfg)
+    (run_path,) = (tmp_path / "checkpoints").iterdir()
+    registry = json.loads((run_path / "registry.json").read_text())
+    assert registry["tasks"]["data"]["status"] == registry["tasks"]["stage1"]["status"] == "complete"
+    assert run_path.name.startswith("pipeline-")
+
+
+def test_tiny_run_records_artifacts_and_metrics(tiny_run):
+    reg = tiny_run.read()
+    assert set(reg["tasks"]) == {"data", "stage1"}
+    best = tiny_run.artifact("stage1", "best")
+    assert best.suffix == ".ckpt" and best.parent.name == "checkpoints"
+    metrics = tiny_run.metrics("stage1")
+    assert {"test/L0/mcc", "test/L1/mcc", "test/mcc", "test/L0/acc"} <= set(metrics)
+    assert abs(metrics["test/mcc"] - (metrics["test/L0/mcc"] + metrics["test/L1/mcc"]) / 2) < 1e-6
+    summary = json.loads((tiny_run.path / "summary.json").read_text())
+    assert summary["tasks"]["data"]["skipped_total"] == 0
+    assert (tiny_run.path / "pipeline" / "config.yaml").exists() and (tiny_run.path / "train.log").exists()
+    assert (tiny_run.path / "stage1" / "metrics.csv").exists()
+
+
+def test_tiny_run_splits_are_scene_disjoint(tiny_run):
+    index = pq.read_table(tiny_run.artifact("data", "index")).to_pydict()
+    split_of_scene = {}
+    for scene, split in zip(index["scene_id"], index["split"]):
+        assert split_of_scene.setdefault(scene, split) == split
+    assert set(index["split"]) == {"train", "meta", "val", "calib", "test"}
+    assert 0.7 < sum(index["label"]) / len(index["label"]) < 0.9  # the 4:1 default
+
+
+def test_rerun_skips_complete_stages(tiny_config, tiny_run, caplog):
+    before = tiny_run.read()
+    with caplog.at_level(logging.INFO):
+        run_task(tiny_config(f"run_dir={tiny_run.path}"))
+    assert "stage 'data' already complete" in caplog.text and "stage 'stage1' already complete" in caplog.text
+    assert tiny_run.read()["tasks"] == before["tasks"]
+
+
+def test_a_stage_reruns_alone_from_run_dir(tiny_config, tiny_run, tmp_path):
+    import shutil
+    copy = Run.open(shutil.copytree(tiny_run.path, tmp_path / "copy"))
+    run_task(tiny_config("task=stage1", f"run_dir={copy.path}", "trainer.limit_train_batches=2"))
+    assert copy.read()["tasks"]["stage1"]["finished"] >= tiny_run.read()["tasks"]["stage1"]["finished"]
+    assert (copy.path / "stage1" / "config.yaml").exists()
+
+
+def test_missing_inputs_fail_clearly(tiny_config, tmp_path):
+    with pytest.raises(RunError, match="does not exist"):
+        run_task(tiny_config(f"run_dir={tmp_path / 'nope'}"))
+    run = Run.create(tmp_path / "checkpoints", "empty")
+    with pytest.raises(RunError, match=r"no completed 'data' stage; run `python -m train task=data"):
+        run_task(tiny_config("task=stage1", f"run_dir={run.path}"))
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; allowed: \["):
+        run_task(tiny_config("pipeline.stages=[data,nope]"))
+
+
+def test_tampered_artifact_is_detected(tiny_run, tmp_path):
+    import shutil
+    copy = Run.open(shutil.copytree(tiny_run.path, tmp_path / "copy"))
+    with open(copy.path / "data" / "index.parquet", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(RunError, match="sha256 mismatch"):
+        copy.artifact("data", "index")
+
+
+def test_cli_multirun_in_place(tmp_path, data_dir):
+    """`python -m train -m` as users type it: two jobs, two run folders, cwd untouched."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "train", "-m", "seed=1,2", "debug=fast_dev_run", "data.source.n_scenes=150",
+           "data.source.workers=1", f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "print_config=false"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name != "multirun")
+    assert len(runs) == 2 and all(r.startswith("pipeline-") for r in runs)
+    assert not (tmp_path / "outputs").exists()

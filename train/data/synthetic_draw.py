@@ -1,0 +1,470 @@
+"""Drawing primitives for the synthetic street scenes: a pinhole camera, world polygons, sprites.
+
+World axes: x to the right of the road centre, y up, z along the road (metres). Sprites are
+drawn in metres around their ground contact point, scaled by the camera's pixels per metre at
+their depth. Colours are RGB tuples; every colour passes through a ``Tone`` (time of day, rain)
+except lights, which are drawn as they are.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+SHIFT = 3                # fixed-point bits: sub-pixel polygon edges
+ONE = 1 << SHIFT
+AA = cv2.LINE_AA
+NEAR = 0.3               # near clipping plane (m)
+LIMIT = 1e5              # pixel coordinates are clamped to +-LIMIT before fixed-point conversion
+SPECKLES = np.random.default_rng(7).random((14, 3))   # fixed speckle pattern for gravel piles
+
+GLASS = (52, 64, 78)
+TYRE = (28, 28, 30)
+WHITE = (235, 235, 230)
+BLACK = (20, 20, 22)
+SILVER = (205, 208, 210)
+SKIN = ((224, 180, 150), (190, 140, 105), (140, 95, 65), (95, 65, 45))
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A yawed pinhole camera; ``cv`` is the horizon row."""
+    x: float
+    z: float
+    height: float
+    yaw: float       # radians, positive looks to the right
+    focal: float     # pixels
+    cu: float
+    cv: float
+    size: int
+
+    def to_camera(self, pts: np.ndarray) -> np.ndarray:
+        """World points (..., 3) -> camera coordinates (..., 3): right, up, forward."""
+        c, s = math.cos(self.yaw), math.sin(self.yaw)
+        dx, dz = pts[..., 0] - self.x, pts[..., 2] - self.z
+        return np.stack([c * dx - s * dz, pts[..., 1] - self.height, s * dx + c * dz], -1)
+
+    def image_plane(self, cam_pts: np.ndarray) -> np.ndarray:
+        """Camera coordinates (..., 3) with positive depth -> pixel coordinates (..., 2)."""
+        inv = self.focal / cam_pts[..., 2]
+        return np.stack([self.cu + cam_pts[..., 0] * inv, self.cv - cam_pts[..., 1] * inv], -1)
+
+
+class Tone:
+    """Colour grading shared by every drawn surface: per-channel gain plus an offset."""
+
+    def __init__(self, gain=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0)):
+        self.gain, self.offset = gain, offset
+
+    def __call__(self, colour) -> tuple:
+        return tuple(min(255, max(0, int(c * g + o))) for c, g, o in zip(colour, self.gain, self.offset))
+
+
+def fixed(uv: np.ndarray) -> np.ndarray:
+    """Float pixel coordinates -> clamped fixed-point int32."""
+    return np.rint(np.clip(uv, -LIMIT, LIMIT) * ONE).astype(np.int32)
+
+
+def clip_near(poly: np.ndarray) -> np.ndarray | None:
+    """Clip one camera-space polygon (K, 3) to depth >= NEAR (Sutherland-Hodgman, one plane)."""
+    inside = poly[:, 2] >= NEAR
+    if inside.all():
+        return poly
+    out = []
+    for i in range(len(poly)):
+        a, b = poly[i], poly[(i + 1) % len(poly)]
+        if inside[i]:
+            out.append(a)
+        if inside[i] != inside[(i + 1) % len(poly)]:
+            out.append(a + (NEAR - a[2]) / (b[2] - a[2]) * (b - a))
+    return np.array(out) if len(out) >= 3 else None
+
+
+def fill_world(img, cam: Camera, polys, colour) -> None:
+    """Fill small world polygons (Q, K, 3) in one call; any crossing the near plane are dropped."""
+    pts = cam.to_camera(np.asarray(polys, np.float64))
+    pts = pts[(pts[..., 2] > NEAR).all(-1)]
+    if len(pts):
+        cv2.fillPoly(img, list(fixed(cam.image_plane(pts))), colour, AA, SHIFT)
+
+
+def fill_world_clipped(img, cam: Camera, polys, colour) -> None:
+    """Fill large world polygons (each (K, 3)), clipped at the near plane."""
+    shapes = []
+    for poly in polys:
+        clipped = clip_near(cam.to_camera(np.asarray(poly, np.float64)))
+        if clipped is not None:
+            shapes.append(fixed(cam.image_plane(clipped)))
+    if shapes:
+        cv2.fillPoly(img, shapes, colour, AA, SHIFT)
+
+
+class Pen:
+    """Draws sprite parts in metres (x right, y up) around the ground anchor (u, v) at s px/m."""
+
+    def __init__(self, img, u, v, s, tone: Tone, lights: list, flip: int = 1):
+        self.img, self.u, self.v, self.s, self.tone, self.lights, self.flip = img, u, v, s, tone, lights, flip
+
+    def _pts(self, pts) -> np.ndarray:
+        u, v, s, fs = self.u * ONE, self.v * ONE, self.s * ONE, self.flip * self.s * ONE
+        return np.array([(round(u + fs * x), round(v - s * y)) for x, y in pts], np.int32)
+
+    def xy(self, x, y) -> tuple:
+        return round((self.u + self.flip * self.s * x) * ONE), round((self.v - self.s * y) * ONE)
+
+    def poly(self, pts, colour) -> None:
+        cv2.fillPoly(self.img, [self._pts(pts)], self.tone(colour), AA, SHIFT)
+
+    def polys(self, many, colour) -> None:
+        if many:
+            cv2.fillPoly(self.img, [self._pts(p) for p in many], self.tone(colour), AA, SHIFT)
+
+    def rect(self, x0, y0, x1, y1, colour) -> None:
+        self.poly(((x0, y0), (x1, y0), (x1, y1), (x0, y1)), colour)
+
+    def circle(self, x, y, r, colour) -> None:
+        cv2.circle(self.img, self.xy(x, y), max(ONE // 2, round(r * self.s * ONE)), self.tone(colour), -1, AA, SHIFT)
+
+    def ellipse(self, x, y, rx, ry, colour, start=0, end=360) -> None:
+        axes = (max(1, round(rx * self.s * ONE)), max(1, round(ry * self.s * ONE)))
+        a0, a1 = (start, end) if self.flip > 0 else (180 - end, 180 - start)
+        cv2.ellipse(self.img, self.xy(x, y), axes, 0, a0, a1, self.tone(colour), -1, AA, SHIFT)
+
+    def line(self, pts, colour, width) -> None:
+        thick = max(1, round(width * self.s))
+        cv2.polylines(self.img, [self._pts(pts)], False, self.tone(colour), thick, AA, SHIFT)
+
+    def light(self, x, y, r, colour) -> None:
+        """A lamp: drawn untoned now and remembered for the night glow."""
+        centre, radius = self.xy(x, y), max(ONE // 2, round(r * self.s * ONE))
+        cv2.circle(self.img, centre, radius, colour, -1, AA, SHIFT)
+        self.lights.append((centre[0] / ONE, centre[1] / ONE, r * self.s, colour))
+
+
+def shade(colour, k: float) -> tuple:
+    """The colour scaled by ``k`` (darker below 1), clipped to 0..255."""
+    return tuple(min(255, int(c * k)) for c in colour)
+
+
+def striped_board(pen: Pen, x0, y0, x1, y1, colour, accent, period) -> None:
+    """A board with diagonal stripes (``colour`` on ``accent``)."""
+    pen.rect(x0, y0, x1, y1, accent)
+    slant, half, stripes = y1 - y0, period / 2, []
+    a = x0 - slant
+    while a < x1:
+        xs = [min(max(x, x0), x1) for x in (a, a + half, a + half + slant, a + slant)]
+        if xs[1] > xs[0] or xs[2] > xs[3]:
+            stripes.append(((xs[0], y0), (xs[1], y0), (xs[2], y1), (xs[3], y1)))
+        a += period
+    pen.polys(stripes, colour)
+
+
+def banded(pen: Pen, half_width, bands, colour) -> None:
+    """Horizontal bands (y0, y1) across a vertical body of the given half width."""
+    pen.polys([((-half_width, a), (half_width, a), (half_width, b), (-half_width, b)) for a, b in bands], colour)
+
+
+# --- roadwork sprites ------------------------------------------------------------------------
+
+def draw_cone(pen: Pen, t) -> None:
+    w, h = t.width, t.height
+    pen.rect(-w / 2, 0, w / 2, 0.07 * h, shade(t.colour, 0.55))
+    half = lambda y: 0.38 * w - 0.30 * w * (y - 0.07 * h) / (0.93 * h)  # noqa: E731
+    pen.poly(((-half(0.07 * h), 0.07 * h), (half(0.07 * h), 0.07 * h), (half(h), h), (-half(h), h)), t.colour)
+    bands = ((0.42, 0.62),) if t.variant == 0 else ((0.28, 0.40), (0.55, 0.67))
+    pen.polys([((-half(a * h), a * h), (half(a * h), a * h), (half(b * h), b * h), (-half(b * h), b * h))
+               for a, b in bands], t.accent)
+
+
+def draw_barrel(pen: Pen, t) -> None:
+    w, h = t.width, t.height
+    pen.rect(-0.56 * w, 0, 0.56 * w, 0.08 * h, BLACK)
+    pen.rect(-w / 2, 0.06 * h, w / 2, 0.94 * h, t.colour)
+    pen.ellipse(0, 0.94 * h, w / 2, 0.05 * h, shade(t.colour, 0.8))
+    bands = ((0.22, 0.34), (0.52, 0.64)) if t.variant == 0 else ((0.2, 0.3), (0.42, 0.52), (0.64, 0.74))
+    banded(pen, w / 2, [(a * h, b * h) for a, b in bands], t.accent)
+
+
+def draw_barrier(pen: Pen, t) -> None:
+    w, h = t.width, t.height
+    if t.variant == 2:   # plastic water-filled barrier: alternating segments
+        n = 4
+        for i in range(n):
+            x0 = -w / 2 + i * w / n
+            pen.poly(((x0, 0), (x0 + w / n, 0), (x0 + w / n - 0.06, 0.8 * h), (x0 + 0.06, 0.8 * h)),
+                     t.colour if i % 2 == 0 else t.accent)
+        return
+    for x in (-0.42 * w, 0.42 * w):
+        pen.line(((x - 0.12, 0), (x, 0.98 * h), (x + 0.12, 0)), WHITE if t.variant else (90, 90, 90), 0.05)
+    boards = ((0.62, 0.92),) if t.variant == 0 else ((0.3, 0.5), (0.7, 0.9))
+    for a, b in boards:
+        striped_board(pen, -w / 2, a * h, w / 2, b * h, t.colour, t.accent, 0.42)
+    if t.lamp:
+        pen.light(-0.42 * w, 1.03 * h, 0.07, (255, 190, 40))
+
+
+def draw_worksign(pen: Pen, t) -> None:
+    w, h = t.width, t.height
+    r, cy = w / 2, h - w / 2
+    pen.line(((0, 0), (0, cy)), (120, 120, 125), 0.06)
+    if t.variant == 2:   # European triangle: red border, white field
+        pen.poly(((-r, cy - 0.8 * r), (r, cy - 0.8 * r), (0, cy + r)), (200, 30, 35))
+        pen.poly(((-0.72 * r, cy - 0.64 * r), (0.72 * r, cy - 0.64 * r), (0, cy + 0.62 * r)), WHITE)
+        sym, k = (0, cy - 0.2 * r), 0.55
+    else:                # diamond: black rim, orange field
+        pen.poly(((0, cy - r), (r, cy), (0, cy + r), (-r, cy)), BLACK)
+        pen.poly(((0, cy - 0.88 * r), (0.88 * r, cy), (0, cy + 0.88 * r), (-0.88 * r, cy)), t.colour)
+        sym, k = (0, cy), 0.7
+    x, y = sym
+    if t.variant == 1:   # exclamation mark
+        pen.rect(x - 0.07 * r, y - 0.15 * r, x + 0.07 * r, y + 0.5 * k * r, BLACK)
+        pen.circle(x, y - 0.35 * k * r, 0.08 * r, BLACK)
+    else:                # digging worker pictogram
+        pen.circle(x + 0.1 * r * k, y + 0.45 * r * k, 0.12 * r * k, BLACK)
+        pen.line(((x + 0.05 * r * k, y + 0.3 * r * k), (x - 0.2 * r * k, y - 0.2 * r * k),
+                  (x - 0.05 * r * k, y - 0.6 * r * k)), BLACK, 0.06 * r * k + 0.02)
+        pen.line(((x - 0.1 * r * k, y + 0.1 * r * k), (x + 0.5 * r * k, y - 0.5 * r * k)), BLACK, 0.05)
+        pen.poly(((x + 0.3 * r * k, y - 0.62 * r * k), (x + 0.7 * r * k, y - 0.62 * r * k),
+                  (x + 0.55 * r * k, y - 0.35 * r * k)), BLACK)
+
+
+def draw_person(pen: Pen, t) -> None:
+    """A pedestrian; roadwork workers add a striped hi-vis vest and a hard hat."""
+    h = t.height
+    trousers, shirt = t.accent, t.colour
+    for side in (-1, 1):
+        pen.line(((side * 0.07, 0.47 * h), (side * 0.1, 0.02 * h)), trousers, 0.13)
+    pen.poly(((-0.16, 0.46 * h), (0.16, 0.46 * h), (0.2, 0.8 * h), (-0.2, 0.8 * h)), shirt)
+    raised = 0.95 if t.variant == 1 else 0.42
+    pen.line(((-0.2, 0.78 * h), (-0.26, 0.45 * h)), shirt, 0.08)
+    pen.line(((0.2, 0.78 * h), (0.3, raised * h)), shirt, 0.08)
+    pen.circle(0, 0.88 * h, 0.065 * h, SKIN[t.variant2 % len(SKIN)])
+    if t.roadwork:
+        pen.poly(((-0.155, 0.5 * h), (0.155, 0.5 * h), (0.185, 0.79 * h), (-0.185, 0.79 * h)), t.vest)
+        banded(pen, 0.17, ((0.56 * h, 0.6 * h), (0.66 * h, 0.7 * h)), SILVER)
+        pen.polys([((-0.1, 0.7 * h), (-0.06, 0.7 * h), (-0.06, 0.79 * h), (-0.1, 0.79 * h)),
+                   ((0.06, 0.7 * h), (0.1, 0.7 * h), (0.1, 0.79 * h), (0.06, 0.79 * h))], SILVER)
+        pen.ellipse(0, 0.905 * h, 0.085 * h, 0.06 * h, t.helmet, 180, 360)
+        pen.rect(-0.1 * h, 0.9 * h, 0.1 * h, 0.915 * h, t.helmet)
+        if t.variant == 1:   # holding a shovel up
+            pen.line(((0.3, 0.95 * h), (0.45, 0.1 * h)), (110, 80, 50), 0.04)
+    else:
+        pen.ellipse(0, 0.9 * h, 0.068 * h, 0.05 * h, (50, 35, 25), 180, 360)
+
+
+def draw_excavator(pen: Pen, t) -> None:
+    k, body, dark = t.height / 3.0, t.colour, shade(t.colour, 0.7)
+    pen.u -= pen.flip * 0.8 * k * pen.s   # centre the 5 m wide silhouette on the anchor
+    pen.rect(-1.6 * k, 0.1 * k, 1.0 * k, 0.7 * k, TYRE)
+    pen.circle(-1.6 * k, 0.4 * k, 0.3 * k, TYRE)
+    pen.circle(1.0 * k, 0.4 * k, 0.3 * k, TYRE)
+    pen.rect(-1.5 * k, 0.7 * k, 0.9 * k, 1.6 * k, body)
+    pen.rect(-1.7 * k, 0.9 * k, -1.2 * k, 1.7 * k, dark)
+    pen.rect(-0.2 * k, 1.6 * k, 0.9 * k, 2.8 * k, body)
+    pen.rect(0.0 * k, 1.8 * k, 0.75 * k, 2.6 * k, GLASS)
+    pen.line(((0.8 * k, 1.4 * k), (2.1 * k, 3.0 * k), (2.9 * k, 1.1 * k)), body, 0.32 * k)
+    pen.poly(((2.6 * k, 1.3 * k), (3.3 * k, 1.2 * k), (3.2 * k, 0.4 * k), (2.75 * k, 0.5 * k)), (60, 60, 60))
+
+
+def draw_roller(pen: Pen, t) -> None:
+    k, body = t.height / 2.6, t.colour
+    pen.u -= pen.flip * 0.3 * k * pen.s   # centre the silhouette on the anchor
+    pen.rect(0.8 * k, 0.0, 2.0 * k, 1.3 * k, (150, 150, 150))
+    pen.rect(0.75 * k, 1.1 * k, 2.05 * k, 1.4 * k, body)
+    pen.rect(-1.4 * k, 0.5 * k, 0.9 * k, 1.5 * k, body)
+    pen.circle(-0.8 * k, 0.55 * k, 0.55 * k, TYRE)
+    pen.circle(-0.8 * k, 0.55 * k, 0.25 * k, shade(body, 0.8))
+    for x in (-1.2 * k, 0.2 * k):
+        pen.line(((x, 1.5 * k), (x, 2.5 * k)), BLACK, 0.08 * k)
+    pen.rect(-1.35 * k, 2.45 * k, 0.35 * k, 2.6 * k, body)
+
+
+def draw_gravel(pen: Pen, t) -> None:
+    w, h = t.width, t.height
+    pen.ellipse(0, 0, w / 2, h, t.colour, 180, 360)
+    for sx, sy, sk in SPECKLES:
+        x = (sx - 0.5) * w * 0.8
+        y = sy * h * (1 - (2 * x / w) ** 2) * 0.8
+        pen.circle(x, y, 0.03 + 0.05 * sk * w / 2.5, shade(t.colour, 0.6 + 0.8 * sk))
+
+
+# --- street sprites --------------------------------------------------------------------------
+
+def draw_car(pen: Pen, t) -> None:
+    """A car seen from behind (variant 0) or from the front (variant 1); taxis get a roof sign."""
+    w, h, body = t.width, t.height, t.colour
+    for side in (-1, 1):
+        pen.rect(side * (w / 2 - 0.32), 0, side * (w / 2 - 0.06), 0.3, TYRE)
+    pen.poly(((-w / 2, 0.22), (w / 2, 0.22), (w / 2, 0.58 * h), (w * 0.44, 0.64 * h),
+              (-w * 0.44, 0.64 * h), (-w / 2, 0.58 * h)), body)
+    pen.poly(((-0.43 * w, 0.63 * h), (0.43 * w, 0.63 * h), (0.33 * w, h), (-0.33 * w, h)), body)
+    pen.poly(((-0.38 * w, 0.67 * h), (0.38 * w, 0.67 * h), (0.3 * w, 0.95 * h), (-0.3 * w, 0.95 * h)), GLASS)
+    pen.rect(-w / 2, 0.2, w / 2, 0.3, shade(body, 0.5))
+    pen.rect(-0.18, 0.32, 0.18, 0.43, WHITE)
+    lamp = (255, 40, 30) if t.variant == 0 else (255, 245, 220)
+    for side in (-1, 1):
+        pen.light(side * (w / 2 - 0.15), 0.5 * h, 0.09, lamp)
+    if t.taxi:
+        pen.rect(-0.25, h, 0.25, h + 0.15, (250, 250, 240) if t.variant2 % 2 else (40, 40, 40))
+
+
+def draw_truck(pen: Pen, t) -> None:
+    """A box truck or bus from behind; ``variant`` 1 is a bus with a window band."""
+    w, h, body = t.width, t.height, t.colour
+    for side in (-1, 1):
+        pen.rect(side * (w / 2 - 0.45), 0, side * (w / 2 - 0.08), 0.45, TYRE)
+    pen.rect(-w / 2, 0.35, w / 2, h, body)
+    if t.variant == 1:
+        pen.rect(-0.45 * w, 0.6 * h, 0.45 * w, 0.9 * h, GLASS)
+    else:
+        pen.line(((0, 0.45), (0, 0.95 * h)), shade(body, 0.6), 0.04)
+    pen.rect(-w / 2, 0.35, w / 2, 0.5, (40, 40, 40))
+    for side in (-1, 1):
+        pen.light(side * (w / 2 - 0.15), 0.7, 0.1, (255, 40, 30))
+
+
+def draw_tree(pen: Pen, t) -> None:
+    w, h, leaf = t.width, t.height, t.colour
+    pen.rect(-0.05 * w, 0, 0.05 * w, 0.5 * h, (85, 60, 40))
+    pen.circle(0, 0.62 * h, 0.38 * w, shade(leaf, 0.75))
+    pen.circle(-0.2 * w, 0.72 * h, 0.3 * w, leaf)
+    pen.circle(0.18 * w, 0.78 * h, 0.27 * w, shade(leaf, 1.2))
+
+
+def draw_streetlight(pen: Pen, t) -> None:
+    h = t.height
+    pen.line(((0, 0), (0, h), (-0.9, h + 0.15)), (95, 98, 105), 0.12)
+    pen.light(-0.9, h, 0.16, (255, 225, 170))
+
+
+def draw_traffic_light(pen: Pen, t) -> None:
+    h = t.height
+    pen.line(((0, 0), (0, h - 0.9)), (70, 72, 76), 0.12)
+    pen.rect(-0.18, h - 0.95, 0.18, h, (30, 32, 35))
+    colours = ((255, 40, 30), (255, 170, 20), (60, 230, 90))
+    for i, colour in enumerate(colours):
+        y = h - 0.17 - i * 0.3
+        if i == t.variant:
+            pen.light(0, y, 0.1, colour)
+        else:
+            pen.circle(0, y, 0.1, shade(colour, 0.25))
+
+
+def draw_sign(pen: Pen, t) -> None:
+    """An ordinary traffic sign: 0 round, 1 square, 2 octagon, 3 rectangle, 4 warning diamond."""
+    w, h, c = t.width, t.height, t.colour
+    r, cy = w / 2, t.height - t.width / 2
+    pen.line(((0, 0), (0, cy)), (120, 120, 125), 0.06)
+    if t.variant == 0:
+        pen.circle(0, cy, r, (200, 30, 35))
+        pen.circle(0, cy, 0.75 * r, WHITE)
+        pen.rect(-0.3 * r, cy - 0.3 * r, 0.3 * r, cy + 0.3 * r, BLACK)
+    elif t.variant == 1:
+        pen.rect(-r, cy - r, r, cy + r, c)
+        pen.rect(-0.3 * r, cy - 0.5 * r, 0.3 * r, cy + 0.5 * r, WHITE)
+    elif t.variant == 2:
+        pen.poly([(r * math.cos(a), cy + r * math.sin(a)) for a in np.arange(8) * math.pi / 4 + math.pi / 8],
+                 (200, 30, 35))
+        pen.rect(-0.6 * r, cy - 0.12 * r, 0.6 * r, cy + 0.12 * r, WHITE)
+    elif t.variant == 3:   # rectangle with text lines (orange ones are look-alikes)
+        pen.rect(-1.4 * r, cy - 0.7 * r, 1.4 * r, cy + 0.7 * r, c)
+        for y in (cy + 0.3 * r, cy - 0.1 * r):
+            pen.rect(-1.1 * r, y - 0.1 * r, 0.9 * r, y + 0.1 * r, BLACK if sum(c) > 400 else WHITE)
+    else:                  # yellow warning diamond with a curve arrow
+        pen.poly(((0, cy - r), (r, cy), (0, cy + r), (-r, cy)), BLACK)
+        pen.poly(((0, cy - 0.88 * r), (0.88 * r, cy), (0, cy + 0.88 * r), (-0.88 * r, cy)), c)
+        pen.line(((0, cy - 0.5 * r), (0, cy), (0.3 * r, cy + 0.4 * r)), BLACK, 0.07)
+
+
+def draw_striped_pole(pen: Pen, t) -> None:
+    w, h = t.width, t.height
+    pen.rect(-w / 2, 0, w / 2, h, WHITE)
+    banded(pen, w / 2, [(y, y + h / 10) for y in np.arange(0, h, h / 5)], t.colour)
+
+
+def draw_bin(pen: Pen, t) -> None:
+    w, h = t.width, t.height
+    pen.rect(-w / 2, 0, w / 2, 0.88 * h, t.colour)
+    pen.rect(-0.55 * w, 0.86 * h, 0.55 * w, h, shade(t.colour, 0.7))
+
+
+SPRITES = {
+    "cone": draw_cone, "barrel": draw_barrel, "barrier": draw_barrier, "worksign": draw_worksign,
+    "worker": draw_person, "person": draw_person, "excavator": draw_excavator, "roller": draw_roller,
+    "gravel": draw_gravel, "car": draw_car, "truck": draw_truck, "tree": draw_tree,
+    "streetlight": draw_streetlight, "traffic_light": draw_traffic_light, "sign": draw_sign,
+    "striped_pole": draw_striped_pole, "bin": draw_bin,
+}
+
+
+# --- backgrounds and camera effects ---------------------------------------------------------
+
+def sky_and_ground(size: int, horizon: float, sky_top, sky_horizon, ground) -> np.ndarray:
+    """A fresh image: vertical sky gradient above the horizon row, flat ground colour below."""
+    img = np.empty((size, size, 3), np.uint8)
+    h = int(min(size, max(0, round(horizon))))
+    if h:
+        t = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
+        img[:h] = (np.float32(sky_top) * (1 - t) + np.float32(sky_horizon) * t).astype(np.uint8)[:, None, :]
+    img[h:] = ground
+    return img
+
+
+def night_glow(img: np.ndarray, lights: list) -> None:
+    """Blurred halos around every lamp, added in place."""
+    if not lights:
+        return
+    size = img.shape[0]
+    halo = np.zeros_like(img)
+    for u, v, r, colour in lights:
+        cv2.circle(halo, (round(u * ONE), round(v * ONE)), round((2.5 * r + size / 90) * ONE),
+                   shade(colour, 0.7), -1, AA, SHIFT)
+    cv2.add(img, cv2.GaussianBlur(halo, (0, 0), size / 70), dst=img)
+
+
+def fog(img: np.ndarray, cam: Camera, colour, visibility: float, strength: float) -> np.ndarray:
+    """Blend towards the fog colour by the depth of the ground at each row (sky fully fogged)."""
+    size = img.shape[0]
+    rows = np.arange(size, dtype=np.float32) + 0.5 - cam.cv
+    depth = np.where(rows > 0, cam.focal * cam.height / np.maximum(rows, 1e-3), 1e9)
+    weight = (strength * (1 - np.exp(-depth / visibility))).astype(np.float32)[:, None, None]
+    out = img.astype(np.float32)
+    out += (np.float32(colour) - out) * weight
+    return out.astype(np.uint8)
+
+
+def rain(img: np.ndarray, streaks: np.ndarray, colour) -> None:
+    """Thin bright streaks (N, 2, 2) in pixels, drawn in place."""
+    cv2.polylines(img, list(fixed(streaks)), False, colour, 1, AA, SHIFT)
+
+
+def blur(img: np.ndarray, motion: bool, amount: float) -> np.ndarray:
+    """Gaussian (out of focus) or horizontal motion blur; ``amount`` in pixels."""
+    if not motion:
+        return cv2.GaussianBlur(img, (0, 0), amount)
+    n = max(2, round(amount * 3))
+    return cv2.blur(img, (n, 1))
+
+
+@lru_cache(maxsize=8)
+def _noise_bank(size: int) -> np.ndarray:
+    """A fixed bank of unit Gaussian noise (int16, scaled by 16) larger than the image."""
+    return np.rint(np.random.default_rng(size).normal(0, 16, (size + 64, size + 64, 3))).astype(np.int16)
+
+
+def sensor_noise(img: np.ndarray, sigma: float, dy: int, dx: int) -> np.ndarray:
+    """Additive Gaussian noise: a shifted window of the fixed bank, scaled to ``sigma``."""
+    size = img.shape[0]
+    noise = _noise_bank(size)[dy:dy + size, dx:dx + size]
+    out = img.astype(np.int16) + (noise * round(sigma * 16) >> 8)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def grade(img: np.ndarray, contrast: float, brightness: float, gamma: float) -> np.ndarray:
+    """Brightness / contrast / gamma jitter through a lookup table."""
+    x = np.arange(256, dtype=np.float32) / 255
+    lut = np.clip((x ** gamma - 0.5) * contrast * 255 + 127.5 + brightness, 0, 255).astype(np.uint8)
+    return cv2.LUT(img, lut)
