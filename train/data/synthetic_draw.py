@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import cv2
 import numpy as np
@@ -41,26 +41,36 @@ class Camera:
     cv: float
     size: int
 
-    def to_camera(self, pts: np.ndarray) -> np.ndarray:
-        """World points (..., 3) -> camera coordinates (..., 3): right, up, forward."""
+    @cached_property
+    def _rotation(self) -> np.ndarray:
         c, s = math.cos(self.yaw), math.sin(self.yaw)
-        dx, dz = pts[..., 0] - self.x, pts[..., 2] - self.z
-        return np.stack([c * dx - s * dz, pts[..., 1] - self.height, s * dx + c * dz], -1)
+        return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+    def to_camera(self, pts: np.ndarray) -> np.ndarray:
+        """World points (..., 3) as x, y, z -> camera coordinates (..., 3): right, up, forward."""
+        return (pts - (self.x, self.height, self.z)) @ self._rotation
 
     def image_plane(self, cam_pts: np.ndarray) -> np.ndarray:
         """Camera coordinates (..., 3) with positive depth -> pixel coordinates (..., 2)."""
-        inv = self.focal / cam_pts[..., 2]
-        return np.stack([self.cu + cam_pts[..., 0] * inv, self.cv - cam_pts[..., 1] * inv], -1)
+        return cam_pts[..., :2] * (self.focal / cam_pts[..., 2:3]) * (1.0, -1.0) + (self.cu, self.cv)
 
 
 class Tone:
     """Colour grading shared by every drawn surface: per-channel gain plus an offset."""
 
-    def __init__(self, gain=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0)):
-        self.gain, self.offset = gain, offset
+    def __init__(self, gain=(1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0), night: bool = False):
+        self.gain, self.offset, self.night, self.cache = gain, offset, night, {}
 
     def __call__(self, colour) -> tuple:
-        return tuple(min(255, max(0, int(c * g + o))) for c, g, o in zip(colour, self.gain, self.offset))
+        toned = self.cache.get(colour)
+        if toned is None:
+            toned = self.cache[colour] = tuple(min(255, max(0, int(c * g + o)))
+                                               for c, g, o in zip(colour, self.gain, self.offset))
+        return toned
+
+    def reflective(self, colour) -> tuple:
+        """Retro-reflective paint: at night it shines back in the headlights instead of going dark."""
+        return shade(colour, 0.85) if self.night else self(colour)
 
 
 def fixed(uv: np.ndarray) -> np.ndarray:
@@ -68,62 +78,91 @@ def fixed(uv: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(uv, -LIMIT, LIMIT) * ONE).astype(np.int32)
 
 
-def clip_near(poly: np.ndarray) -> np.ndarray | None:
-    """Clip one camera-space polygon (K, 3) to depth >= NEAR (Sutherland-Hodgman, one plane)."""
-    inside = poly[:, 2] >= NEAR
-    if inside.all():
-        return poly
-    out = []
-    for i in range(len(poly)):
-        a, b = poly[i], poly[(i + 1) % len(poly)]
-        if inside[i]:
-            out.append(a)
-        if inside[i] != inside[(i + 1) % len(poly)]:
-            out.append(a + (NEAR - a[2]) / (b[2] - a[2]) * (b - a))
-    return np.array(out) if len(out) >= 3 else None
+def clip_near(polys: np.ndarray) -> list[np.ndarray]:
+    """Clip camera-space polygons (Q, K, 3) to depth >= NEAR (Sutherland-Hodgman against one plane).
+
+    Each polygon keeps its vertices in front and gains the points where its edges cross the plane;
+    polygons left with fewer than three vertices are dropped.
+    """
+    a, b = polys, np.roll(polys, -1, axis=1)
+    a_in, b_in = a[..., 2] >= NEAR, b[..., 2] >= NEAR
+    crossing = a_in != b_in
+    t = (NEAR - a[..., 2]) / np.where(crossing, b[..., 2] - a[..., 2], 1.0)
+    slots = np.stack([a, a + t[..., None] * (b - a)], 2).reshape(len(polys), -1, 3)
+    keep = np.stack([a_in, crossing], 2).reshape(len(polys), -1)
+    return [s[k] for s, k in zip(slots, keep) if k.sum() >= 3]
 
 
-def fill_world(img, cam: Camera, polys, colour) -> None:
-    """Fill small world polygons (Q, K, 3) in one call; any crossing the near plane are dropped."""
-    pts = cam.to_camera(np.asarray(polys, np.float64))
-    pts = pts[(pts[..., 2] > NEAR).all(-1)]
-    if len(pts):
-        cv2.fillPoly(img, list(fixed(cam.image_plane(pts))), colour, AA, SHIFT)
+class Surfaces:
+    """World polygons drawn in order, projected once per view; those crossing the near plane are clipped."""
 
+    def __init__(self, layers: list):
+        self.items, chunks, sizes, start = [], [], [], 0
+        for polys, colour in layers:
+            arr = np.asarray(polys, np.float64)
+            if arr.size:
+                q, k = arr.shape[:2]
+                self.items.append((colour, start, len(sizes), q, k))
+                chunks.append(arr.reshape(-1, 3))
+                sizes += [k] * q
+                start += q * k
+        self.vertices = np.concatenate(chunks) if chunks else np.zeros((0, 3))
+        self.poly_starts = np.cumsum([0] + sizes[:-1]) if sizes else np.zeros(0, int)
 
-def fill_world_clipped(img, cam: Camera, polys, colour) -> None:
-    """Fill large world polygons (each (K, 3)), clipped at the near plane."""
-    shapes = []
-    for poly in polys:
-        clipped = clip_near(cam.to_camera(np.asarray(poly, np.float64)))
-        if clipped is not None:
-            shapes.append(fixed(cam.image_plane(clipped)))
-    if shapes:
-        cv2.fillPoly(img, shapes, colour, AA, SHIFT)
+    def draw(self, img: np.ndarray, cam: Camera, tone: Tone) -> None:
+        if not self.items:
+            return
+        c = cam.to_camera(self.vertices)
+        front = c[:, 2] > NEAR
+        px = fixed(cam.image_plane(np.where(front[:, None], c, (0.0, 0.0, 1.0))))
+        behind = np.add.reduceat(~front, self.poly_starts)        # vertices behind, per polygon
+        crossing = np.concatenate([[0], np.cumsum(behind > 0)]).tolist()
+        for colour, start, first, q, k in self.items:
+            shapes = px[start:start + q * k].reshape(q, k, 2)
+            if crossing[first + q] > crossing[first]:
+                n_behind = behind[first:first + q]
+                partly = (n_behind > 0) & (n_behind < k)
+                clipped = clip_near(c[start:start + q * k].reshape(q, k, 3)[partly]) if partly.any() else []
+                shapes = list(shapes[n_behind == 0]) + [fixed(cam.image_plane(p)) for p in clipped]
+            if len(shapes):
+                cv2.fillPoly(img, shapes, tone(colour), AA, SHIFT)
 
 
 class Pen:
     """Draws sprite parts in metres (x right, y up) around the ground anchor (u, v) at s px/m."""
 
-    def __init__(self, img, u, v, s, tone: Tone, lights: list, flip: int = 1):
+    def __init__(self, img, u, v, s, tone: Tone, lights: list, flip: int = 1, detail: float = 1.0):
         self.img, self.u, self.v, self.s, self.tone, self.lights, self.flip = img, u, v, s, tone, lights, flip
+        self.detail = detail   # the sprite's height in pixels: small sprites skip fine parts
+        self.scale, self.origin = (flip * s * ONE, -s * ONE), (u * ONE + 0.5, v * ONE + 0.5)
+
+    def shift(self, dx: float) -> None:
+        """Move the anchor ``dx`` metres (in the sprite's own, possibly flipped, x direction)."""
+        self.u += self.flip * dx * self.s
+        self.origin = (self.u * ONE + 0.5, self.v * ONE + 0.5)
 
     def _pts(self, pts) -> np.ndarray:
-        u, v, s, fs = self.u * ONE, self.v * ONE, self.s * ONE, self.flip * self.s * ONE
-        return np.array([(round(u + fs * x), round(v - s * y)) for x, y in pts], np.int32)
+        (sx, sy), (ox, oy) = self.scale, self.origin
+        return np.array([(int(ox + sx * x), int(oy + sy * y)) for x, y in pts], np.int32)
 
     def xy(self, x, y) -> tuple:
-        return round((self.u + self.flip * self.s * x) * ONE), round((self.v - self.s * y) * ONE)
+        (sx, sy), (ox, oy) = self.scale, self.origin
+        return int(ox + sx * x), int(oy + sy * y)
 
     def poly(self, pts, colour) -> None:
-        cv2.fillPoly(self.img, [self._pts(pts)], self.tone(colour), AA, SHIFT)
+        """One convex polygon."""
+        cv2.fillConvexPoly(self.img, self._pts(pts), self.tone(colour), AA, SHIFT)
 
-    def polys(self, many, colour) -> None:
+    def polys(self, many, colour, reflective: bool = False) -> None:
         if many:
-            cv2.fillPoly(self.img, [self._pts(p) for p in many], self.tone(colour), AA, SHIFT)
+            colour = self.tone.reflective(colour) if reflective else self.tone(colour)
+            cv2.fillPoly(self.img, [self._pts(p) for p in many], colour, AA, SHIFT)
 
     def rect(self, x0, y0, x1, y1, colour) -> None:
-        self.poly(((x0, y0), (x1, y0), (x1, y1), (x0, y1)), colour)
+        (sx, sy), (ox, oy) = self.scale, self.origin
+        a, b, c, d = int(ox + sx * x0), int(oy + sy * y0), int(ox + sx * x1), int(oy + sy * y1)
+        corners = np.array(((a, b), (c, b), (c, d), (a, d)), np.int32)
+        cv2.fillConvexPoly(self.img, corners, self.tone(colour), AA, SHIFT)
 
     def circle(self, x, y, r, colour) -> None:
         cv2.circle(self.img, self.xy(x, y), max(ONE // 2, round(r * self.s * ONE)), self.tone(colour), -1, AA, SHIFT)
@@ -150,8 +189,8 @@ def shade(colour, k: float) -> tuple:
 
 
 def striped_board(pen: Pen, x0, y0, x1, y1, colour, accent, period) -> None:
-    """A board with diagonal stripes (``colour`` on ``accent``)."""
-    pen.rect(x0, y0, x1, y1, accent)
+    """A board with diagonal stripes (``colour`` on reflective ``accent``)."""
+    pen.polys([((x0, y0), (x1, y0), (x1, y1), (x0, y1))], accent, reflective=True)
     slant, half, stripes = y1 - y0, period / 2, []
     a = x0 - slant
     while a < x1:
@@ -162,21 +201,25 @@ def striped_board(pen: Pen, x0, y0, x1, y1, colour, accent, period) -> None:
     pen.polys(stripes, colour)
 
 
-def banded(pen: Pen, half_width, bands, colour) -> None:
+def banded(pen: Pen, half_width, bands, colour, reflective: bool = False) -> None:
     """Horizontal bands (y0, y1) across a vertical body of the given half width."""
-    pen.polys([((-half_width, a), (half_width, a), (half_width, b), (-half_width, b)) for a, b in bands], colour)
+    pen.polys([((-half_width, a), (half_width, a), (half_width, b), (-half_width, b)) for a, b in bands], colour,
+              reflective)
 
 
 # --- roadwork sprites ------------------------------------------------------------------------
 
 def draw_cone(pen: Pen, t) -> None:
     w, h = t.width, t.height
+
+    def slice_(a, b):   # the cone's outline between heights a*h and b*h
+        half_a, half_b = w * (0.38 - 0.3 * (a - 0.07) / 0.93), w * (0.38 - 0.3 * (b - 0.07) / 0.93)
+        return (-half_a, a * h), (half_a, a * h), (half_b, b * h), (-half_b, b * h)
+
     pen.rect(-w / 2, 0, w / 2, 0.07 * h, shade(t.colour, 0.55))
-    half = lambda y: 0.38 * w - 0.30 * w * (y - 0.07 * h) / (0.93 * h)  # noqa: E731
-    pen.poly(((-half(0.07 * h), 0.07 * h), (half(0.07 * h), 0.07 * h), (half(h), h), (-half(h), h)), t.colour)
+    pen.poly(slice_(0.07, 1.0), t.colour)
     bands = ((0.42, 0.62),) if t.variant == 0 else ((0.28, 0.40), (0.55, 0.67))
-    pen.polys([((-half(a * h), a * h), (half(a * h), a * h), (half(b * h), b * h), (-half(b * h), b * h))
-               for a, b in bands], t.accent)
+    pen.polys([slice_(a, b) for a, b in bands], t.accent, reflective=True)
 
 
 def draw_barrel(pen: Pen, t) -> None:
@@ -185,7 +228,7 @@ def draw_barrel(pen: Pen, t) -> None:
     pen.rect(-w / 2, 0.06 * h, w / 2, 0.94 * h, t.colour)
     pen.ellipse(0, 0.94 * h, w / 2, 0.05 * h, shade(t.colour, 0.8))
     bands = ((0.22, 0.34), (0.52, 0.64)) if t.variant == 0 else ((0.2, 0.3), (0.42, 0.52), (0.64, 0.74))
-    banded(pen, w / 2, [(a * h, b * h) for a, b in bands], t.accent)
+    banded(pen, w / 2, [(a * h, b * h) for a, b in bands], t.accent, reflective=True)
 
 
 def draw_barrier(pen: Pen, t) -> None:
@@ -207,8 +250,7 @@ def draw_barrier(pen: Pen, t) -> None:
 
 
 def draw_worksign(pen: Pen, t) -> None:
-    w, h = t.width, t.height
-    r, cy = w / 2, h - w / 2
+    r, cy = t.width / 2, t.height - t.width / 2
     pen.line(((0, 0), (0, cy)), (120, 120, 125), 0.06)
     if t.variant == 2:   # European triangle: red border, white field
         pen.poly(((-r, cy - 0.8 * r), (r, cy - 0.8 * r), (0, cy + r)), (200, 30, 35))
@@ -244,9 +286,9 @@ def draw_person(pen: Pen, t) -> None:
     pen.circle(0, 0.88 * h, 0.065 * h, SKIN[t.variant2 % len(SKIN)])
     if t.roadwork:
         pen.poly(((-0.155, 0.5 * h), (0.155, 0.5 * h), (0.185, 0.79 * h), (-0.185, 0.79 * h)), t.vest)
-        banded(pen, 0.17, ((0.56 * h, 0.6 * h), (0.66 * h, 0.7 * h)), SILVER)
+        banded(pen, 0.17, ((0.56 * h, 0.6 * h), (0.66 * h, 0.7 * h)), SILVER, reflective=True)
         pen.polys([((-0.1, 0.7 * h), (-0.06, 0.7 * h), (-0.06, 0.79 * h), (-0.1, 0.79 * h)),
-                   ((0.06, 0.7 * h), (0.1, 0.7 * h), (0.1, 0.79 * h), (0.06, 0.79 * h))], SILVER)
+                   ((0.06, 0.7 * h), (0.1, 0.7 * h), (0.1, 0.79 * h), (0.06, 0.79 * h))], SILVER, reflective=True)
         pen.ellipse(0, 0.905 * h, 0.085 * h, 0.06 * h, t.helmet, 180, 360)
         pen.rect(-0.1 * h, 0.9 * h, 0.1 * h, 0.915 * h, t.helmet)
         if t.variant == 1:   # holding a shovel up
@@ -257,7 +299,7 @@ def draw_person(pen: Pen, t) -> None:
 
 def draw_excavator(pen: Pen, t) -> None:
     k, body, dark = t.height / 3.0, t.colour, shade(t.colour, 0.7)
-    pen.u -= pen.flip * 0.8 * k * pen.s   # centre the 5 m wide silhouette on the anchor
+    pen.shift(-0.8 * k)   # centre the 5 m wide silhouette on the anchor
     pen.rect(-1.6 * k, 0.1 * k, 1.0 * k, 0.7 * k, TYRE)
     pen.circle(-1.6 * k, 0.4 * k, 0.3 * k, TYRE)
     pen.circle(1.0 * k, 0.4 * k, 0.3 * k, TYRE)
@@ -271,7 +313,7 @@ def draw_excavator(pen: Pen, t) -> None:
 
 def draw_roller(pen: Pen, t) -> None:
     k, body = t.height / 2.6, t.colour
-    pen.u -= pen.flip * 0.3 * k * pen.s   # centre the silhouette on the anchor
+    pen.shift(-0.3 * k)   # centre the silhouette on the anchor
     pen.rect(0.8 * k, 0.0, 2.0 * k, 1.3 * k, (150, 150, 150))
     pen.rect(0.75 * k, 1.1 * k, 2.05 * k, 1.4 * k, body)
     pen.rect(-1.4 * k, 0.5 * k, 0.9 * k, 1.5 * k, body)
@@ -296,15 +338,19 @@ def draw_gravel(pen: Pen, t) -> None:
 def draw_car(pen: Pen, t) -> None:
     """A car seen from behind (variant 0) or from the front (variant 1); taxis get a roof sign."""
     w, h, body = t.width, t.height, t.colour
-    for side in (-1, 1):
-        pen.rect(side * (w / 2 - 0.32), 0, side * (w / 2 - 0.06), 0.3, TYRE)
-    pen.poly(((-w / 2, 0.22), (w / 2, 0.22), (w / 2, 0.58 * h), (w * 0.44, 0.64 * h),
-              (-w * 0.44, 0.64 * h), (-w / 2, 0.58 * h)), body)
-    pen.poly(((-0.43 * w, 0.63 * h), (0.43 * w, 0.63 * h), (0.33 * w, h), (-0.33 * w, h)), body)
-    pen.poly(((-0.38 * w, 0.67 * h), (0.38 * w, 0.67 * h), (0.3 * w, 0.95 * h), (-0.3 * w, 0.95 * h)), GLASS)
-    pen.rect(-w / 2, 0.2, w / 2, 0.3, shade(body, 0.5))
-    pen.rect(-0.18, 0.32, 0.18, 0.43, WHITE)
     lamp = (255, 40, 30) if t.variant == 0 else (255, 245, 220)
+    if pen.detail < 14:
+        pen.rect(-w / 2, 0.05, w / 2, 0.62 * h, body)
+        pen.poly(((-0.43 * w, 0.6 * h), (0.43 * w, 0.6 * h), (0.33 * w, h), (-0.33 * w, h)), GLASS)
+    else:
+        for side in (-1, 1):
+            pen.rect(side * (w / 2 - 0.32), 0, side * (w / 2 - 0.06), 0.3, TYRE)
+        pen.poly(((-w / 2, 0.22), (w / 2, 0.22), (w / 2, 0.58 * h), (w * 0.44, 0.64 * h),
+                  (-w * 0.44, 0.64 * h), (-w / 2, 0.58 * h)), body)
+        pen.poly(((-0.43 * w, 0.63 * h), (0.43 * w, 0.63 * h), (0.33 * w, h), (-0.33 * w, h)), body)
+        pen.poly(((-0.38 * w, 0.67 * h), (0.38 * w, 0.67 * h), (0.3 * w, 0.95 * h), (-0.3 * w, 0.95 * h)), GLASS)
+        pen.rect(-w / 2, 0.2, w / 2, 0.3, shade(body, 0.5))
+        pen.rect(-0.18, 0.32, 0.18, 0.43, WHITE)
     for side in (-1, 1):
         pen.light(side * (w / 2 - 0.15), 0.5 * h, 0.09, lamp)
     if t.taxi:
@@ -329,6 +375,9 @@ def draw_truck(pen: Pen, t) -> None:
 def draw_tree(pen: Pen, t) -> None:
     w, h, leaf = t.width, t.height, t.colour
     pen.rect(-0.05 * w, 0, 0.05 * w, 0.5 * h, (85, 60, 40))
+    if pen.detail < 20:
+        pen.circle(0, 0.7 * h, 0.42 * w, leaf)
+        return
     pen.circle(0, 0.62 * h, 0.38 * w, shade(leaf, 0.75))
     pen.circle(-0.2 * w, 0.72 * h, 0.3 * w, leaf)
     pen.circle(0.18 * w, 0.78 * h, 0.27 * w, shade(leaf, 1.2))
@@ -355,8 +404,7 @@ def draw_traffic_light(pen: Pen, t) -> None:
 
 def draw_sign(pen: Pen, t) -> None:
     """An ordinary traffic sign: 0 round, 1 square, 2 octagon, 3 rectangle, 4 warning diamond."""
-    w, h, c = t.width, t.height, t.colour
-    r, cy = w / 2, t.height - t.width / 2
+    c, r, cy = t.colour, t.width / 2, t.height - t.width / 2
     pen.line(((0, 0), (0, cy)), (120, 120, 125), 0.06)
     if t.variant == 0:
         pen.circle(0, cy, r, (200, 30, 35))
@@ -408,21 +456,25 @@ def sky_and_ground(size: int, horizon: float, sky_top, sky_horizon, ground) -> n
     h = int(min(size, max(0, round(horizon))))
     if h:
         t = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None]
-        img[:h] = (np.float32(sky_top) * (1 - t) + np.float32(sky_horizon) * t).astype(np.uint8)[:, None, :]
-    img[h:] = ground
+        column = (np.float32(sky_top) * (1 - t) + np.float32(sky_horizon) * t).astype(np.uint8)[:, None, :]
+        cv2.resize(column, (size, h), dst=img[:h], interpolation=cv2.INTER_NEAREST)
+    cv2.rectangle(img, (0, h), (size, size), ground, -1)
     return img
 
 
 def night_glow(img: np.ndarray, lights: list) -> None:
-    """Blurred halos around every lamp, added in place."""
+    """Blurred halos around every lamp (drawn and blurred at quarter resolution), added in place."""
     if not lights:
         return
     size = img.shape[0]
-    halo = np.zeros_like(img)
+    small = max(8, size // 4)
+    k = small / size
+    halo = np.zeros((small, small, 3), np.uint8)
     for u, v, r, colour in lights:
-        cv2.circle(halo, (round(u * ONE), round(v * ONE)), round((2.5 * r + size / 90) * ONE),
+        cv2.circle(halo, (round(u * k * ONE), round(v * k * ONE)), round((2.5 * r + size / 90) * k * ONE),
                    shade(colour, 0.7), -1, AA, SHIFT)
-    cv2.add(img, cv2.GaussianBlur(halo, (0, 0), size / 70), dst=img)
+    halo = cv2.GaussianBlur(halo, (0, 0), small / 70)
+    cv2.add(img, cv2.resize(halo, (size, size), interpolation=cv2.INTER_LINEAR), dst=img)
 
 
 def fog(img: np.ndarray, cam: Camera, colour, visibility: float, strength: float) -> np.ndarray:
@@ -468,3 +520,50 @@ def grade(img: np.ndarray, contrast: float, brightness: float, gamma: float) -> 
     x = np.arange(256, dtype=np.float32) / 255
     lut = np.clip((x ** gamma - 0.5) * contrast * 255 + 127.5 + brightness, 0, 255).astype(np.uint8)
     return cv2.LUT(img, lut)
+
+
+# --- one view --------------------------------------------------------------------------------
+
+def render(scene, cam: Camera, fx: dict) -> np.ndarray:
+    """Draw one view: sky, ground, facades far to near, sprites far to near, then camera effects."""
+    tone = scene.tone
+    img = sky_and_ground(cam.size, cam.cv, *scene.sky, tone(scene.verge))
+    scene.surfaces.draw(img, cam, tone)
+    lights: list = []
+    draw_sprites(img, scene.things, cam, tone, lights)
+    if scene.time == "night":
+        night_glow(img, lights)
+    if "fog" in fx:
+        colour, visibility, strength = fx["fog"]
+        img = fog(img, cam, tone(colour), visibility, strength)
+    if fx["streaks"] is not None:
+        rain(img, fx["streaks"], (110, 115, 130) if scene.time == "night" else (215, 218, 225))
+    if fx["blur"] is not None:
+        img = blur(img, *fx["blur"])
+    if fx["noise"] is not None:
+        img = sensor_noise(img, *fx["noise"])
+    return grade(img, fx["contrast"], fx["brightness"], fx["gamma"])
+
+
+def draw_sprites(img: np.ndarray, things: list, cam: Camera, tone: Tone, lights: list) -> None:
+    """Every thing in front of the camera and inside the frame, far to near (painter's order)."""
+    if not things:
+        return
+    c = cam.to_camera(np.array([(t.x, 0.0, t.z) for t in things]))
+    order, c = np.argsort(-c[:, 2], kind="stable").tolist(), c.tolist()   # plain floats: faster scalar maths
+    size = cam.size
+    for i in order:
+        right, _, depth = c[i]
+        if depth < 0.8:
+            break
+        t, s = things[i], cam.focal / depth
+        u, v = cam.cu + right * s, cam.cv + cam.height * s
+        height = t.height * s
+        if height < 0.7 or v - height * 1.1 > size or abs(u - size / 2) > size / 2 + t.width * s:
+            continue
+        if height < 4:   # a few pixels: a blob of the main colour is all that would show
+            half = t.width * s / 2
+            cv2.rectangle(img, (round((u - half) * ONE), round((v - height) * ONE)),
+                          (round((u + half) * ONE), round(v * ONE)), tone(t.colour), -1, AA, SHIFT)
+            continue
+        SPRITES[t.kind](Pen(img, u, v, s, tone, lights, t.flip, height), t)
