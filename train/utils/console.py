@@ -22,6 +22,9 @@ def setup_logging(level: str = "INFO") -> None:
     if not any(isinstance(h, RichHandler) for h in root.handlers):
         root.addHandler(RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False))
     root.setLevel(level)
+    for name, logger in logging.root.manager.loggerDict.items():  # Hydra's logging config disables
+        if name.startswith("train") and isinstance(logger, logging.Logger):  # loggers imported before it
+            logger.disabled = False
     for noisy in ("PIL", "matplotlib", "urllib3", "fsspec", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
