@@ -48,7 +48,22 @@ def test_eval_and_train_transforms_give_model_sized_tensors():
     image = photo(256, 256)
     assert EvalTransform(2, img_size=48)(image, 0).shape == (3, 48, 48)
     train = TrainTransform([A.RandomResizedCrop(size=(100, 100)), A.HorizontalFlip()], img_size=48)
-    train.reseed(1)
-    first = train(image, 0)
-    train.reseed(1)
-    assert first.shape == (3, 48, 48) and torch.equal(first, train(image, 0))
+    first = train(image, 0, seed=1)
+    assert first.shape == (3, 48, 48) and torch.equal(first, train(image, 0, seed=1))
+    assert not torch.equal(first, train(image, 0, seed=2))
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    from train.data.sampling import EpochSampler
+    sampler = EpochSampler(50, seed=3)
+    sampler.set_epoch(1)
+    first = list(sampler)
+    assert sorted(i for i, _ in first) == list(range(50))  # a permutation
+    again = EpochSampler(50, seed=3)
+    again.set_epoch(1)
+    assert list(again) == first
+    again.set_epoch(2)
+    assert list(again) != first
+    weighted = EpochSampler(1000, seed=0, weights=np.r_[np.full(900, 1 / 900), np.full(100, 1 / 100)])
+    share = np.mean([i >= 900 for i, _ in weighted])
+    assert 0.42 < share < 0.58  # the minority class is drawn about as often as the majority

@@ -1,18 +1,77 @@
-"""Classification metrics (torchmetrics), one collection per validator level."""
+"""Classification metrics (torchmetrics), one collection per validator level.
+
+Every metric reads P(roadwork) with threshold 0.5, where 0.5 itself counts as "None", as the
+NATIX validator scores (torchmetrics thresholds with ``preds > threshold``).
+"""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn as nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryF1Score, BinaryMatthewsCorrCoef,
+                                         BinaryStatScores)
+from torchmetrics.wrappers import BootStrapper
+
+THRESHOLD = 0.5
+
+
+def natix_reward(mcc: torch.Tensor, accuracy: torch.Tensor) -> torch.Tensor:
+    """The subnet's reward ``(0.5 * max(MCC, 0) + 0.5 * accuracy) ** 3``."""
+    return (0.5 * mcc.clamp(min=0) + 0.5 * accuracy) ** 3
+
+
+class NatixReward(Metric):
+    """:func:`natix_reward` over all samples seen (the validator's 100/10 windows are a live-scoring detail)."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, threshold: float = THRESHOLD, **kwargs):
+        super().__init__(**kwargs)
+        self.mcc = BinaryMatthewsCorrCoef(threshold=threshold)
+        self.stats = BinaryStatScores(threshold=threshold)
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.mcc.update(preds, target)
+        self.stats.update(preds, target)
+
+    def compute(self) -> torch.Tensor:
+        tp, fp, tn, fn, _ = self.stats.compute().float()
+        return natix_reward(self.mcc.compute().float(), (tp + tn) / (tp + fp + tn + fn).clamp(min=1))
+
+    def reset(self) -> None:
+        super().reset()
+        self.mcc.reset()
+        self.stats.reset()
 
 
 def classification_metrics() -> MetricCollection:
-    """Metrics on P(roadwork); threshold 0.5 with 0.5 itself counting as "None" (as NATIX scores)."""
-    return MetricCollection({"mcc": BinaryMatthewsCorrCoef(threshold=0.5), "acc": BinaryAccuracy(threshold=0.5)})
+    """MCC, accuracy, F1 (roadwork positive), AUROC and the NATIX reward."""
+    return MetricCollection({"mcc": BinaryMatthewsCorrCoef(threshold=THRESHOLD),
+                             "acc": BinaryAccuracy(threshold=THRESHOLD),
+                             "f1": BinaryF1Score(threshold=THRESHOLD),
+                             "auroc": BinaryAUROC(),
+                             "reward": NatixReward(threshold=THRESHOLD)})
 
 
 def per_level_metrics(levels: Sequence[int]) -> nn.ModuleList:
     """One metric collection per validator level, in dataloader order."""
     return nn.ModuleList([classification_metrics() for _ in levels])
+
+
+def bootstrap_interval(preds: torch.Tensor, target: torch.Tensor, num_bootstraps: int = 1000, seed: int = 0,
+                       confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of MCC over samples (torchmetrics' BootStrapper), reproducible by ``seed``.
+
+    The resampling runs in a forked RNG, so the caller's random stream is left as it was.
+    """
+    tail = (1 - confidence) / 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        boot = BootStrapper(BinaryMatthewsCorrCoef(threshold=THRESHOLD), num_bootstraps=num_bootstraps,
+                            quantile=torch.tensor([tail, 1 - tail]), sampling_strategy="multinomial")
+        boot.update(preds.float().cpu(), target.long().cpu())
+        low, high = boot.compute()["quantile"].tolist()
+    return low, high

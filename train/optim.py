@@ -1,9 +1,12 @@
-"""Learning-rate schedules built by step count (the trainer supplies ``total_steps``)."""
+"""Optimiser parameter groups (weight decay, layer-wise LR decay) and step-based LR schedules."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn as nn
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int | float = 0.05,
@@ -22,3 +25,27 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Module,
+                    layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """``factory(params=groups)`` over the trainable parameters, grouped the timm way.
+
+    Biases, norms and ``model.no_weight_decay()`` names get no weight decay. ``layer_decay``
+    (e.g. 0.75) scales each block's LR by ``layer_decay ** depth_from_the_head`` (timm's
+    ``param_groups_layer_decay``; needs a timm model with ``group_matcher``).
+    """
+    weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    if layer_decay is None:
+        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
+    elif hasattr(model, "group_matcher"):
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=layer_decay)
+    else:
+        raise ValueError("model.layer_decay needs a timm backbone fine-tuned in full or linear_probe mode "
+                         f"(no group_matcher on {type(model).__name__})")
+    optimizer = factory(params=groups)
+    for group in optimizer.param_groups:  # torch optimizers ignore lr_scale: fold it into the LR once
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
+    return optimizer

@@ -24,7 +24,7 @@ class ColourHistogram:
     def __init__(self, bins: int = 8):
         self.bins = bins
 
-    def __call__(self, image: np.ndarray, i: int = 0) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, i: int = 0, seed: int | None = None) -> torch.Tensor:
         q = (image.reshape(-1, 3).astype(np.int64) * self.bins) // 256
         codes = (q[:, 0] * self.bins + q[:, 1]) * self.bins + q[:, 2]
         hist = np.bincount(codes, minlength=self.bins ** 3).astype(np.float32)

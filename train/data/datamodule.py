@@ -5,16 +5,18 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from train.data.images import ImageReader, decode_rgb
 from train.data.index import build_index, where
+from train.data.sampling import EpochSampler
 from train.data.sources import DataError
 from train.data.splits import SPLITS
 from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
@@ -39,18 +41,17 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key`` is a position, or ``(position, augmentation seed)`` from :class:`EpochSampler`."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         file, row = self.files[i], int(self.rows[i])
         data = self.reader.read(file, row, self.columns[i])
         image = decode_rgb(data, max_side=self.decode_side, where=where(file, row))
-        return {"image": self.transform(image, i), "label": int(self.labels[i]), "index": i}
+        return {"image": self.transform(image, i, seed), "label": int(self.labels[i]), "index": i}
 
 
-def _reseed_worker(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if hasattr(transform, "reseed"):
-        transform.reseed(torch.initial_seed() % 2**32)
+def _init_worker(worker_id: int) -> None:
+    cv2.setNumThreads(1)  # each loader worker is one process on one core: no oversubscription
 
 
 class RoadworkDataModule(pl.LightningDataModule):
@@ -66,7 +67,7 @@ class RoadworkDataModule(pl.LightningDataModule):
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  train_transforms: Sequence = (), val_levels: Sequence[int] = (0,),
                  test_levels: Sequence[int] = (0, 1, 2, 3), eval_seed: int = 0, index_path: str | None = None,
-                 root: str | None = None):
+                 root: str | None = None, seed: int = 0):
         super().__init__()
         if balance not in BALANCE:
             raise ValueError(f"data.balance={balance!r}; allowed: {list(BALANCE)}")
@@ -76,6 +77,7 @@ class RoadworkDataModule(pl.LightningDataModule):
         self.num_workers, self.balance, self.img_size = num_workers, balance, img_size
         self.mean, self.std, self.train_transforms = tuple(mean), tuple(std), list(train_transforms)
         self.val_levels, self.test_levels, self.eval_seed = list(val_levels), list(test_levels), eval_seed
+        self.seed = seed  # training order and augmentation draws, per epoch (see EpochSampler)
         self.index_path = Path(index_path) if index_path else None
         self.index: pa.Table | None = None
 
@@ -137,17 +139,13 @@ class RoadworkDataModule(pl.LightningDataModule):
     def loader(self, dataset: ImageDataset, shuffle: bool = False, sampler=None, batch_size: int | None = None):
         return DataLoader(dataset, batch_size=batch_size or self.eval_batch_size, shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0, worker_init_fn=_reseed_worker,
-                          drop_last=False)
+                          persistent_workers=self.num_workers > 0, worker_init_fn=_init_worker,
+                          generator=torch.Generator().manual_seed(self.seed), drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train")
-        sampler = None
-        if self.balance == "sampler":
-            counts = self.class_counts()
-            weights = (1.0 / np.maximum(counts, 1))[ds.labels]
-            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(ds), replacement=True)
-        return self.loader(ds, shuffle=True, sampler=sampler, batch_size=self.batch_size)
+        weights = (1.0 / np.maximum(self.class_counts(), 1))[ds.labels] if self.balance == "sampler" else None
+        return self.loader(ds, sampler=EpochSampler(len(ds), self.seed, weights), batch_size=self.batch_size)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.loader(self.dataset("val", level)) for level in self.val_levels]

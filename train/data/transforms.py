@@ -80,7 +80,7 @@ class EvalTransform:
     def __init__(self, level: int, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int = 0):
         self.query, self.model_input = ValidatorQuery(level, seed), ModelInput(img_size, mean, std)
 
-    def __call__(self, image: np.ndarray, i: int) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, i: int, seed: int | None = None) -> torch.Tensor:
         return self.model_input(self.query(image, i))
 
 
@@ -92,9 +92,8 @@ class TrainTransform:
         self.augment = A.Compose(list(transforms))
         self.model_input = ModelInput(img_size, mean, std)
 
-    def __call__(self, image: np.ndarray, i: int) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, i: int, seed: int | None = None) -> torch.Tensor:
+        """``seed`` fixes this draw (the training sampler passes one per sample and epoch)."""
+        if seed is not None:
+            self.augment.set_random_seed(seed)
         return self.model_input(self.augment(image=image)["image"])
-
-    def reseed(self, seed: int) -> None:
-        """Give each DataLoader worker its own augmentation stream."""
-        self.augment.set_random_seed(seed)

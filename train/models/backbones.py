@@ -1,21 +1,46 @@
-"""Backbone factory: a timm model by name, with its constructor kwargs recorded.
+"""Backbone factory: a timm or transformers image classifier by name, with its arguments recorded.
 
-The kwargs are kept (``model.pretrained_cfg`` and ``backbone_args``) so that later stages
-(APT, export through transformers' TimmWrapper) can rebuild the same architecture.
+Every model gets ``backbone_args`` (``library``, ``name`` and the extra kwargs) so that later stages
+(fine-tune merging, APT, export) can rebuild the same architecture with ``create_backbone(**backbone_args)``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import timm
+import torch
 import torch.nn as nn
 
 from train import LABELS
 
+LIBRARIES = ("timm", "transformers")
+POS_EMBED_INITS = ("sincos",)
+
 
 def create_backbone(name: str, pretrained: bool | str = False, num_classes: int = len(LABELS),
-                    **kwargs) -> nn.Module:
-    """``timm.create_model(name, ...)``; ``pretrained`` may be True (hub) or a local weights file."""
+                    library: str = "timm", pos_embed_init: str | None = None, **kwargs) -> nn.Module:
+    """Build ``name`` from ``library``; ``pretrained`` may be True (hub / local folder) or a timm weights file.
+
+    ``pos_embed_init="sincos"`` (timm ViTs only) starts the patch position embeddings from a fixed 2-D
+    sin-cos table; they stay trainable.
+    """
+    if library == "timm":
+        model = _create_timm(name, pretrained, num_classes, **kwargs)
+    elif library == "transformers":
+        model = _create_transformers(name, pretrained, num_classes, **kwargs)
+    else:
+        raise ValueError(f"model.backbone.library={library!r}; expected one of {LIBRARIES}")
+    args = {"library": library, "name": name, **kwargs}
+    if num_classes != len(LABELS):
+        args["num_classes"] = num_classes
+    if pos_embed_init is not None:
+        init_pos_embed(model, pos_embed_init)
+        args["pos_embed_init"] = pos_embed_init
+    model.backbone_args = args
+    return model
+
+
+def _create_timm(name: str, pretrained: bool | str, num_classes: int, **kwargs) -> nn.Module:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ValueError(f"model.backbone.name={name!r} is not a timm model; similar: {close}")
@@ -25,6 +50,71 @@ def create_backbone(name: str, pretrained: bool | str = False, num_classes: int 
         if not path.is_file():
             raise FileNotFoundError(f"model.backbone.pretrained={pretrained} is not a file")
         overlay, pretrained = {"pretrained_cfg_overlay": {"file": str(path)}}, True
-    model = timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **overlay, **kwargs)
-    model.backbone_args = {"name": name, **kwargs}
-    return model
+    return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **overlay, **kwargs)
+
+
+class HFImageClassifier(nn.Module):
+    """A transformers image classifier seen as ``images -> logits``; the HF model is ``.model``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Toggle activation checkpointing, like timm's ``set_grad_checkpointing``."""
+        # transformers 5 renamed gradient_* to activation_*; the old names warn.
+        prefix = "activation" if hasattr(self.model, "activation_checkpointing_enable") else "gradient"
+        getattr(self.model, f"{prefix}_checkpointing_{'enable' if enable else 'disable'}")()
+
+
+def _create_transformers(name: str, pretrained: bool | str, num_classes: int, **kwargs) -> HFImageClassifier:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    if not Path(name).exists() and name.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"model.backbone.name={name} is not a folder with a transformers model")
+    labels = dict(LABELS) if num_classes == len(LABELS) else {i: f"LABEL_{i}" for i in range(num_classes)}
+    config = AutoConfig.from_pretrained(name, id2label=labels, label2id={v: k for k, v in labels.items()})
+    for key, value in kwargs.items():
+        if not hasattr(config, key):
+            raise ValueError(f"model.backbone.{key}: {type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, value)
+    if pretrained and pretrained not in ("false", "False"):
+        model = AutoModelForImageClassification.from_pretrained(name, config=config, ignore_mismatched_sizes=True)
+    else:
+        model = AutoModelForImageClassification.from_config(config)
+    return HFImageClassifier(model)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """``(grid_h * grid_w, dim)`` MAE-style table: first half of the channels encodes x, second half y."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    y, x = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                          torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(x), encode(y)], dim=1).float()
+
+
+@torch.no_grad()
+def init_pos_embed(model: nn.Module, kind: str, scale: float = 0.5) -> None:
+    """Overwrite a timm ViT's patch rows of ``pos_embed`` (not the prefix tokens) with ``scale`` * table."""
+    if kind not in POS_EMBED_INITS:
+        raise ValueError(f"model.backbone.pos_embed_init={kind!r}; expected one of {POS_EMBED_INITS} or null")
+    pos_embed = getattr(model, "pos_embed", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if not isinstance(pos_embed, nn.Parameter) or grid is None:
+        raise ValueError(f"pos_embed_init={kind!r} needs a timm ViT (pos_embed + patch_embed.grid_size); "
+                         f"got {type(model).__name__}")
+    n_patches = grid[0] * grid[1]
+    if pos_embed.shape[1] < n_patches:
+        raise ValueError(f"pos_embed has {pos_embed.shape[1]} rows, fewer than the {n_patches} patches")
+    table = sincos_2d(pos_embed.shape[-1], grid[0], grid[1])
+    pos_embed[0, -n_patches:] = scale * table.to(pos_embed)

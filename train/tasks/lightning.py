@@ -22,9 +22,20 @@ def build_trainer(cfg: DictConfig, task_dir: Path) -> pl.Trainer:
     for cb in (cfg.get("callbacks") or {}).values():
         if cb is None or (not loggers and cb._target_.endswith("LearningRateMonitor")):
             continue  # the LR monitor needs a logger
-        extra = {"dirpath": str(task_dir / "checkpoints")} if cb._target_.endswith("ModelCheckpoint") else {}
+        extra = {"dirpath": str(task_dir / "checkpoints")} if cb._target_.endswith("Checkpoint") else {}
         callbacks.append(instantiate(cb, **extra))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(task_dir))
+
+
+def checkpoint_paths(trainer: pl.Trainer) -> tuple[str | None, str | None]:
+    """(best, last) checkpoint files of the fit: the monitored ModelCheckpoint's best, the unmonitored one's latest."""
+    best = last = None
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "monitor", None):
+            best = best or cb.best_model_path or None
+        elif getattr(cb, "best_model_path", None):
+            last = last or cb.best_model_path
+    return best, last
 
 
 def resolve_ckpt_path(ckpt_path: str | None, task_dir: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""``task=stage1``: the binary roadwork classifier."""
+"""``task=stage1``: the binary roadwork classifier (timm or transformers backbone, full / probe / PEFT)."""
 from __future__ import annotations
 
 import logging
@@ -9,13 +9,20 @@ import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import WeightAveraging
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torchmetrics.aggregation import CatMetric
 
-from train.metrics import per_level_metrics
-from train.models import create_backbone
+from train.metrics import bootstrap_interval, per_level_metrics
+from train.models import apply_finetune, count_parameters, create_backbone, merge_finetune
+from train.models.saving import save_classifier
+from train.optim import build_optimizer
 from train.runs import Run
 from train.tasks import register_task
-from train.tasks.lightning import build_datamodule, build_trainer, resolve_ckpt_path
-from train.utils.console import print_metrics
+from train.tasks.lightning import build_datamodule, build_trainer, checkpoint_paths, resolve_ckpt_path
+from train.utils.console import print_level_table
+from train.utils.rng import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -24,42 +31,73 @@ class Stage1Module(pl.LightningModule):
     """Backbone + cross-entropy; validation and test metrics per validator level.
 
     ``img_size``, ``mean`` and ``std`` are the input spec, saved with the checkpoint.
+    ``finetune`` picks full / linear_probe / lora / dora / rslora (:func:`apply_finetune`).
+    ``mixup`` is timm's :class:`~timm.data.Mixup` kwargs (mixup_alpha, cutmix_alpha, prob, ...).
     """
 
     def __init__(self, backbone: dict, optimizer: Callable, scheduler: Callable | None = None,
-                 img_size: int = 224, mean: Sequence[float] = (0.485, 0.456, 0.406),
+                 finetune: dict | None = None, img_size: int = 224, mean: Sequence[float] = (0.485, 0.456, 0.406),
                  std: Sequence[float] = (0.229, 0.224, 0.225), label_smoothing: float = 0.0,
-                 class_weights: torch.Tensor | None = None, val_levels: Sequence[int] = (0,),
-                 test_levels: Sequence[int] = (0, 1, 2, 3)):
+                 class_weights: torch.Tensor | None = None, mixup: dict | None = None,
+                 layer_decay: float | None = None, channels_last: bool = False, compile: bool = False,
+                 grad_checkpointing: bool = False, val_levels: Sequence[int] = (0,),
+                 test_levels: Sequence[int] = (0, 1, 2, 3), bootstrap: int = 1000):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "class_weights"])
-        self.net = create_backbone(**backbone)
+        net = create_backbone(**backbone)
+        if grad_checkpointing:
+            net.set_grad_checkpointing(True)
+        self.net = apply_finetune(net, **(finetune or {"mode": "full"}))
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if compile:
+            self.net.compile()  # in place: parameter names (and checkpoints) stay as they are
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.layer_decay, self.channels_last = layer_decay, channels_last
         self.criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+        self.mixup = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=2) if mixup else None
+        self.soft_criterion = SoftTargetCrossEntropy()
         self.levels = {"val": list(val_levels), "test": list(test_levels)}
         self.eval_metrics = nn.ModuleDict({"val": per_level_metrics(val_levels),
                                            "test": per_level_metrics(test_levels)})
+        self.test_outputs = nn.ModuleList([nn.ModuleList([CatMetric(), CatMetric()]) for _ in test_levels])
+        self.bootstrap = bootstrap
+        trainable, total = count_parameters(self.net)
+        log.info("stage1 %s (%s): %s of %s parameters trainable (%.2f%%)", backbone["name"],
+                 (finetune or {}).get("mode", "full"), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.criterion(self(batch["image"]), batch["label"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        images, labels = batch["image"], batch["label"]
+        if self.mixup is not None and len(labels) % 2 == 0:  # timm's Mixup pairs samples: even batches only
+            images, soft = self.mixup(images, labels)
+            loss = self.soft_criterion(self(images), soft)
+        else:
+            loss = self.criterion(self(images), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
 
-    def _eval_step(self, split: str, batch: dict, dataloader_idx: int) -> None:
+    def _eval_step(self, split: str, batch: dict, dataloader_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         level = self.levels[split][dataloader_idx]
         self.log(f"{split}/L{level}/loss", self.criterion(logits, batch["label"]), add_dataloader_idx=False,
                  batch_size=len(batch["label"]))
-        self.eval_metrics[split][dataloader_idx].update(logits.softmax(-1)[:, 1], batch["label"])
+        probs = logits.float().softmax(-1)[:, 1]
+        self.eval_metrics[split][dataloader_idx].update(probs, batch["label"])
+        return probs
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
+        probs = self._eval_step("test", batch, dataloader_idx)
+        preds, targets = self.test_outputs[dataloader_idx]
+        preds.update(probs)
+        targets.update(batch["label"].float())
 
     def _log_levels(self, split: str) -> None:
         """Log ``<split>/L<level>/<metric>`` for each level and ``<split>/<metric>`` as their mean."""
@@ -77,13 +115,35 @@ class Stage1Module(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_levels("test")
+        if self.bootstrap:  # 95% interval of MCC per level, by resampling the test samples
+            for level, (preds, targets) in zip(self.levels["test"], self.test_outputs):
+                low, high = bootstrap_interval(preds.compute(), targets.compute(), self.bootstrap)
+                self.log_dict({f"test/L{level}/mcc_low": low, f"test/L{level}/mcc_high": high})
+                preds.reset()
+                targets.reset()
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = build_optimizer(self.optimizer_factory, self.net, self.layer_decay)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng"] = capture_rng()  # dropout, drop path and mixup draws continue exactly on resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng" in checkpoint and self.trainer is not None and self.trainer.state.fn == "fit":
+            restore_rng(checkpoint["rng"])
+
+    def plain_model(self) -> nn.Module:
+        """The backbone with any LoRA/DoRA merged in: what later tasks and export load."""
+        return merge_finetune(self.net)
+
+    @property
+    def input_spec(self) -> dict:
+        return {"img_size": self.hparams.img_size, "mean": list(self.hparams.mean), "std": list(self.hparams.std),
+                "interpolation": "area", "channel_order": "RGB", "layout": "NCHW"}
 
 
 @register_task("stage1")
@@ -93,13 +153,19 @@ def run_stage1(cfg: DictConfig, run: Run) -> dict:
     model = instantiate(cfg.model, class_weights=datamodule.class_weights)
     trainer = build_trainer(cfg, task_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), task_dir))
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
+    best, last = checkpoint_paths(trainer)  # read now: test() reloads the callbacks' state from `best`
+    # A checkpoint's state_dict holds the EMA weights when EMA is on; without the callback, test loads exactly those
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
     trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    print_metrics({k: v for k, v in metrics.items() if not k.endswith("/loss")}, "stage1 test metrics per validator level")
-    artifacts = {"best": best} if best else {}
-    if checkpoint and checkpoint.last_model_path:
-        artifacts["last"] = checkpoint.last_model_path
+    print_level_table(metrics, "stage1 test metrics per validator level (MCC with bootstrap 95% interval)")
+    weights, config = save_classifier(model.plain_model(), task_dir / "stage1", model.input_spec,
+                                      finetune=(cfg.model.get("finetune") or {}).get("mode", "full"),
+                                      source_checkpoint=best)
+    artifacts = {"model": weights, "model_config": config}
+    if best:
+        artifacts["best"] = best
+    if last:
+        artifacts["last"] = last
     run.record("stage1", artifacts=artifacts, metrics=metrics)
     return metrics

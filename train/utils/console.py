@@ -57,17 +57,25 @@ def save_config(cfg: DictConfig, path: Path) -> None:
     OmegaConf.save(cfg, path, resolve=True)
 
 
-def print_metrics(metrics: Mapping[str, float], title: str) -> None:
-    """A table with one row per prefix (e.g. ``test/L0``) and one column per metric name."""
+def print_level_table(metrics: Mapping[str, float], title: str, split: str = "test") -> None:
+    """One row per validator level (and their mean); MCC with its ``mcc_low``-``mcc_high`` interval."""
     rows: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
-        prefix, _, name = key.rpartition("/")
-        rows.setdefault(prefix, {})[name] = float(value)
-    names = list(dict.fromkeys(n for r in rows.values() for n in r))
+        parts = key.split("/")
+        if parts[0] != split or parts[-1] == "loss":
+            continue
+        rows.setdefault(parts[1] if len(parts) == 3 else "mean", {})[parts[-1]] = float(value)
+    order = ["mcc", "acc", "f1", "auroc", "reward"]
+    names = sorted({n for r in rows.values() for n in r} - {"mcc_low", "mcc_high"},
+                   key=lambda n: (order.index(n) if n in order else len(order), n))
     table = Table(title=title)
-    table.add_column("")
+    table.add_column("level")
     for n in names:
         table.add_column(n, justify="right")
-    for prefix, row in rows.items():
-        table.add_row(prefix, *(f"{row[n]:.4f}" if n in row else "" for n in names))
+    for level in sorted(rows, key=lambda r: (r == "mean", r)):
+        row = rows[level]
+        cells = [f"{row[n]:.4f}" if n in row else "" for n in names]
+        if "mcc_low" in row and "mcc" in names:
+            cells[names.index("mcc")] += f" [{row['mcc_low']:.3f}, {row['mcc_high']:.3f}]"
+        table.add_row(level, *cells)
     console.print(table)

@@ -1,0 +1,36 @@
+"""The training sampler: each epoch's order (and each sample's augmentation seed) is a function of
+``(seed, epoch)`` alone, so a run resumed from an epoch-end checkpoint sees exactly the batches an
+unbroken run would have seen.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, augmentation_seed)``; Lightning calls :meth:`set_epoch` before each epoch.
+
+    ``weights`` (one per sample) draws with replacement in proportion to them (class balancing);
+    without weights each epoch is a permutation.
+    """
+
+    def __init__(self, n: int, seed: int = 0, weights: np.ndarray | None = None):
+        self.n, self.seed, self.epoch = n, int(seed), 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+        order = torch.randperm(self.n, generator=g) if self.weights is None else \
+            torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        aug_seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g)
+        return iter(zip(order.tolist(), aug_seeds.tolist()))

@@ -1,0 +1,48 @@
+"""The plain classifier hand-off between tasks: ``<name>.safetensors`` + ``<name>.json``.
+
+The JSON holds what rebuilds the architecture (``backbone_args``), the label map and the input
+spec, so later tasks (APT, draft, calibration, export) load the model without Hydra or Lightning.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from train import LABELS
+from train.models.backbones import create_backbone
+from train.runs import atomic_write_json
+
+FORMAT_VERSION = 1
+
+
+def save_classifier(model: nn.Module, path: Path, input_spec: dict, **extra) -> tuple[Path, Path]:
+    """Write ``path.safetensors`` and ``path.json`` for a plain (merged, un-compiled) backbone."""
+    if not hasattr(model, "backbone_args"):
+        raise ValueError("save_classifier needs a model from create_backbone (it records backbone_args)")
+    path = Path(path)
+    weights, config = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = weights.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"format": "roadwork-classifier", "version": str(FORMAT_VERSION)})
+    tmp.replace(weights)
+    atomic_write_json(config, {"format_version": FORMAT_VERSION, "backbone": model.backbone_args,
+                               "id2label": {str(k): v for k, v in LABELS.items()}, "input": input_spec, **extra})
+    return weights, config
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the backbone from ``path.json`` and load ``path.safetensors`` (strict); returns (model, config)."""
+    path = Path(path)
+    config_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    for p in (config_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"classifier file missing: {p}")
+    config = json.loads(config_path.read_text())
+    args = dict(config["backbone"])
+    args.pop("pos_embed_init", None)  # an initialisation only: the saved weights replace it
+    model = create_backbone(**args)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval(), config
