@@ -40,6 +40,10 @@ def test_every_option_composes_and_instantiates(group, tmp_path):
         if group == "logger":
             for lg in (cfg.logger or {}).values():
                 instantiate(lg, save_dir=str(tmp_path))
+        if group == "callbacks":
+            for cb in (cfg.callbacks or {}).values():
+                extra = {"dirpath": str(tmp_path)} if cb._target_.endswith("Checkpoint") else {}
+                assert callable(getattr(instantiate(cb, **extra), "setup", None))
 
 
 @pytest.mark.parametrize("data", ["natix", "imagefolder", "csv"])

@@ -88,6 +88,10 @@ def test_each_trainer_flag_runs(flags, tiny_config, tiny_run, tmp_path):
     if "callbacks=ema" in flags:  # the checkpoint's weights are the average, the raw ones kept beside
         raw = last["current_model_state"]
         assert any(not torch.equal(v, raw[k]) for k, v in last["state_dict"].items() if k.startswith("net."))
+        best = torch.load(run.artifact("stage1", "best"), map_location="cpu", weights_only=True)
+        model, _ = load_classifier(run.artifact("stage1", "model"))  # the hand-off holds the average
+        assert all(torch.equal(v, best["state_dict"][f"net.{k}"]) for k, v in model.state_dict().items())
+        assert any(not torch.equal(v, best["current_model_state"][f"net.{k}"]) for k, v in model.state_dict().items())
     if flags[0].startswith("trainer.accumulate"):
         assert last["global_step"] == 1  # 3 batches, one optimizer step
 
@@ -173,3 +177,18 @@ def test_tiny_vit_learns(tmp_path):
     (run,) = (tmp_path / "checkpoints").iterdir()
     metrics = Run.open(run).metrics("stage1")
     assert metrics["test/L0/mcc_low"] > 0.05 and metrics["test/L0/auroc"] > 0.7, metrics
+
+
+def test_transformers_backbone_from_a_local_folder(tiny_config, tiny_run, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+    folder = tmp_path / "tiny-hf-vit"
+    ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64)).save_pretrained(folder)
+    copy = Run.open(shutil.copytree(tiny_run.path, tmp_path / "run"))
+    shutil.rmtree(copy.path / "stage1")
+    run_task(tiny_config(f"run_dir={copy.path}", "task=stage1", "model=hf", f"model.backbone.name={folder}",
+                         "model.img_size=32", "model.finetune.mode=lora", "debug=fast_dev_run", "model.bootstrap=0"))
+    model, config = load_classifier(copy.artifact("stage1", "model"))
+    assert config["backbone"]["library"] == "transformers" and config["finetune"] == "lora"
+    assert model.model.config.id2label == {0: "None", 1: "Roadwork"}
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)

@@ -46,3 +46,8 @@ def resolve_ckpt_path(ckpt_path: str | None, task_dir: Path) -> str | None:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {path}")
     return str(path)
+
+
+def batch_size(batch: dict) -> int:
+    """Samples in one of our batches (for Lightning's ThroughputMonitor)."""
+    return len(batch["label"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
@@ -156,7 +157,9 @@ def run_stage1(cfg: DictConfig, run: Run) -> dict:
     best, last = checkpoint_paths(trainer)  # read now: test() reloads the callbacks' state from `best`
     # A checkpoint's state_dict holds the EMA weights when EMA is on; without the callback, test loads exactly those
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
-    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    with warnings.catch_warnings():  # ... and Lightning's reminder to keep the callback does not apply
+        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     print_level_table(metrics, "stage1 test metrics per validator level (MCC with bootstrap 95% interval)")
     weights, config = save_classifier(model.plain_model(), task_dir / "stage1", model.input_spec,
