@@ -188,6 +188,7 @@ def test_transformers_backbone_from_a_local_folder(tiny_config, tiny_run, tmp_pa
     shutil.rmtree(copy.path / "stage1")
     run_task(tiny_config(f"run_dir={copy.path}", "task=stage1", "model=hf", f"model.backbone.name={folder}",
                          "model.img_size=32", "model.finetune.mode=lora", "debug=fast_dev_run", "model.bootstrap=0"))
+    shutil.rmtree(folder)  # the hand-off carries the architecture: the source folder is not needed
     model, config = load_classifier(copy.artifact("stage1", "model"))
     assert config["backbone"]["library"] == "transformers" and config["finetune"] == "lora"
     assert model.model.config.id2label == {0: "None", 1: "Roadwork"}

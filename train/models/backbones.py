@@ -18,16 +18,18 @@ POS_EMBED_INITS = ("sincos",)
 
 
 def create_backbone(name: str, pretrained: bool | str = False, num_classes: int = len(LABELS),
-                    library: str = "timm", pos_embed_init: str | None = None, **kwargs) -> nn.Module:
+                    library: str = "timm", pos_embed_init: str | None = None, hf_config: dict | None = None,
+                    **kwargs) -> nn.Module:
     """Build ``name`` from ``library``; ``pretrained`` may be True (hub / local folder) or a timm weights file.
 
     ``pos_embed_init="sincos"`` (timm ViTs only) starts the patch position embeddings from a fixed 2-D
-    sin-cos table; they stay trainable.
+    sin-cos table; they stay trainable. ``hf_config`` (a transformers config as a dict) builds the
+    architecture without reading ``name`` (how :mod:`train.models.saving` makes its files self-contained).
     """
     if library == "timm":
         model = _create_timm(name, pretrained, num_classes, **kwargs)
     elif library == "transformers":
-        model = _create_transformers(name, pretrained, num_classes, **kwargs)
+        model = _create_transformers(name, pretrained, num_classes, hf_config, **kwargs)
     else:
         raise ValueError(f"model.backbone.library={library!r}; expected one of {LIBRARIES}")
     args = {"library": library, "name": name, **kwargs}
@@ -70,13 +72,19 @@ class HFImageClassifier(nn.Module):
         getattr(self.model, f"{prefix}_checkpointing_{'enable' if enable else 'disable'}")()
 
 
-def _create_transformers(name: str, pretrained: bool | str, num_classes: int, **kwargs) -> HFImageClassifier:
+def _create_transformers(name: str, pretrained: bool | str, num_classes: int, hf_config: dict | None = None,
+                         **kwargs) -> HFImageClassifier:
     from transformers import AutoConfig, AutoModelForImageClassification
 
-    if not Path(name).exists() and name.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"model.backbone.name={name} is not a folder with a transformers model")
     labels = dict(LABELS) if num_classes == len(LABELS) else {i: f"LABEL_{i}" for i in range(num_classes)}
-    config = AutoConfig.from_pretrained(name, id2label=labels, label2id={v: k for k, v in labels.items()})
+    label_args = {"id2label": labels, "label2id": {v: k for k, v in labels.items()}}
+    if hf_config is not None:  # the architecture is given: no folder or hub access
+        fields = {k: v for k, v in hf_config.items() if k not in ("id2label", "label2id")}
+        config = AutoConfig.for_model(**fields, **label_args)
+    else:
+        if not Path(name).exists() and name.startswith(("/", ".", "~")):
+            raise FileNotFoundError(f"model.backbone.name={name} is not a folder with a transformers model")
+        config = AutoConfig.from_pretrained(name, **label_args)
     for key, value in kwargs.items():
         if not hasattr(config, key):
             raise ValueError(f"model.backbone.{key}: {type(config).__name__} has no attribute {key!r}")

@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from train import LABELS
-from train.models.backbones import create_backbone
+from train.models.backbones import HFImageClassifier, create_backbone
 from train.runs import atomic_write_json
 
 FORMAT_VERSION = 1
@@ -28,6 +28,8 @@ def save_classifier(model: nn.Module, path: Path, input_spec: dict, **extra) -> 
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"format": "roadwork-classifier", "version": str(FORMAT_VERSION)})
     tmp.replace(weights)
+    if isinstance(model, HFImageClassifier):  # the architecture travels too: no need for the source folder
+        extra["hf_config"] = model.model.config.to_dict()
     atomic_write_json(config, {"format_version": FORMAT_VERSION, "backbone": model.backbone_args,
                                "id2label": {str(k): v for k, v in LABELS.items()}, "input": input_spec, **extra})
     return weights, config
@@ -43,6 +45,6 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     config = json.loads(config_path.read_text())
     args = dict(config["backbone"])
     args.pop("pos_embed_init", None)  # an initialisation only: the saved weights replace it
-    model = create_backbone(**args)
+    model = create_backbone(**args, hf_config=config.get("hf_config"))
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval(), config
