@@ -136,8 +136,9 @@ class RoadworkDataModule(pl.LightningDataModule):
             transform, side = EvalTransform(level, self.img_size, self.mean, self.std, self.eval_seed), EVAL_DECODE_SIDE
         return ImageDataset(self.split(name), transform, decode_side=side)
 
-    def loader(self, dataset: ImageDataset, shuffle: bool = False, sampler=None, batch_size: int | None = None):
-        return DataLoader(dataset, batch_size=batch_size or self.eval_batch_size, shuffle=shuffle and sampler is None,
+    def loader(self, dataset: ImageDataset, sampler=None, batch_size: int | None = None):
+        """In order (evaluation), or in the sampler's order (training)."""
+        return DataLoader(dataset, batch_size=batch_size or self.eval_batch_size,
                           sampler=sampler, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0, worker_init_fn=_init_worker,
                           generator=torch.Generator().manual_seed(self.seed), drop_last=False)

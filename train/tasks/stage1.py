@@ -48,7 +48,9 @@ class Stage1Module(pl.LightningModule):
         net = create_backbone(**backbone)
         if grad_checkpointing:
             net.set_grad_checkpointing(True)
-        self.net = apply_finetune(net, **(finetune or {"mode": "full"}))
+        finetune = finetune or {"mode": "full"}
+        self.finetune_mode = finetune.get("mode", "full")
+        self.net = apply_finetune(net, **finetune)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if compile:
@@ -65,7 +67,7 @@ class Stage1Module(pl.LightningModule):
         self.bootstrap = bootstrap
         trainable, total = count_parameters(self.net)
         log.info("stage1 %s (%s): %s of %s parameters trainable (%.2f%%)", backbone["name"],
-                 (finetune or {}).get("mode", "full"), f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+                 self.finetune_mode, f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -96,6 +98,8 @@ class Stage1Module(pl.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         probs = self._eval_step("test", batch, dataloader_idx)
+        if not self.bootstrap:
+            return
         preds, targets = self.test_outputs[dataloader_idx]
         preds.update(probs)
         targets.update(batch["label"].float())
@@ -163,7 +167,7 @@ def run_stage1(cfg: DictConfig, run: Run) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     print_level_table(metrics, "stage1 test metrics per validator level (MCC with bootstrap 95% interval)")
     weights, config = save_classifier(model.plain_model(), task_dir / "stage1", model.input_spec,
-                                      finetune=(cfg.model.get("finetune") or {}).get("mode", "full"),
+                                      finetune=model.finetune_mode,
                                       source_checkpoint=best)
     artifacts = {"model": weights, "model_config": config}
     if best:
