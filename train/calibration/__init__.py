@@ -1,0 +1,12 @@
+"""Post-hoc calibration of the roadwork classifier: calibrators by name, folding into the head, metrics, plots.
+
+matplotlib is imported only inside the plot functions.
+"""
+from train.calibration.metrics import calibration_report
+from train.calibration.plots import confusion_matrices, reliability_diagram
+from train.calibration.scaling import (CALIBRATORS, IsotonicCalibration, PlattScaling, TemperatureScaling,
+                                       apply_isotonic_table, fit_calibrator, fold_into_head)
+
+__all__ = ["CALIBRATORS", "TemperatureScaling", "PlattScaling", "IsotonicCalibration", "fit_calibrator",
+           "fold_into_head", "apply_isotonic_table", "calibration_report", "reliability_diagram",
+           "confusion_matrices"]
