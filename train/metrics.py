@@ -75,3 +75,12 @@ def bootstrap_interval(preds: torch.Tensor, target: torch.Tensor, num_bootstraps
         boot.update(preds.float().cpu(), target.long().cpu())
         low, high = boot.compute()["quantile"].tolist()
     return low, high
+
+
+def score_probs(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict[str, float]:
+    """Classification metrics and calibration errors (ECE, adaptive ECE, Brier, NLL) of P(roadwork)."""
+    from train.calibration import calibration_report
+
+    probs, target = torch.as_tensor(probs).float().cpu(), torch.as_tensor(target).long().cpu()
+    scores = {k: float(v) for k, v in classification_metrics()(probs, target).items()}
+    return {**scores, **calibration_report(probs, target, n_bins)}

@@ -44,10 +44,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """``key`` is a position, or ``(position, augmentation seed)`` from :class:`EpochSampler`."""
         i, seed = key if isinstance(key, tuple) else (key, None)
+        return {"image": self.transform(self.image(i), i, seed), "label": int(self.labels[i]), "index": i}
+
+    def image(self, i: int) -> np.ndarray:
+        """Sample ``i`` decoded to RGB, before any transform."""
         file, row = self.files[i], int(self.rows[i])
         data = self.reader.read(file, row, self.columns[i])
-        image = decode_rgb(data, max_side=self.decode_side, where=where(file, row))
-        return {"image": self.transform(image, i, seed), "label": int(self.labels[i]), "index": i}
+        return decode_rgb(data, max_side=self.decode_side, where=where(file, row))
 
 
 def _init_worker(worker_id: int) -> None:

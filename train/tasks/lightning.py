@@ -1,6 +1,7 @@
 """What every training task shares: its DataModule, Trainer, callbacks and loggers."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -9,10 +10,25 @@ from omegaconf import DictConfig
 
 from train.runs import Run
 
+log = logging.getLogger(__name__)
 
-def build_datamodule(cfg: DictConfig, run: Run) -> pl.LightningDataModule:
-    """The configured DataModule over the index written by the run's ``data`` stage."""
-    return instantiate(cfg.data, index_path=str(run.artifact("data", "index")))
+
+def build_datamodule(cfg: DictConfig, run: Run, input_spec: dict | None = None) -> pl.LightningDataModule:
+    """The configured DataModule over the index written by the run's ``data`` stage.
+
+    ``input_spec`` (a saved model's ``img_size`` / ``mean`` / ``std``) replaces the configured model input.
+    """
+    spec = {k: input_spec[k] for k in ("img_size", "mean", "std")} if input_spec else {}
+    return instantiate(cfg.data, index_path=str(run.artifact("data", "index")), **spec)
+
+
+def ensure_data(cfg: DictConfig, run: Run) -> None:
+    """Run the ``data`` stage in ``run`` unless it is complete (tasks that only need images, e.g. evaluate)."""
+    if not run.is_complete("data"):
+        from train.tasks import get_task
+
+        log.info("run %s has no data stage yet: indexing the configured data first", run.path.name)
+        get_task("data")(cfg, run)
 
 
 def build_trainer(cfg: DictConfig, task_dir: Path) -> pl.Trainer:

@@ -19,6 +19,7 @@ from train.metrics import bootstrap_interval, per_level_metrics
 from train.models import apply_finetune, count_parameters, create_backbone, merge_finetune
 from train.models.saving import save_classifier
 from train.optim import build_optimizer
+from train.predictions import write_predictions
 from train.runs import Run
 from train.tasks import register_task
 from train.tasks.lightning import build_datamodule, build_trainer, checkpoint_paths, resolve_ckpt_path
@@ -63,7 +64,9 @@ class Stage1Module(pl.LightningModule):
         self.levels = {"val": list(val_levels), "test": list(test_levels)}
         self.eval_metrics = nn.ModuleDict({"val": per_level_metrics(val_levels),
                                            "test": per_level_metrics(test_levels)})
-        self.test_outputs = nn.ModuleList([nn.ModuleList([CatMetric(), CatMetric()]) for _ in test_levels])
+        # per test level: logits, labels and split positions of every sample (gathered across devices)
+        self.test_outputs = nn.ModuleList([nn.ModuleList([CatMetric(), CatMetric(), CatMetric()]) for _ in test_levels])
+        self.test_predictions: dict[int, dict[str, torch.Tensor]] = {}
         self.bootstrap = bootstrap
         trainable, total = count_parameters(self.net)
         log.info("stage1 %s (%s): %s of %s parameters trainable (%.2f%%)", backbone["name"],
@@ -89,20 +92,16 @@ class Stage1Module(pl.LightningModule):
         level = self.levels[split][dataloader_idx]
         self.log(f"{split}/L{level}/loss", self.criterion(logits, batch["label"]), add_dataloader_idx=False,
                  batch_size=len(batch["label"]))
-        probs = logits.float().softmax(-1)[:, 1]
-        self.eval_metrics[split][dataloader_idx].update(probs, batch["label"])
-        return probs
+        self.eval_metrics[split][dataloader_idx].update(logits.float().softmax(-1)[:, 1], batch["label"])
+        return logits
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        probs = self._eval_step("test", batch, dataloader_idx)
-        if not self.bootstrap:
-            return
-        preds, targets = self.test_outputs[dataloader_idx]
-        preds.update(probs)
-        targets.update(batch["label"].float())
+        logits = self._eval_step("test", batch, dataloader_idx)
+        for store, value in zip(self.test_outputs[dataloader_idx], (logits.float(), batch["label"], batch["index"])):
+            store.update(value)
 
     def _log_levels(self, split: str) -> None:
         """Log ``<split>/L<level>/<metric>`` for each level and ``<split>/<metric>`` as their mean."""
@@ -120,12 +119,15 @@ class Stage1Module(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_levels("test")
-        if self.bootstrap:  # 95% interval of MCC per level, by resampling the test samples
-            for level, (preds, targets) in zip(self.levels["test"], self.test_outputs):
-                low, high = bootstrap_interval(preds.compute(), targets.compute(), self.bootstrap)
+        self.test_predictions = {}
+        for level, stores in zip(self.levels["test"], self.test_outputs):
+            logits, labels, index = (s.compute() for s in stores)
+            self.test_predictions[level] = {"logits": logits, "label": labels.long(), "index": index.long()}
+            for s in stores:
+                s.reset()
+            if self.bootstrap:  # 95% interval of MCC per level, by resampling the test samples
+                low, high = bootstrap_interval(logits.softmax(-1)[:, 1], labels, self.bootstrap)
                 self.log_dict({f"test/L{level}/mcc_low": low, f"test/L{level}/mcc_high": high})
-                preds.reset()
-                targets.reset()
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_factory, self.net, self.layer_decay)
@@ -138,7 +140,7 @@ class Stage1Module(pl.LightningModule):
         checkpoint["rng"] = capture_rng()  # dropout, drop path and mixup draws continue exactly on resume
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "rng" in checkpoint and self.trainer is not None and self.trainer.state.fn == "fit":
+        if "rng" in checkpoint and self._trainer is not None and self._trainer.state.fn == "fit":
             restore_rng(checkpoint["rng"])
 
     def plain_model(self) -> nn.Module:
@@ -169,7 +171,8 @@ def run_stage1(cfg: DictConfig, run: Run) -> dict:
     weights, config = save_classifier(model.plain_model(), task_dir / "stage1", model.input_spec,
                                       finetune=model.finetune_mode,
                                       source_checkpoint=best)
-    artifacts = {"model": weights, "model_config": config}
+    predictions = write_predictions(task_dir / "test_predictions.parquet", model.test_predictions)
+    artifacts = {"model": weights, "model_config": config, "test_predictions": predictions}
     if best:
         artifacts["best"] = best
     if last:

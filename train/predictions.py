@@ -1,0 +1,75 @@
+"""Per-sample predictions of a split, one row per (validator level, sample): a run artifact in parquet.
+
+Columns: ``level``, ``index`` (position in the split), ``label`` and the scores: ``logit_0`` /
+``logit_1`` for raw logits, ``prob`` for a calibrated P(roadwork). Later stages (calibration,
+thresholds, the difficulty router) read them instead of running the model again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+Columns = dict[str, np.ndarray]
+
+
+def _numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def write_predictions(path: Path, per_level: dict[int, dict]) -> Path:
+    """``per_level[level]`` maps column names to 1-D arrays (``logits`` [N, 2] becomes logit_0, logit_1)."""
+    tables = []
+    for level, columns in per_level.items():
+        cols: Columns = {}
+        for name, value in columns.items():
+            array = _numpy(value)
+            if name == "logits":
+                cols.update({f"logit_{k}": array[:, k].astype(np.float32) for k in range(array.shape[1])})
+            else:
+                cols[name] = array
+        n = len(next(iter(cols.values())))
+        tables.append(pa.table({"level": np.full(n, level, dtype=np.int8), **cols}))
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.concat_tables(tables), tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_predictions(path: Path) -> dict[int, Columns]:
+    """Inverse of :func:`write_predictions`: ``{level: {column: array}}``, rows sorted by ``index``."""
+    table = pq.read_table(path).to_pydict()
+    levels = np.asarray(table.pop("level"))
+    out = {}
+    for level in sorted(set(levels.tolist())):
+        rows = levels == level
+        cols = {name: np.asarray(values)[rows] for name, values in table.items()}
+        order = np.argsort(cols["index"], kind="stable")
+        cols = {name: values[order] for name, values in cols.items()}
+        if "logit_0" in cols:
+            cols["logits"] = np.stack([cols.pop("logit_0"), cols.pop("logit_1")], axis=1)
+        out[int(level)] = cols
+    return out
+
+
+@torch.no_grad()
+def predict_split(fn, datamodule, split: str, levels, output: str = "logits") -> dict[int, dict[str, torch.Tensor]]:
+    """Run ``fn(images) -> scores`` over ``split`` as validator queries at each of ``levels``.
+
+    Returns ``{level: {output: scores, "label": ..., "index": ...}}`` in split order, the input of
+    :func:`write_predictions`. ``fn`` may be a PyTorch model (``output="logits"``) or any callable,
+    e.g. an ONNX Runtime session that returns calibrated probabilities (``output="prob"``).
+    """
+    out = {}
+    for level in levels:
+        parts: dict[str, list] = {output: [], "label": [], "index": []}
+        for batch in datamodule.loader(datamodule.dataset(split, level)):
+            parts[output].append(torch.as_tensor(fn(batch["image"])).float())
+            parts["label"].append(batch["label"])
+            parts["index"].append(batch["index"])
+        out[int(level)] = {k: torch.cat(v) for k, v in parts.items()}
+    return out
