@@ -16,7 +16,7 @@ def options(group: str) -> list[str]:
 
 def test_default_is_the_pipeline_on_synthetic_data():
     cfg = compose_config()
-    assert cfg.task.name == "pipeline" and list(cfg.pipeline.stages) == ["data", "stage1"]
+    assert cfg.task.name == "pipeline" and list(cfg.pipeline.stages) == ["data", "stage1", "calibrate", "export", "evaluate"]
     assert cfg.data.source._target_.endswith("SyntheticSource") and "experiment" not in cfg
     assert cfg.data.img_size == cfg.model.img_size == cfg.model.backbone.img_size
 

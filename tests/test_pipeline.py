@@ -20,13 +20,14 @@ def test_fast_dev_run_of_the_default_pipeline(tiny_config, tmp_path):
     run_task(cfg)
     (run_path,) = (tmp_path / "checkpoints").iterdir()
     registry = json.loads((run_path / "registry.json").read_text())
-    assert registry["tasks"]["data"]["status"] == registry["tasks"]["stage1"]["status"] == "complete"
+    assert all(registry["tasks"][s]["status"] == "complete" for s in ("data", "stage1", "calibrate", "export",
+                                                                         "evaluate"))
     assert run_path.name.startswith("pipeline-")
 
 
 def test_tiny_run_records_artifacts_and_metrics(tiny_run):
     reg = tiny_run.read()
-    assert set(reg["tasks"]) == {"data", "stage1"}
+    assert list(reg["tasks"]) == ["data", "stage1", "calibrate", "export", "evaluate"]
     best = tiny_run.artifact("stage1", "best")
     assert best.suffix == ".ckpt" and best.parent.name == "checkpoints"
     metrics = tiny_run.metrics("stage1")
@@ -51,7 +52,8 @@ def test_rerun_skips_complete_stages(tiny_config, tiny_run, caplog):
     before = tiny_run.read()
     with caplog.at_level(logging.INFO):
         run_task(tiny_config(f"run_dir={tiny_run.path}"))
-    assert "stage 'data' already complete" in caplog.text and "stage 'stage1' already complete" in caplog.text
+    for stage in ("data", "stage1", "calibrate", "export", "evaluate"):
+        assert f"stage '{stage}' already complete" in caplog.text
     assert tiny_run.read()["tasks"] == before["tasks"]
 
 
@@ -92,3 +94,4 @@ def test_cli_multirun_in_place(tmp_path, data_dir):
     runs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name != "multirun")
     assert len(runs) == 2 and all(r.startswith("pipeline-") for r in runs)
     assert not (tmp_path / "outputs").exists()
+    assert out.stdout.count("bundle written to") == 2

@@ -8,12 +8,13 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from train.data import BadImageError, DataError
+from train.export import BundleError, ExportError
 from train.runs import Run, RunError
 from train.tasks import get_task
 from train.utils.console import log_to_file, print_config, save_config, setup_logging
 
 log = logging.getLogger("train")
-USER_ERRORS = (DataError, BadImageError, RunError, FileNotFoundError)
+USER_ERRORS = (DataError, BadImageError, RunError, BundleError, ExportError, FileNotFoundError)
 
 
 def run_task(cfg: DictConfig) -> float | None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 REGISTRY = "registry.json"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 SUMMARY = "summary.json"
 
 
@@ -25,6 +27,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary sibling, then rename: a kill never leaves a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; ours are as readable as any other
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +25,7 @@ def setup_logging(level: str = "INFO") -> None:
     for name, logger in logging.root.manager.loggerDict.items():  # Hydra's logging config disables
         if name.startswith("train") and isinstance(logger, logging.Logger):  # loggers imported before it
             logger.disabled = False
-    for noisy in ("PIL", "matplotlib", "urllib3", "fsspec", "DeepSpeed"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "fsspec", "DeepSpeed", "onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -57,8 +57,12 @@ def save_config(cfg: DictConfig, path: Path) -> None:
     OmegaConf.save(cfg, path, resolve=True)
 
 
-def print_level_table(metrics: Mapping[str, float], title: str, split: str = "test") -> None:
-    """One row per validator level (and their mean); MCC with its ``mcc_low``-``mcc_high`` interval."""
+def print_level_table(metrics: Mapping[str, float], title: str, split: str = "test",
+                      columns: Sequence[str] | None = None) -> None:
+    """One row per validator level (and their mean); MCC with its ``mcc_low``-``mcc_high`` interval.
+
+    ``columns`` picks and orders the metrics shown (default: all of them).
+    """
     rows: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         parts = key.split("/")
@@ -68,11 +72,13 @@ def print_level_table(metrics: Mapping[str, float], title: str, split: str = "te
     order = ["mcc", "acc", "f1", "auroc", "reward"]
     names = sorted({n for r in rows.values() for n in r} - {"mcc_low", "mcc_high"},
                    key=lambda n: (order.index(n) if n in order else len(order), n))
+    if columns is not None:
+        names = [n for n in columns if n in names]
     table = Table(title=title)
     table.add_column("level")
     for n in names:
         table.add_column(n, justify="right")
-    for level in sorted(rows, key=lambda r: (r == "mean", r)):
+    for level in sorted(rows, key=lambda r: r == "mean"):  # in the order given, the mean last
         row = rows[level]
         cells = [f"{row[n]:.4f}" if n in row else "" for n in names]
         if "mcc_low" in row and "mcc" in names:

@@ -1,0 +1,170 @@
+"""Calibrate, export and evaluate: the bundle contract (HF folder, ONNX parity, manifest) end to end."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.__main__ import run_task
+from train.calibration import TemperatureScaling, apply_isotonic_table, fold_into_head
+from train.export import Bundle, BundleError, ExportError, load_manifest
+from train.export.hf import save_hf_folder
+from train.export.onnx import check_parity, export_onnx
+from train.models import create_backbone
+from train.models.saving import load_classifier
+from train.predictions import predict_split, read_predictions
+from train.runs import Run
+from train.tasks.export import model_card
+from train.tasks.lightning import build_datamodule
+
+SPEC = {"img_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "area"}
+
+
+def tiny_timm():
+    return create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+
+
+def tiny_transformers():
+    from transformers import ViTConfig
+
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64)
+    return create_backbone("tiny-vit", library="transformers", hf_config=config.to_dict())
+
+
+def calibrated(model, temperature=3.0):
+    """``model`` with a known temperature folded into its head."""
+    torch.manual_seed(0)
+    cal = TemperatureScaling.from_params({"temperature": temperature})
+    return fold_into_head(model.eval(), cal)
+
+
+@pytest.mark.parametrize("make", [tiny_timm, tiny_transformers], ids=["timm", "transformers"])
+def test_hf_folder_loads_in_the_miners_pipeline_with_calibrated_scores(make, tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    torch.manual_seed(0)
+    model = calibrated(make())
+    save_hf_folder(model, SPEC, tmp_path / "hf")
+    hf_model = AutoModelForImageClassification.from_pretrained(tmp_path / "hf")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    classify = pipeline("image-classification", model=hf_model, feature_extractor=processor, device="cpu")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(4)]
+    outputs = classify(images, top_k=2)
+    assert all({o["label"] for o in out} == {"None", "Roadwork"} for out in outputs)
+    scores = torch.tensor([next(o["score"] for o in out if o["label"] == "Roadwork") for out in outputs])
+    with torch.no_grad():
+        expected = model(processor(images, return_tensors="pt")["pixel_values"]).softmax(-1)[:, 1]
+    assert torch.allclose(scores, expected, atol=1e-5)
+    assert (expected - 0.5).abs().max() > 1e-4  # a real spread of scores, not all 0.5
+
+
+def test_onnx_parity_and_its_failure(tmp_path):
+    torch.manual_seed(0)
+    model = calibrated(tiny_timm())
+    export_onnx(model, tmp_path / "m.onnx", 32)
+    images = torch.randn(9, 3, 32, 32)  # any batch size: the batch axis is dynamic
+    assert check_parity(model, tmp_path / "m.onnx", images) < 1e-5
+    other = calibrated(tiny_timm(), temperature=0.5)
+    with pytest.raises(ExportError, match="ONNX Runtime disagrees with PyTorch"):
+        check_parity(other, tmp_path / "m.onnx", images)
+
+
+def test_default_pipeline_writes_a_valid_bundle(tiny_run):
+    bundle = tiny_run.artifact("export", "manifest").parent
+    assert bundle == tiny_run.path / "export"
+    manifest = load_manifest(bundle)
+    entry = manifest.models["stage1"]
+    assert {"onnx", "hf/config.json", "hf/model.safetensors"} <= set(entry.files)
+    assert entry.calibration.method == "temperature" and entry.calibration.folded
+    assert entry.calibration.after["nll"] <= entry.calibration.before["nll"] + 1e-6  # NLL is what T minimises
+    assert entry.onnx.parity_max_abs_diff <= 1e-4 and entry.checks["hf_max_abs_diff"] <= 1e-4
+    assert {"L0", "L1", "mean"} <= set(entry.metrics) and "ece" in entry.metrics["L0"]
+    assert entry.input.img_size == 64 and manifest.tiers[0].model == "stage1"
+    assert manifest.config["export"]["onnx"]["opset"] == entry.onnx.opset
+    card = json.loads((bundle / "model_card.json").read_text())
+    assert set(card) == {"model_name", "description", "version", "submitted_by", "submission_time"}
+    assert (tiny_run.path / "calibrate" / "stage1_reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_manifest_rejects_tampering(tiny_run, tmp_path):
+    bundle = shutil.copytree(tiny_run.path / "export", tmp_path / "bundle")
+    raw = json.loads((bundle / "manifest.json").read_text())
+    with open(bundle / "stage1.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match=r"sha256 mismatch\): .*stage1.onnx"):
+        Bundle(bundle)
+    (bundle / "manifest.json").write_text(json.dumps({**raw, "surprise": 1}))
+    with pytest.raises(BundleError, match="does not match the manifest schema"):
+        load_manifest(bundle, verify=False)
+    (bundle / "manifest.json").write_text(json.dumps({**raw, "schema_version": 99}))
+    with pytest.raises(BundleError, match="schema_version 99 is not supported"):
+        load_manifest(bundle)
+
+
+def calibrated_torch_probs(cfg, run: Run, levels) -> dict:
+    """The calibrated PyTorch model (calibrate stage) on the test split at ``levels``: P(roadwork)."""
+    model, config = load_classifier(run.artifact("calibrate", "stage1_model"))
+    out = predict_split(model, build_datamodule(cfg, run, config["input"]), "test", levels)
+    return {lv: o["logits"].softmax(-1)[:, 1].numpy() for lv, o in out.items()}
+
+
+def test_evaluate_agrees_with_the_calibrated_pytorch_model(tiny_config, tiny_run):
+    evaluated = read_predictions(tiny_run.artifact("evaluate", "predictions"))
+    expected = calibrated_torch_probs(tiny_config(), tiny_run, list(evaluated))
+    for level, cols in evaluated.items():
+        agree = np.mean((cols["prob"] > 0.5) == (expected[level] > 0.5))
+        assert agree >= 0.995, f"level {level}: bundle and PyTorch agree on {agree:.3%}"
+        assert np.abs(cols["prob"] - expected[level]).max() < 1e-4
+    report = json.loads(tiny_run.artifact("evaluate", "report").read_text())
+    assert set(report["metrics"]) == {"L0", "L1", "L2", "L3", "mean"}
+    assert {"mcc", "acc", "reward", "ece"} <= set(report["metrics"]["L2"])
+    assert (tiny_run.path / "evaluate" / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_other_calibrators_flow_through_the_bundle(method, tiny_config, tiny_run, tmp_path):
+    run = Run.open(shutil.copytree(tiny_run.path, tmp_path / "run"))
+    run_task(tiny_config(f"run_dir={run.path}", "pipeline.stages=[calibrate,export,evaluate]", "pipeline.force=true",
+                         f"calibrate.method={method}", "evaluate.levels=[0]"))
+    entry = load_manifest(run.path / "export").models["stage1"]
+    assert entry.calibration.method == method and entry.calibration.folded == (method == "platt")
+    evaluated = read_predictions(run.artifact("evaluate", "predictions"))[0]["prob"]
+    model, _ = load_classifier(run.artifact("calibrate", "stage1_model"))
+    datamodule = build_datamodule(tiny_config(), run, entry.input.model_dump())
+    with torch.no_grad():
+        p = torch.cat([model(b["image"]).softmax(-1)[:, 1] for b in datamodule.loader(datamodule.dataset("test", 0))])
+    if method == "isotonic":  # the consumer applies the manifest's table to the model's P(roadwork)
+        assert "numpy.interp" in entry.calibration.consumer_applies
+        p = torch.from_numpy(apply_isotonic_table(p.numpy(), entry.calibration.params))
+    assert np.abs(evaluated - p.numpy()).max() < 1e-4
+
+
+def test_export_from_a_plain_checkpoint_then_evaluate_the_bundle_alone(tiny_config, tiny_run, tmp_path):
+    ckpt = tiny_run.artifact("stage1", "best")
+    run_task(tiny_config("task=export", f"ckpt={ckpt}", "run_name=from_ckpt"))
+    (run_path,) = (tmp_path / "checkpoints").iterdir()
+    manifest = load_manifest(run_path / "export")
+    assert manifest.models["stage1"].calibration.method == "none"
+    run_task(tiny_config("task=evaluate", f"bundle={run_path / 'export'}", "evaluate.levels=[0]",
+                         "run_name=eval_only"))
+    (eval_run,) = (p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("eval_only"))
+    report = json.loads((eval_run / "evaluate" / "report.json").read_text())
+    # the uncalibrated checkpoint's decisions are Stage-1's: same test accuracy at level 0
+    assert report["metrics"]["L0"]["acc"] == pytest.approx(tiny_run.metrics("stage1")["test/L0/acc"], abs=1e-6)
+
+
+def test_bad_export_inputs_fail_clearly(tiny_config, tmp_path):
+    cfg = tiny_config("export.natix_submission=true")
+    run = Run.create(tmp_path / "checkpoints", "card")
+    with pytest.raises(ExportError, match="needs export.model_card.submitted_by"):
+        model_card(cfg, run)
+    card = model_card(tiny_config("export.natix_submission=true", "export.model_card.submitted_by=5Fhotkey"), run)
+    assert card.submitted_by == "5Fhotkey" and card.model_name == f"roadwork-{run.path.name}"
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        run_task(tiny_config("task=export", f"ckpt={tmp_path / 'none.ckpt'}"))
+    with pytest.raises(BundleError, match="is not an export bundle"):
+        run_task(tiny_config("task=evaluate", f"bundle={tmp_path}"))

@@ -1,0 +1,115 @@
+"""Writing an export bundle (always anew) and reading one back as the inference stack does.
+
+Writer: :func:`export_classifier` turns one calibrated classifier into its ONNX file (+ the HF folder
+for Stage-1) and a manifest entry; :func:`write_bundle` puts entries, model card and manifest into
+a fresh folder and swaps it in. Reader: :class:`Bundle` validates the manifest, checks every file's
+sha256 and serves calibrated P(roadwork) from ONNX Runtime, applying what the manifest says the
+consumer must apply (an isotonic table).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from train.calibration import apply_isotonic_table
+from train.export.hf import check_hf_folder, save_hf_folder
+from train.export.manifest import (MODEL_CARD, BundleError, Calibration, InputSpec, Manifest, ModelCard, ModelEntry,
+                                   OnnxSpec, Tier, code_version, file_entry, load_manifest, now_utc, write_manifest)
+from train.export.onnx import DEFAULT_OPSET, OnnxClassifier, check_parity, export_onnx
+from train.runs import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration: Calibration, bundle: Path,
+                      pixels: torch.Tensor, queries: list[np.ndarray] | None = None,
+                      metrics: dict[str, dict[str, float]] | None = None, opset: int = DEFAULT_OPSET,
+                      parity_atol: float = 1e-4) -> ModelEntry:
+    """Write ``<name>.onnx`` (checked against ``model`` on ``pixels``) and, given ``queries``, ``<name>_hf/``.
+
+    ``model`` is the calibrated plain classifier; ``queries`` are validator queries (uint8 HxWx3)
+    on which the HF folder is loaded back through ``pipeline`` and compared with ``model``.
+    """
+    model = model.eval()
+    onnx_path = bundle / f"{name}.onnx"
+    signature = export_onnx(model, onnx_path, input_spec["img_size"], opset)
+    diff = check_parity(model, onnx_path, pixels, parity_atol)
+    files = {"onnx": file_entry(bundle, onnx_path)}
+    checks = {}
+    if queries is not None:
+        folder = bundle / f"{name}_hf"
+        for path in save_hf_folder(model, input_spec, folder):
+            files[f"hf/{path.name}"] = file_entry(bundle, path)
+        with torch.no_grad():
+            ours = model(pixels).float().softmax(-1)[:, 1].numpy()
+        checks = check_hf_folder(folder, model, queries, ours)
+        if not checks["hf_max_abs_diff"] <= parity_atol:
+            raise BundleError(f"{folder.name}: the HF pipeline's Roadwork score differs from the model by "
+                              f"{checks['hf_max_abs_diff']:.2e} (limit {parity_atol:.0e})")
+    return ModelEntry(kind="classifier", score="calibrated P(Roadwork)" if calibration.folded or
+                      calibration.method == "none" else "P(Roadwork) before the consumer-applied calibration",
+                      files=files, input=InputSpec(**input_spec), calibration=calibration,
+                      onnx=OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(pixels),
+                                    **signature),
+                      metrics=metrics or {}, checks=checks, backbone=dict(getattr(model, "backbone_args", {})))
+
+
+def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str | None = None) -> Path:
+    """Build a bundle in a fresh sibling folder, then swap it in for ``out_dir`` (never edited in place).
+
+    ``build(folder) -> dict[name, ModelEntry]`` writes the models' files into ``folder``.
+    """
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        models = build(staging)
+        atomic_write_json(staging / MODEL_CARD, card.model_dump())
+        manifest = Manifest(created=now_utc(), run=run, code_version=code_version(), models=models,
+                            tiers=[Tier(name=name, model=name) for name in models],
+                            files={"model_card": file_entry(staging, staging / MODEL_CARD)}, config=config)
+        write_manifest(staging, manifest)
+        load_manifest(staging)  # what we wrote reads back and verifies
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+class BundleClassifier:
+    """One classifier of a bundle in ONNX Runtime: ``probs(pixel_values)`` -> calibrated P(roadwork)."""
+
+    def __init__(self, bundle: Path, entry: ModelEntry, threads: int | None = None):
+        self.entry = entry
+        self.session = OnnxClassifier(bundle / entry.files[entry.onnx.file].path, threads)
+        cal = entry.calibration
+        self.table = cal.params if cal.method == "isotonic" and not cal.folded else None
+
+    def probs(self, pixel_values: np.ndarray) -> np.ndarray:
+        p = self.session.probs(pixel_values)
+        return apply_isotonic_table(p, self.table).astype(np.float32) if self.table is not None else p
+
+
+class Bundle:
+    """An export bundle read as the inference stack reads it: manifest validated, files verified."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path, verify)
+
+    def classifier(self, name: str, threads: int | None = None) -> BundleClassifier:
+        if name not in self.manifest.models:
+            raise BundleError(f"bundle {self.path} has no model {name!r} (it has {sorted(self.manifest.models)})")
+        return BundleClassifier(self.path, self.manifest.models[name], threads)

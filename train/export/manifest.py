@@ -1,0 +1,179 @@
+"""The export bundle's ``manifest.json``: a versioned schema, validated on write and on load.
+
+Every model of the bundle is an entry in ``models`` (its files with sha256, input spec,
+calibration, metrics per validator level, ONNX signature); ``tiers`` orders them into the
+cascade with thresholds (filled by the thresholds stage). Unknown fields are rejected, so a
+hand-edited or foreign file fails loudly instead of being half-read.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from train.runs import atomic_write_json, sha256_file
+
+MANIFEST = "manifest.json"
+MODEL_CARD = "model_card.json"
+SCHEMA_VERSION = 1
+
+
+class BundleError(RuntimeError):
+    """An export bundle is missing, malformed or altered."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class FileEntry(Strict):
+    path: str                                   # relative to the bundle folder
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class InputSpec(Strict):
+    img_size: int = Field(gt=0)
+    mean: list[float] = Field(min_length=3, max_length=3)
+    std: list[float] = Field(min_length=3, max_length=3)
+    interpolation: str                          # how images are resized to img_size
+    channel_order: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+    value_range: str = "0-255 / 255, then (x - mean) / std"
+
+
+class TensorSpec(Strict):
+    dtype: str
+    shape: list[int | str]                      # str: a dynamic axis name
+
+
+class OnnxSpec(Strict):
+    file: str                                   # key in the model's ``files``
+    opset: int
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    parity_max_abs_diff: float                  # |P_torch - P_onnxruntime| on real images at export time
+    parity_n: int
+
+
+class Calibration(Strict):
+    method: Literal["none", "temperature", "platt", "isotonic"]
+    params: dict[str, Any] = {}
+    folded: bool                                # True: the model's own softmax is already calibrated
+    consumer_applies: str | None = None         # what the consumer must do to the model's P(roadwork), if anything
+    split: str | None = None
+    levels: list[int] = []
+    n: int = 0
+    before: dict[str, float] = {}               # ECE, adaptive ECE, Brier, NLL on the calibration split
+    after: dict[str, float] = {}
+
+
+class ModelEntry(Strict):
+    kind: Literal["classifier", "router", "prm"]
+    score: str                                  # what the model's score means
+    files: dict[str, FileEntry]
+    input: InputSpec
+    calibration: Calibration
+    onnx: OnnxSpec
+    metrics: dict[str, dict[str, float]] = {}   # per validator level ("L0".."L3") and "mean"
+    checks: dict[str, float] = {}               # export-time checks (HF folder vs PyTorch, ...)
+    backbone: dict[str, Any] = {}
+
+
+class Tier(Strict):
+    """One step of the cascade; later stages fill the thresholds and their guarantee."""
+
+    name: str
+    model: str                                  # key in ``models``
+    threshold: float | None = None
+    guarantee: dict[str, Any] | None = None
+
+
+class CodeVersion(Strict):
+    package: str
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+
+
+class Manifest(Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    created: str
+    run: str | None = None
+    code_version: CodeVersion
+    models: dict[str, ModelEntry]
+    tiers: list[Tier] = []
+    files: dict[str, FileEntry] = {}            # bundle-level files (model_card.json)
+    config: dict[str, Any] = {}                 # the resolved config that produced the bundle
+
+
+class ModelCard(Strict):
+    """The fields a NATIX submission's ``model_card.json`` holds."""
+
+    model_name: str
+    description: str
+    version: str
+    submitted_by: str
+    submission_time: str
+
+
+def code_version() -> CodeVersion:
+    """This package's version and, when it runs from a git checkout, the commit and whether it is dirty."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return CodeVersion(package=metadata.version("roadwork-cascade"), git_commit=commit,
+                       git_dirty=None if status is None else bool(status))
+
+
+def now_utc() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def file_entry(bundle: Path, path: Path) -> FileEntry:
+    return FileEntry(path=str(Path(path).relative_to(bundle)), sha256=sha256_file(path))
+
+
+def write_manifest(bundle: Path, manifest: Manifest) -> Path:
+    path = Path(bundle) / MANIFEST
+    atomic_write_json(path, manifest.model_dump(mode="json"))
+    return path
+
+
+def load_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
+    """Read and validate ``<bundle>/manifest.json``; with ``verify``, check every listed file's sha256."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle} is not an export bundle: it has no {MANIFEST}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(f"{path}: schema_version {version!r} is not supported (this code reads {SCHEMA_VERSION})")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        raise BundleError(f"{path} does not match the manifest schema:\n{e}") from None
+    if verify:
+        entries = list(manifest.files.values()) + [f for m in manifest.models.values() for f in m.files.values()]
+        for entry in entries:
+            file = bundle / entry.path
+            if not file.is_file():
+                raise BundleError(f"bundle file missing: {file} (listed in {MANIFEST})")
+            if sha256_file(file) != entry.sha256:
+                raise BundleError(f"bundle file changed after export (sha256 mismatch): {file}")
+    return manifest

@@ -1,0 +1,113 @@
+"""The ``calibrate`` stage: fit each tier's calibrator on the calib split, fold it in, report before/after.
+
+For every tier in ``calibrate.tiers`` it loads the tier's plain classifier from the registry, queries
+the calib split at the validator levels, fits ``calibrate.method`` on those logits, folds a
+temperature / Platt calibrator into the classifier head (isotonic stays a table for the consumer),
+and writes ``<tier>.safetensors`` + ``.json``, a reliability diagram and ``calibration.json``.
+When the tier recorded its test predictions, the before/after figures are also given on test.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+from train.calibration import calibration_report, fit_calibrator, fold_into_head, reliability_diagram
+from train.metrics import score_probs
+from train.models.saving import load_classifier, save_classifier
+from train.predictions import predict_split, read_predictions
+from train.runs import Run, atomic_write_json
+from train.tasks import register_task
+from train.tasks.lightning import build_datamodule
+from train.utils.console import print_level_table
+
+log = logging.getLogger(__name__)
+CONSUMER_ISOTONIC = ("apply the isotonic table to the model's P(Roadwork): p = numpy.interp(p, params['x'], "
+                     "params['y']); the model's own softmax (ONNX and the HF folder) is not calibrated")
+HANDED_ON = ("finetune", "source_checkpoint")  # model-config fields the calibrated file keeps
+
+
+def _positive(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float().softmax(-1)[:, 1]
+
+
+@torch.no_grad()
+def _check_fold(model: torch.nn.Module, images: torch.Tensor, expected: torch.Tensor, atol: float = 1e-4) -> None:
+    got = _positive(model(images))
+    if not torch.allclose(got, expected, atol=atol):
+        raise RuntimeError(f"folding the calibration into the head changed P(roadwork) by up to "
+                           f"{(got - expected).abs().max():.2e}; expected the calibrator's output")
+
+
+def calibrate_tier(cfg: DictConfig, run: Run, tier: str) -> dict:
+    """Fit, fold and save one tier's calibration; returns its report (also the manifest's ``calibration``)."""
+    ccfg, task_dir = cfg.calibrate, run.task_dir("calibrate")
+    model, config = load_classifier(run.artifact(tier, "model"))
+    datamodule = build_datamodule(cfg, run, config["input"])
+    calib = predict_split(model, datamodule, ccfg.split, ccfg.levels)
+    logits = torch.cat([c["logits"] for c in calib.values()])
+    labels = torch.cat([c["label"] for c in calib.values()])
+    calibrator = fit_calibrator(ccfg.method, logits, labels)
+    before, after = _positive(logits), calibrator.probs(logits).float()
+    report = {"method": calibrator.method, "params": calibrator.params(), "folded": calibrator.foldable,
+              "consumer_applies": None if calibrator.foldable else CONSUMER_ISOTONIC,
+              "split": ccfg.split, "levels": list(ccfg.levels), "n": len(labels),
+              "before": calibration_report(before, labels, ccfg.n_bins),
+              "after": calibration_report(after, labels, ccfg.n_bins)}
+    if calibrator.foldable:
+        batch = next(iter(datamodule.loader(datamodule.dataset(ccfg.split, ccfg.levels[0]), batch_size=16)))
+        with torch.no_grad():
+            expected = calibrator.probs(model(batch["image"])).float()
+        _check_fold(fold_into_head(model, calibrator), batch["image"], expected)
+    save_classifier(model, task_dir / tier, config["input"], calibration=report,
+                    **{k: config[k] for k in HANDED_ON if k in config})
+    reliability_diagram(task_dir / f"{tier}_reliability.png", labels, {"before": before, "after": after},
+                        n_bins=ccfg.n_bins, title=f"{tier}: {ccfg.split} split, levels {list(ccfg.levels)}, "
+                                                  f"{calibrator.method} scaling")
+    report["test"] = _test_figures(run, tier, calibrator, ccfg.n_bins)
+    return report
+
+
+def _test_figures(run: Run, tier: str, calibrator, n_bins: int) -> dict:
+    """Per-level metrics on the tier's recorded test logits, before and after calibration ({} if none)."""
+    if "test_predictions" not in run.read()["tasks"].get(tier, {}).get("artifacts", {}):
+        return {}
+    out = {}
+    for level, cols in read_predictions(run.artifact(tier, "test_predictions")).items():
+        logits, labels = torch.from_numpy(cols["logits"]), torch.from_numpy(cols["label"])
+        out[f"L{level}"] = {"before": score_probs(_positive(logits), labels, n_bins),
+                            "after": score_probs(calibrator.probs(logits).float(), labels, n_bins)}
+    return out
+
+
+@register_task("calibrate")
+def run_calibrate(cfg: DictConfig, run: Run) -> dict:
+    task_dir = run.task_dir("calibrate")
+    reports, artifacts, metrics = {}, {}, {}
+    for tier in cfg.calibrate.tiers:
+        reports[tier] = report = calibrate_tier(cfg, run, tier)
+        artifacts.update({f"{tier}_model": task_dir / f"{tier}.safetensors",
+                          f"{tier}_model_config": task_dir / f"{tier}.json",
+                          f"{tier}_reliability": task_dir / f"{tier}_reliability.png"})
+        for when in ("before", "after"):
+            metrics.update({f"{tier}/calib/{when}/{k}": v for k, v in report[when].items()})
+            metrics.update({f"{tier}/test/{lv}/{when}/{k}": v for lv, m in report["test"].items()
+                            for k, v in m[when].items() if k in ("ece", "mcc", "acc", "nll")})
+        _print_report(tier, report)
+    atomic_write_json(task_dir / "calibration.json", reports)
+    artifacts["report"] = task_dir / "calibration.json"
+    run.record("calibrate", artifacts=artifacts, metrics=metrics)
+    return metrics
+
+
+def _print_report(tier: str, report: dict) -> None:
+    log.info("%s: %s scaling %s on %d %s samples", tier, report["method"], report["params"], report["n"],
+             report["split"])
+    shown = ("ece", "ece_adaptive", "brier", "nll", "mcc", "acc")
+    rows = {f"calib/{when}/{k}": v for when in ("before", "after") for k, v in report[when].items()}
+    print_level_table(rows, f"{tier} calibration ({report['method']}), {report['split']} split", "calib", shown)
+    if report["test"]:
+        rows = {f"test/{lv} {when}/{k}": v for lv, m in report["test"].items() for when in ("before", "after")
+                for k, v in m[when].items()}
+        print_level_table(rows, f"{tier} on test, before / after calibration", "test", shown)

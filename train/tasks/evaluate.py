@@ -1,0 +1,57 @@
+"""``task=evaluate``: the export bundle alone (ONNX Runtime) on validator queries, per level.
+
+Only the bundle is loaded (manifest validated, files verified, calibration applied as the manifest
+says); no training model code runs. Writes ``report.json``, ``predictions.parquet`` and
+``confusion.png`` into ``<run>/evaluate/`` and prints MCC, accuracy, NATIX reward and ECE per level.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from train.calibration import confusion_matrices
+from train.export import Bundle
+from train.metrics import THRESHOLD, score_probs
+from train.predictions import predict_split, write_predictions
+from train.runs import Run, atomic_write_json, sha256_file
+from train.tasks import register_task
+from train.tasks.lightning import build_datamodule, ensure_data
+from train.utils.console import print_level_table
+
+log = logging.getLogger(__name__)
+
+
+def bundle_path(cfg: DictConfig, run: Run) -> Path:
+    """``bundle=PATH``, else the run's own export."""
+    return Path(cfg.bundle) if cfg.get("bundle") else run.artifact("export", "manifest").parent
+
+
+@register_task("evaluate")
+def run_evaluate(cfg: DictConfig, run: Run) -> dict:
+    ecfg, task_dir = cfg.evaluate, run.task_dir("evaluate")
+    bundle = Bundle(bundle_path(cfg, run))
+    classifier = bundle.classifier(ecfg.model, ecfg.threads)
+    ensure_data(cfg, run)
+    datamodule = build_datamodule(cfg, run, classifier.entry.input.model_dump())
+    predictions = predict_split(lambda images: classifier.probs(images.numpy()), datamodule, ecfg.split,
+                                ecfg.levels, output="prob")
+    per_level = {f"L{lv}": score_probs(p["prob"], p["label"], ecfg.n_bins) for lv, p in predictions.items()}
+    per_level["mean"] = {k: float(np.mean([m[k] for m in per_level.values()])) for k in per_level[f"L{ecfg.levels[0]}"]}
+    report = {"bundle": str(bundle.path), "manifest_sha256": sha256_file(bundle.path / "manifest.json"),
+              "model": ecfg.model, "split": ecfg.split, "n": {f"L{lv}": len(p["label"]) for lv, p in predictions.items()},
+              "metrics": per_level}
+    atomic_write_json(task_dir / "report.json", report)
+    write_predictions(task_dir / "predictions.parquet", predictions)
+    confusion_matrices(task_dir / "confusion.png",
+                       {f"L{lv}": ((p["prob"] > THRESHOLD).long(), p["label"]) for lv, p in predictions.items()},
+                       title=f"{ecfg.model} from the bundle, {ecfg.split} split")
+    metrics = {f"{ecfg.split}/{lv}/{k}": v for lv, m in per_level.items() if lv != "mean" for k, v in m.items()}
+    print_level_table(metrics, f"evaluate: {ecfg.model} from the bundle (ONNX Runtime), {ecfg.split} split",
+                      split=ecfg.split, columns=("mcc", "acc", "reward", "auroc", "ece", "brier"))
+    run.record("evaluate", artifacts={"report": task_dir / "report.json", "confusion": task_dir / "confusion.png",
+                                      "predictions": task_dir / "predictions.parquet"}, metrics=metrics)
+    return metrics

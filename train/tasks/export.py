@@ -1,0 +1,112 @@
+"""The ``export`` stage: write ``<run>/export/`` anew from the registry (or from ``ckpt=PATH``).
+
+Each model in ``export.models`` comes from the calibrate stage (calibration folded into its head);
+it gets an ONNX file checked in ONNX Runtime on real validator queries, ``export.hf_model`` also the
+HF folder the NATIX miner loads, and the bundle gets ``model_card.json`` and ``manifest.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from train.export import Calibration, ExportError, ModelCard, export_classifier, write_bundle
+from train.export.manifest import MANIFEST, MODEL_CARD, load_manifest, now_utc
+from train.models.saving import load_classifier
+from train.runs import Run
+from train.tasks import register_task
+from train.tasks.lightning import build_datamodule, ensure_data
+from train.utils.console import console
+
+log = logging.getLogger(__name__)
+BUNDLE_DIR = "export"
+
+
+def model_card(cfg: DictConfig, run: Run) -> ModelCard:
+    card = dict(cfg.export.model_card)
+    if cfg.export.natix_submission and not str(card.get("submitted_by") or "").strip():
+        raise ExportError("export.natix_submission=true needs export.model_card.submitted_by (your NATIX identity)")
+    card["model_name"] = card.get("model_name") or f"roadwork-{run.path.name}"
+    return ModelCard(**card, submission_time=now_utc())
+
+
+def parity_samples(datamodule, n: int, split: str = "calib") -> tuple[torch.Tensor, list[np.ndarray]]:
+    """``n`` real validator queries (level 0) from ``split``: (model input tensors, the uint8 query images)."""
+    dataset = datamodule.dataset(split, 0)
+    queries = [dataset.transform.query(dataset.image(i), i) for i in range(min(n, len(dataset)))]
+    return torch.stack([dataset.transform.model_input(q) for q in queries]), queries
+
+
+def metrics_per_level(report: dict) -> dict[str, dict[str, float]]:
+    """The calibrated model's test metrics per level (from the calibrate stage) and their mean."""
+    levels = {lv: m["after"] for lv, m in report.get("test", {}).items()}
+    if levels:
+        keys = set.intersection(*(set(m) for m in levels.values()))
+        levels["mean"] = {k: float(np.mean([m[k] for m in levels.values()])) for k in sorted(keys)}
+    return levels
+
+
+def from_checkpoint(path: str) -> tuple[nn.Module, dict]:
+    """A Stage-1 Lightning checkpoint's plain model and input spec (no run registry needed)."""
+    from train.tasks.stage1 import Stage1Module
+
+    ckpt = Path(path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"ckpt={path}: no such checkpoint file")
+    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    if "backbone" not in hparams:
+        raise ExportError(f"ckpt={path} is not a Stage-1 Lightning checkpoint (its hyper_parameters have no backbone)")
+    module = Stage1Module.load_from_checkpoint(ckpt, map_location="cpu", optimizer=None, compile=False,
+                                               weights_only=True)
+    return module.plain_model().eval(), module.input_spec
+
+
+def _calibrated_models(cfg: DictConfig, run: Run) -> dict[str, tuple[nn.Module, dict, Calibration, dict]]:
+    """name -> (model, input spec, calibration, metrics per level) for every model to export."""
+    if cfg.get("ckpt"):
+        model, spec = from_checkpoint(cfg.ckpt)
+        log.warning("exporting %s uncalibrated (calibration needs a run's calib split)", cfg.ckpt)
+        return {cfg.export.hf_model: (model, spec, Calibration(method="none", folded=False), {})}
+    reports = json.loads(run.artifact("calibrate", "report").read_text())
+    out = {}
+    for name in cfg.export.models:
+        if name not in reports:
+            raise ExportError(f"export.models has {name!r}, which the calibrate stage did not calibrate "
+                              f"(it did: {sorted(reports)}); add it to calibrate.tiers")
+        model, config = load_classifier(run.artifact("calibrate", f"{name}_model"))
+        report = reports[name]
+        calibration = Calibration(**{k: v for k, v in report.items() if k != "test"})
+        out[name] = (model, config["input"], calibration, metrics_per_level(report))
+    return out
+
+
+@register_task("export")
+def run_export(cfg: DictConfig, run: Run) -> dict:
+    ecfg = cfg.export
+    card = model_card(cfg, run)
+    models = _calibrated_models(cfg, run)
+    ensure_data(cfg, run)
+
+    def build(folder: Path) -> dict:
+        entries = {}
+        for name, (model, spec, calibration, metrics) in models.items():
+            pixels, queries = parity_samples(build_datamodule(cfg, run, spec), ecfg.onnx.parity_images)
+            entries[name] = export_classifier(name, model, spec, calibration, folder, pixels,
+                                              queries if name == ecfg.hf_model else None, metrics,
+                                              ecfg.onnx.opset, ecfg.onnx.parity_atol)
+        return entries
+
+    bundle = write_bundle(run.path / BUNDLE_DIR, build, card, OmegaConf.to_container(cfg, resolve=True),
+                          run=run.path.name)
+    manifest = load_manifest(bundle)
+    metrics = {f"{n}/onnx_parity_max_abs_diff": m.onnx.parity_max_abs_diff for n, m in manifest.models.items()}
+    metrics.update({f"{n}/{k}": v for n, m in manifest.models.items() for k, v in m.checks.items()})
+    run.record("export", artifacts={"manifest": bundle / MANIFEST, "model_card": bundle / MODEL_CARD},
+               metrics=metrics, bundle=str(bundle))
+    console.print(f"[bold]export[/]: bundle written to {bundle}")
+    return metrics
