@@ -26,6 +26,10 @@ def tiny_timm():
     return create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
 
 
+def tiny_convnext():  # a head inside a head module (head.fc) and no class token
+    return create_backbone("convnext_atto")
+
+
 def tiny_transformers():
     from transformers import ViTConfig
 
@@ -41,7 +45,7 @@ def calibrated(model, temperature=3.0):
     return fold_into_head(model.eval(), cal)
 
 
-@pytest.mark.parametrize("make", [tiny_timm, tiny_transformers], ids=["timm", "transformers"])
+@pytest.mark.parametrize("make", [tiny_timm, tiny_convnext, tiny_transformers], ids=["timm", "convnext", "transformers"])
 def test_hf_folder_loads_in_the_miners_pipeline_with_calibrated_scores(make, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 

@@ -20,6 +20,18 @@ def _numpy(value) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
+def unique_rows(index: torch.Tensor) -> torch.Tensor:
+    """Positions of the first occurrence of each sample index, in index order.
+
+    Distributed samplers pad the last batch with repeated samples; gathered predictions drop them here.
+    """
+    order = index.argsort(stable=True)
+    sorted_index = index[order]
+    first = torch.ones_like(sorted_index, dtype=torch.bool)
+    first[1:] = sorted_index[1:] != sorted_index[:-1]
+    return order[first]
+
+
 def write_predictions(path: Path, per_level: dict[int, dict]) -> Path:
     """``per_level[level]`` maps column names to 1-D arrays (``logits`` [N, 2] becomes logit_0, logit_1)."""
     tables = []
@@ -57,18 +69,19 @@ def read_predictions(path: Path) -> dict[int, Columns]:
 
 
 @torch.no_grad()
-def predict_split(fn, datamodule, split: str, levels, output: str = "logits") -> dict[int, dict[str, torch.Tensor]]:
+def predict_split(fn, datamodule, split: str, levels, output: str = "logits",
+                  device: str | torch.device = "cpu") -> dict[int, dict[str, torch.Tensor]]:
     """Run ``fn(images) -> scores`` over ``split`` as validator queries at each of ``levels``.
 
-    Returns ``{level: {output: scores, "label": ..., "index": ...}}`` in split order, the input of
-    :func:`write_predictions`. ``fn`` may be a PyTorch model (``output="logits"``) or any callable,
-    e.g. an ONNX Runtime session that returns calibrated probabilities (``output="prob"``).
+    Returns ``{level: {output: scores, "label": ..., "index": ...}}`` in split order (on the CPU), the
+    input of :func:`write_predictions`. ``fn`` may be a PyTorch model on ``device`` (``output="logits"``)
+    or any callable, e.g. an ONNX Runtime session that returns calibrated probabilities (``output="prob"``).
     """
     out = {}
     for level in levels:
         parts: dict[str, list] = {output: [], "label": [], "index": []}
         for batch in datamodule.loader(datamodule.dataset(split, level)):
-            parts[output].append(torch.as_tensor(fn(batch["image"])).float())
+            parts[output].append(torch.as_tensor(fn(batch["image"].to(device))).float().cpu())
             parts["label"].append(batch["label"])
             parts["index"].append(batch["index"])
         out[int(level)] = {k: torch.cat(v) for k, v in parts.items()}

@@ -21,7 +21,7 @@ from train.calibration import apply_isotonic_table
 from train.export.hf import check_hf_folder, save_hf_folder
 from train.export.manifest import (MODEL_CARD, BundleError, Calibration, InputSpec, Manifest, ModelCard, ModelEntry,
                                    OnnxSpec, Tier, code_version, file_entry, load_manifest, now_utc, write_manifest)
-from train.export.onnx import DEFAULT_OPSET, OnnxClassifier, check_parity, export_onnx
+from train.export.onnx import DEFAULT_OPSET, ExportError, OnnxClassifier, check_parity, export_onnx
 from train.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,20 @@ def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration
             ours = model(pixels).float().softmax(-1)[:, 1].numpy()
         checks = check_hf_folder(folder, model, queries, ours)
         if not checks["hf_max_abs_diff"] <= parity_atol:
-            raise BundleError(f"{folder.name}: the HF pipeline's Roadwork score differs from the model by "
+            raise ExportError(f"{folder.name}: the HF pipeline's Roadwork score differs from the model by "
                               f"{checks['hf_max_abs_diff']:.2e} (limit {parity_atol:.0e})")
-    return ModelEntry(kind="classifier", score="calibrated P(Roadwork)" if calibration.folded or
-                      calibration.method == "none" else "P(Roadwork) before the consumer-applied calibration",
-                      files=files, input=InputSpec(**input_spec), calibration=calibration,
-                      onnx=OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(pixels),
-                                    **signature),
-                      metrics=metrics or {}, checks=checks, backbone=dict(getattr(model, "backbone_args", {})))
+    onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(pixels), **signature)
+    return ModelEntry(kind="classifier", score=_score_meaning(calibration), files=files, input=InputSpec(**input_spec),
+                      calibration=calibration, onnx=onnx, metrics=metrics or {}, checks=checks,
+                      backbone=dict(getattr(model, "backbone_args", {})))
+
+
+def _score_meaning(calibration: Calibration) -> str:
+    if calibration.method == "none":
+        return "P(Roadwork), uncalibrated"
+    if calibration.folded:
+        return "calibrated P(Roadwork)"
+    return "P(Roadwork) before calibration: apply calibration.consumer_applies to get the calibrated one"
 
 
 def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str | None = None) -> Path:

@@ -19,7 +19,7 @@ from train.metrics import bootstrap_interval, per_level_metrics
 from train.models import apply_finetune, count_parameters, create_backbone, merge_finetune
 from train.models.saving import save_classifier
 from train.optim import build_optimizer
-from train.predictions import write_predictions
+from train.predictions import unique_rows, write_predictions
 from train.runs import Run
 from train.tasks import register_task
 from train.tasks.lightning import build_datamodule, build_trainer, checkpoint_paths, resolve_ckpt_path
@@ -122,7 +122,9 @@ class Stage1Module(pl.LightningModule):
         self.test_predictions = {}
         for level, stores in zip(self.levels["test"], self.test_outputs):
             logits, labels, index = (s.compute() for s in stores)
-            self.test_predictions[level] = {"logits": logits, "label": labels.long(), "index": index.long()}
+            rows = unique_rows(index.long())
+            self.test_predictions[level] = {"logits": logits[rows], "label": labels[rows].long(),
+                                            "index": index[rows].long()}
             for s in stores:
                 s.reset()
             if self.bootstrap:  # 95% interval of MCC per level, by resampling the test samples
