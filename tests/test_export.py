@@ -92,6 +92,7 @@ def test_default_pipeline_writes_a_valid_bundle(tiny_run):
     card = json.loads((bundle / "model_card.json").read_text())
     assert set(card) == {"model_name", "description", "version", "submitted_by", "submission_time"}
     assert (tiny_run.path / "calibrate" / "stage1_reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in bundle.rglob("*") if p.is_file())  # others may read it
 
 
 def test_manifest_rejects_tampering(tiny_run, tmp_path):

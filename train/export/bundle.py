@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration: Calibration, bundle: Path,
                       pixels: torch.Tensor, queries: list[np.ndarray] | None = None,
-                      metrics: dict[str, dict[str, float]] | None = None, opset: int = DEFAULT_OPSET,
-                      parity_atol: float = 1e-4) -> ModelEntry:
+                      metrics: dict[str, dict[str, float]] | None = None, metrics_source: str | None = None,
+                      opset: int = DEFAULT_OPSET, parity_atol: float = 1e-4) -> ModelEntry:
     """Write ``<name>.onnx`` (checked against ``model`` on ``pixels``) and, given ``queries``, ``<name>_hf/``.
 
     ``model`` is the calibrated plain classifier; ``queries`` are validator queries (uint8 HxWx3)
@@ -54,7 +54,8 @@ def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration
                               f"{checks['hf_max_abs_diff']:.2e} (limit {parity_atol:.0e})")
     onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(pixels), **signature)
     return ModelEntry(kind="classifier", score=_score_meaning(calibration), files=files, input=InputSpec(**input_spec),
-                      calibration=calibration, onnx=onnx, metrics=metrics or {}, checks=checks,
+                      calibration=calibration, onnx=onnx, metrics=metrics or {}, metrics_source=metrics_source,
+                      checks=checks,
                       backbone=dict(getattr(model, "backbone_args", {})))
 
 
@@ -78,6 +79,8 @@ def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str |
     try:
         models = build(staging)
         atomic_write_json(staging / MODEL_CARD, card.model_dump())
+        for path in staging.rglob("*"):  # readable by the inference stack's user, whoever wrote them
+            path.chmod(0o755 if path.is_dir() else 0o644)
         manifest = Manifest(created=now_utc(), run=run, code_version=code_version(), models=models,
                             tiers=[Tier(name=name, model=name) for name in models],
                             files={"model_card": file_entry(staging, staging / MODEL_CARD)}, config=config)

@@ -80,6 +80,7 @@ class ModelEntry(Strict):
     calibration: Calibration
     onnx: OnnxSpec
     metrics: dict[str, dict[str, float]] = {}   # per validator level ("L0".."L3") and "mean"
+    metrics_source: str | None = None           # where those figures come from
     checks: dict[str, float] = {}               # export-time checks (HF folder vs PyTorch, ...)
     backbone: dict[str, Any] = {}
 
@@ -133,7 +134,11 @@ def code_version() -> CodeVersion:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return CodeVersion(package=metadata.version("roadwork-cascade"), git_commit=commit,
+    try:
+        package = metadata.version("roadwork-cascade")
+    except metadata.PackageNotFoundError:  # run from a source tree without installing it
+        package = "not installed"
+    return CodeVersion(package=package, git_commit=commit,
                        git_dirty=None if status is None else bool(status))
 
 

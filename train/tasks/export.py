@@ -66,6 +66,10 @@ def from_checkpoint(path: str) -> tuple[nn.Module, dict]:
     return module.plain_model().eval(), module.input_spec
 
 
+METRICS_SOURCE = ("the {name} stage's test predictions (at its training precision) with the calibration applied; "
+                  "`task=evaluate` recomputes them from this bundle")
+
+
 def _calibrated_models(cfg: DictConfig, run: Run) -> dict[str, tuple[nn.Module, dict, Calibration, dict]]:
     """name -> (model, input spec, calibration, metrics per level) for every model to export."""
     if cfg.get("ckpt"):
@@ -98,6 +102,7 @@ def run_export(cfg: DictConfig, run: Run) -> dict:
             pixels, queries = parity_samples(build_datamodule(cfg, run, spec), ecfg.onnx.parity_images)
             entries[name] = export_classifier(name, model, spec, calibration, folder, pixels,
                                               queries if name == ecfg.hf_model else None, metrics,
+                                              METRICS_SOURCE.format(name=name) if metrics else None,
                                               ecfg.onnx.opset, ecfg.onnx.parity_atol)
         return entries
 
