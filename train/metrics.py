@@ -17,6 +17,20 @@ from torchmetrics.wrappers import BootStrapper
 THRESHOLD = 0.5
 
 
+def roadwork_prob(logits: torch.Tensor) -> torch.Tensor:
+    """P(roadwork) = softmax(logits)[:, 1] of 2-class logits (dtype kept)."""
+    return logits.softmax(-1)[:, 1]
+
+
+def with_mean(per_level: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``per_level`` plus a ``"mean"`` row: each metric that every level has, averaged over the levels."""
+    if not per_level:
+        return {}
+    keys = set.intersection(*(set(m) for m in per_level.values()))
+    mean = {k: float(sum(m[k] for m in per_level.values()) / len(per_level)) for k in sorted(keys)}
+    return {**per_level, "mean": mean}
+
+
 def natix_reward(mcc: torch.Tensor, accuracy: torch.Tensor) -> torch.Tensor:
     """The subnet's reward ``(0.5 * max(MCC, 0) + 0.5 * accuracy) ** 3``."""
     return (0.5 * mcc.clamp(min=0) + 0.5 * accuracy) ** 3

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from train.metrics import roadwork_prob
 from train.models.finetune import head_name
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class TemperatureScaling(Calibrator):
                         "calibration split; using T = %g", fitted, low, high, self.temperature)
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return (logits / self.temperature).softmax(dim=1)[:, 1]
+        return roadwork_prob(logits / self.temperature)
 
     def params(self) -> dict:
         return {"temperature": self.temperature}
@@ -129,13 +130,13 @@ class IsotonicCalibration(Calibrator):
         from sklearn.isotonic import IsotonicRegression
 
         isotonic = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1)
-        isotonic.fit(raw_probs(logits).numpy(), labels.numpy())
+        isotonic.fit(roadwork_prob(logits).numpy(), labels.numpy())
         self.x, self.y = isotonic.X_thresholds_.tolist(), isotonic.y_thresholds_.tolist()
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         if self.x is None:
             raise RuntimeError("IsotonicCalibration is not fitted; call fit() or from_params() first")
-        return torch.from_numpy(apply_isotonic_table(raw_probs(logits).numpy(), self.params()))
+        return torch.from_numpy(apply_isotonic_table(roadwork_prob(logits).numpy(), self.params()))
 
     def params(self) -> dict:
         return {"x": self.x, "y": self.y}
@@ -195,11 +196,6 @@ def minimise(loss: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> No
 def logit_margin(logits: torch.Tensor) -> torch.Tensor:
     """z = logit[Roadwork] - logit[None]; P(roadwork) = sigmoid(z)."""
     return logits[:, 1] - logits[:, 0]
-
-
-def raw_probs(logits: torch.Tensor) -> torch.Tensor:
-    """The uncalibrated P(roadwork) = softmax(logits)[:, 1]."""
-    return logits.softmax(dim=1)[:, 1]
 
 
 def check_logits(logits: torch.Tensor) -> None:

@@ -8,7 +8,6 @@ consumer must apply (an isotonic table).
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -22,9 +21,8 @@ from train.export.hf import check_hf_folder, save_hf_folder
 from train.export.manifest import (MODEL_CARD, BundleError, Calibration, InputSpec, Manifest, ModelCard, ModelEntry,
                                    OnnxSpec, Tier, code_version, file_entry, load_manifest, now_utc, write_manifest)
 from train.export.onnx import DEFAULT_OPSET, ExportError, OnnxClassifier, check_parity, export_onnx
+from train.metrics import roadwork_prob
 from train.runs import atomic_write_json
-
-log = logging.getLogger(__name__)
 
 
 def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration: Calibration, bundle: Path,
@@ -37,26 +35,25 @@ def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration
     on which the HF folder is loaded back through ``pipeline`` and compared with ``model``.
     """
     model = model.eval()
+    with torch.no_grad():
+        torch_probs = roadwork_prob(model(pixels).float()).numpy()
     onnx_path = bundle / f"{name}.onnx"
     signature = export_onnx(model, onnx_path, input_spec["img_size"], opset)
-    diff = check_parity(model, onnx_path, pixels, parity_atol)
+    diff = check_parity(torch_probs, onnx_path, pixels, parity_atol)
     files = {"onnx": file_entry(bundle, onnx_path)}
     checks = {}
     if queries is not None:
         folder = bundle / f"{name}_hf"
         for path in save_hf_folder(model, input_spec, folder):
             files[f"hf/{path.name}"] = file_entry(bundle, path)
-        with torch.no_grad():
-            ours = model(pixels).float().softmax(-1)[:, 1].numpy()
-        checks = check_hf_folder(folder, model, queries, ours)
+        checks = check_hf_folder(folder, model, queries, torch_probs)
         if not checks["hf_max_abs_diff"] <= parity_atol:
             raise ExportError(f"{folder.name}: the HF pipeline's Roadwork score differs from the model by "
                               f"{checks['hf_max_abs_diff']:.2e} (limit {parity_atol:.0e})")
     onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(pixels), **signature)
     return ModelEntry(kind="classifier", score=_score_meaning(calibration), files=files, input=InputSpec(**input_spec),
                       calibration=calibration, onnx=onnx, metrics=metrics or {}, metrics_source=metrics_source,
-                      checks=checks,
-                      backbone=dict(getattr(model, "backbone_args", {})))
+                      checks=checks, backbone=dict(getattr(model, "backbone_args", {})))
 
 
 def _score_meaning(calibration: Calibration) -> str:

@@ -6,7 +6,6 @@ are saved as themselves with a plain resize + normalise image processor. No ``tr
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,9 @@ import torch
 import torch.nn as nn
 
 from train import LABELS
+from train.metrics import roadwork_prob
 from train.models.backbones import HFImageClassifier
 
-log = logging.getLogger(__name__)
 POSITIVE = LABELS[1]
 
 
@@ -101,7 +100,7 @@ def check_hf_folder(folder: Path, model: nn.Module, queries: list[np.ndarray],
             raise ValueError(f"the HF pipeline returned labels {sorted(labels)}, expected {sorted(LABELS.values())}")
         scores.append(labels[POSITIVE])
     pixels = processor(images, return_tensors="pt")["pixel_values"]
-    expected = model.eval()(pixels).float().softmax(-1)[:, 1].numpy()
+    expected = roadwork_prob(model.eval()(pixels).float()).numpy()
     scores = np.asarray(scores)
     checks = {"hf_max_abs_diff": float(np.abs(scores - expected).max())}
     if ours is not None:

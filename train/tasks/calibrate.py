@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from train.calibration import calibration_report, fit_calibrator, fold_into_head, reliability_diagram
-from train.metrics import score_probs
+from train.metrics import roadwork_prob, score_probs
 from train.models.saving import load_classifier, save_classifier
 from train.predictions import predict_split, read_predictions
 from train.runs import Run, atomic_write_json
@@ -28,13 +28,9 @@ CONSUMER_ISOTONIC = ("apply the isotonic table to the model's P(Roadwork): p = n
 HANDED_ON = ("finetune", "source_checkpoint")  # model-config fields the calibrated file keeps
 
 
-def _positive(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float().softmax(-1)[:, 1]
-
-
 @torch.no_grad()
 def _check_fold(model: torch.nn.Module, images: torch.Tensor, expected: torch.Tensor, atol: float = 1e-4) -> None:
-    got = _positive(model(images))
+    got = roadwork_prob(model(images).float())
     if not torch.allclose(got, expected, atol=atol):
         raise RuntimeError(f"folding the calibration into the head changed P(roadwork) by up to "
                            f"{(got - expected).abs().max():.2e}; expected the calibrator's output")
@@ -51,17 +47,18 @@ def calibrate_tier(cfg: DictConfig, run: Run, tier: str) -> dict:
     logits = torch.cat([c["logits"] for c in calib.values()])
     labels = torch.cat([c["label"] for c in calib.values()])
     calibrator = fit_calibrator(ccfg.method, logits, labels)
-    before, after = _positive(logits), calibrator.probs(logits).float()
+    before, after = roadwork_prob(logits), calibrator.probs(logits).float()
     report = {"method": calibrator.method, "params": calibrator.params(), "folded": calibrator.foldable,
               "consumer_applies": None if calibrator.foldable else CONSUMER_ISOTONIC,
               "split": ccfg.split, "levels": list(ccfg.levels), "n": len(labels),
               "before": calibration_report(before, labels, ccfg.n_bins),
               "after": calibration_report(after, labels, ccfg.n_bins)}
     if calibrator.foldable:
-        batch = next(iter(datamodule.loader(datamodule.dataset(ccfg.split, ccfg.levels[0]), batch_size=16)))
+        dataset = datamodule.dataset(ccfg.split, ccfg.levels[0])
+        images = torch.stack([dataset[i]["image"] for i in range(min(16, len(dataset)))])
         with torch.no_grad():
-            expected = calibrator.probs(model(batch["image"])).float()
-        _check_fold(fold_into_head(model, calibrator), batch["image"], expected)
+            expected = calibrator.probs(model(images)).float()
+        _check_fold(fold_into_head(model, calibrator), images, expected)
     save_classifier(model, task_dir / tier, config["input"], calibration=report,
                     **{k: config[k] for k in HANDED_ON if k in config})
     reliability_diagram(task_dir / f"{tier}_reliability.png", labels, {"before": before, "after": after},
@@ -78,7 +75,7 @@ def _test_figures(run: Run, tier: str, calibrator, n_bins: int) -> dict:
     out = {}
     for level, cols in read_predictions(run.artifact(tier, "test_predictions")).items():
         logits, labels = torch.from_numpy(cols["logits"]), torch.from_numpy(cols["label"])
-        out[f"L{level}"] = {"before": score_probs(_positive(logits), labels, n_bins),
+        out[f"L{level}"] = {"before": score_probs(roadwork_prob(logits), labels, n_bins),
                             "after": score_probs(calibrator.probs(logits).float(), labels, n_bins)}
     return out
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from train.calibration import confusion_matrices
 from train.export import Bundle
-from train.metrics import THRESHOLD, score_probs
+from train.export.manifest import MANIFEST
+from train.metrics import THRESHOLD, score_probs, with_mean
 from train.predictions import predict_split, write_predictions
 from train.runs import Run, atomic_write_json, sha256_file
 from train.tasks import register_task
@@ -39,9 +38,9 @@ def run_evaluate(cfg: DictConfig, run: Run) -> dict:
     datamodule = build_datamodule(cfg, run, classifier.entry.input.model_dump())
     predictions = predict_split(lambda images: classifier.probs(images.numpy()), datamodule, ecfg.split,
                                 ecfg.levels, output="prob")
-    per_level = {f"L{lv}": score_probs(p["prob"], p["label"], ecfg.n_bins) for lv, p in predictions.items()}
-    per_level["mean"] = {k: float(np.mean([m[k] for m in per_level.values()])) for k in per_level[f"L{ecfg.levels[0]}"]}
-    report = {"bundle": str(bundle.path), "manifest_sha256": sha256_file(bundle.path / "manifest.json"),
+    per_level = with_mean({f"L{lv}": score_probs(p["prob"], p["label"], ecfg.n_bins)
+                           for lv, p in predictions.items()})
+    report = {"bundle": str(bundle.path), "manifest_sha256": sha256_file(bundle.path / MANIFEST),
               "model": ecfg.model, "split": ecfg.split, "n": {f"L{lv}": len(p["label"]) for lv, p in predictions.items()},
               "metrics": per_level}
     atomic_write_json(task_dir / "report.json", report)

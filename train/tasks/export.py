@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.export import Calibration, ExportError, ModelCard, export_classifier, write_bundle
 from train.export.manifest import MANIFEST, MODEL_CARD, load_manifest, now_utc
+from train.metrics import with_mean
 from train.models.saving import load_classifier
 from train.runs import Run
 from train.tasks import register_task
@@ -44,11 +45,7 @@ def parity_samples(datamodule, n: int, split: str = "calib") -> tuple[torch.Tens
 
 def metrics_per_level(report: dict) -> dict[str, dict[str, float]]:
     """The calibrated model's test metrics per level (from the calibrate stage) and their mean."""
-    levels = {lv: m["after"] for lv, m in report.get("test", {}).items()}
-    if levels:
-        keys = set.intersection(*(set(m) for m in levels.values()))
-        levels["mean"] = {k: float(np.mean([m[k] for m in levels.values()])) for k in sorted(keys)}
-    return levels
+    return with_mean({lv: m["after"] for lv, m in report.get("test", {}).items()})
 
 
 def from_checkpoint(path: str) -> tuple[nn.Module, dict]:

@@ -15,7 +15,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torchmetrics.aggregation import CatMetric
 
-from train.metrics import bootstrap_interval, per_level_metrics
+from train.metrics import bootstrap_interval, per_level_metrics, roadwork_prob
 from train.models import apply_finetune, count_parameters, create_backbone, merge_finetune
 from train.models.saving import save_classifier
 from train.optim import build_optimizer
@@ -92,7 +92,7 @@ class Stage1Module(pl.LightningModule):
         level = self.levels[split][dataloader_idx]
         self.log(f"{split}/L{level}/loss", self.criterion(logits, batch["label"]), add_dataloader_idx=False,
                  batch_size=len(batch["label"]))
-        self.eval_metrics[split][dataloader_idx].update(logits.float().softmax(-1)[:, 1], batch["label"])
+        self.eval_metrics[split][dataloader_idx].update(roadwork_prob(logits.float()), batch["label"])
         return logits
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -128,7 +128,7 @@ class Stage1Module(pl.LightningModule):
             for s in stores:
                 s.reset()
             if self.bootstrap:  # 95% interval of MCC per level, by resampling the test samples
-                low, high = bootstrap_interval(logits.softmax(-1)[:, 1], labels, self.bootstrap)
+                low, high = bootstrap_interval(roadwork_prob(logits), labels, self.bootstrap)
                 self.log_dict({f"test/L{level}/mcc_low": low, f"test/L{level}/mcc_high": high})
 
     def configure_optimizers(self):
