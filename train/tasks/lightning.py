@@ -31,8 +31,9 @@ def ensure_data(cfg: DictConfig, run: Run) -> None:
         get_task("data")(cfg, run)
 
 
-def build_trainer(cfg: DictConfig, task_dir: Path) -> pl.Trainer:
-    """Trainer with checkpoints in ``<task_dir>/checkpoints`` and logs in ``task_dir``."""
+def build_trainer(cfg: DictConfig, task_dir: Path, **overrides) -> pl.Trainer:
+    """Trainer with checkpoints in ``<task_dir>/checkpoints`` and logs in ``task_dir``; ``overrides`` replace
+    ``cfg.trainer`` keys (e.g. a task's own ``max_epochs``)."""
     loggers = [instantiate(lg, save_dir=str(task_dir)) for lg in (cfg.get("logger") or {}).values() if lg]
     callbacks = []
     for cb in (cfg.get("callbacks") or {}).values():
@@ -40,7 +41,8 @@ def build_trainer(cfg: DictConfig, task_dir: Path) -> pl.Trainer:
             continue  # the LR monitor needs a logger
         extra = {"dirpath": str(task_dir / "checkpoints")} if cb._target_.endswith("Checkpoint") else {}
         callbacks.append(instantiate(cb, **extra))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(task_dir))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(task_dir),
+                       **overrides)
 
 
 def checkpoint_paths(trainer: pl.Trainer) -> tuple[str | None, str | None]:

@@ -1,0 +1,135 @@
+"""What every 2-class image classifier task shares (Stage-1, APT, ...): its LightningModule steps.
+
+:class:`ClassifierModule` trains ``self.net`` (``images -> logits``) with cross-entropy (optionally
+timm Mixup/CutMix), logs val/test metrics per validator level, records every test sample's logits
+(for calibration and paired comparisons) and builds the optimiser the timm way. A subclass builds
+``self.net`` and calls :meth:`setup_classifier`.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from pytorch_lightning.callbacks import WeightAveraging
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torchmetrics.aggregation import CatMetric
+
+from train.metrics import bootstrap_interval, per_level_metrics, roadwork_prob
+from train.optim import build_optimizer
+from train.predictions import unique_rows
+from train.tasks.lightning import checkpoint_paths
+from train.utils.rng import capture_rng, restore_rng
+
+log = logging.getLogger(__name__)
+
+
+class ClassifierModule(pl.LightningModule):
+    """Cross-entropy training and per-level evaluation of ``self.net``; see the module docstring."""
+
+    net: nn.Module
+
+    def setup_classifier(self, optimizer: Callable | None, scheduler: Callable | None = None,
+                         label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
+                         mixup: dict | None = None, layer_decay: float | None = None,
+                         val_levels: Sequence[int] = (0,), test_levels: Sequence[int] = (0, 1, 2, 3),
+                         bootstrap: int = 1000) -> None:
+        self.optimizer_factory, self.scheduler_factory, self.layer_decay = optimizer, scheduler, layer_decay
+        self.criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+        self.mixup = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=2) if mixup else None
+        self.soft_criterion = SoftTargetCrossEntropy()
+        self.levels = {"val": list(val_levels), "test": list(test_levels)}
+        self.eval_metrics = nn.ModuleDict({"val": per_level_metrics(val_levels),
+                                           "test": per_level_metrics(test_levels)})
+        # per test level: logits, labels and split positions of every sample (gathered across devices)
+        self.test_outputs = nn.ModuleList([nn.ModuleList([CatMetric(), CatMetric(), CatMetric()]) for _ in test_levels])
+        self.test_predictions: dict[int, dict[str, torch.Tensor]] = {}
+        self.bootstrap = bootstrap
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
+        if self.mixup is not None and len(labels) % 2 == 0:  # timm's Mixup pairs samples: even batches only
+            images, soft = self.mixup(images, labels)
+            loss = self.soft_criterion(self(images), soft)
+        else:
+            loss = self.criterion(self(images), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def _eval_step(self, split: str, batch: dict, dataloader_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        level = self.levels[split][dataloader_idx]
+        self.log(f"{split}/L{level}/loss", self.criterion(logits, batch["label"]), add_dataloader_idx=False,
+                 batch_size=len(batch["label"]))
+        self.eval_metrics[split][dataloader_idx].update(roadwork_prob(logits.float()), batch["label"])
+        return logits
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self._eval_step("test", batch, dataloader_idx)
+        for store, value in zip(self.test_outputs[dataloader_idx], (logits.float(), batch["label"], batch["index"])):
+            store.update(value)
+
+    def _log_levels(self, split: str) -> None:
+        """Log ``<split>/L<level>/<metric>`` for each level and ``<split>/<metric>`` as their mean."""
+        per_level = {}
+        for level, metrics in zip(self.levels[split], self.eval_metrics[split]):
+            per_level[level] = {k: v.float() for k, v in metrics.compute().items()}
+            metrics.reset()
+        out = {f"{split}/L{lv}/{k}": v for lv, m in per_level.items() for k, v in m.items()}
+        for k in next(iter(per_level.values())):
+            out[f"{split}/{k}"] = torch.stack([m[k] for m in per_level.values()]).mean()
+        self.log_dict(out, prog_bar=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_levels("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_levels("test")
+        self.test_predictions = {}
+        for level, stores in zip(self.levels["test"], self.test_outputs):
+            logits, labels, index = (s.compute() for s in stores)
+            rows = unique_rows(index.long())
+            self.test_predictions[level] = {"logits": logits[rows], "label": labels[rows].long(),
+                                            "index": index[rows].long()}
+            for s in stores:
+                s.reset()
+            if self.bootstrap:  # 95% interval of MCC per level, by resampling the test samples
+                low, high = bootstrap_interval(roadwork_prob(logits), labels, self.bootstrap)
+                self.log_dict({f"test/L{level}/mcc_low": low, f"test/L{level}/mcc_high": high})
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.optimizer_factory, self.net, self.layer_decay)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng"] = capture_rng()  # dropout, drop path and mixup draws continue exactly on resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng" in checkpoint and self._trainer is not None and self._trainer.state.fn == "fit":
+            restore_rng(checkpoint["rng"])
+
+
+def fit_and_test(trainer: pl.Trainer, model: ClassifierModule, datamodule: pl.LightningDataModule,
+                 ckpt_path: str | None = None) -> tuple[str | None, str | None, dict[str, float]]:
+    """Fit, then test the best checkpoint; returns (best, last, ``test/...`` metrics)."""
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    best, last = checkpoint_paths(trainer)  # read now: test() reloads the callbacks' state from `best`
+    # A checkpoint's state_dict holds the EMA weights when EMA is on; without the callback, test loads exactly those
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
+    with warnings.catch_warnings():  # ... and Lightning's reminder to keep the callback does not apply
+        warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    return best, last, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
