@@ -98,3 +98,35 @@ def score_probs(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> 
     probs, target = torch.as_tensor(probs).float().cpu(), torch.as_tensor(target).long().cpu()
     scores = {k: float(v) for k, v in classification_metrics()(probs, target).items()}
     return {**scores, **calibration_report(probs, target, n_bins)}
+
+
+def paired_bootstrap_mcc(probs_a: torch.Tensor, probs_b: torch.Tensor, target: torch.Tensor,
+                         groups: torch.Tensor | None = None, num_bootstraps: int = 1000, seed: int = 0,
+                         confidence: float = 0.95) -> dict[str, float]:
+    """MCC(b) - MCC(a) on the same samples, with a paired percentile bootstrap interval.
+
+    Both models are scored on each resample; ``groups`` (e.g. the image behind several validator
+    levels) are resampled whole, so correlated rows move together.
+    """
+    pred_a, pred_b = (torch.as_tensor(p).float().cpu() > THRESHOLD for p in (probs_a, probs_b))
+    target = torch.as_tensor(target).long().cpu()
+    groups = torch.arange(len(target)) if groups is None else torch.as_tensor(groups).long().cpu()
+    ids, member = torch.unique(groups, return_inverse=True)
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(ids), (num_bootstraps, len(ids)), generator=gen)
+    weights = torch.stack([torch.bincount(d, minlength=len(ids)) for d in draws])[:, member].float()  # (R, N)
+
+    def mcc(pred: torch.Tensor) -> torch.Tensor:  # weighted confusion counts -> MCC per resample
+        p, t = pred.float(), target.float()
+        tp, fp = weights @ (p * t), weights @ (p * (1 - t))
+        fn, tn = weights @ ((1 - p) * t), weights @ ((1 - p) * (1 - t))
+        den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).sqrt()
+        return torch.where(den > 0, (tp * tn - fp * fn) / den.clamp(min=1e-12), torch.zeros_like(den))
+
+    delta = mcc(pred_b) - mcc(pred_a)
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(delta, torch.tensor([tail, 1 - tail], dtype=delta.dtype)).tolist()
+    point = BinaryMatthewsCorrCoef(threshold=THRESHOLD)
+    mcc_a = float(point(pred_a.float(), target))
+    mcc_b = float(point(pred_b.float(), target))
+    return {"mcc_a": mcc_a, "mcc_b": mcc_b, "delta": mcc_b - mcc_a, "low": low, "high": high}

@@ -30,6 +30,8 @@ def save_classifier(model: nn.Module, path: Path, input_spec: dict, **extra) -> 
     tmp.replace(weights)
     if isinstance(model, HFImageClassifier):  # the architecture travels too: no need for the source folder
         extra["hf_config"] = model.model.config.to_dict()
+    if hasattr(model, "apt_args"):  # an APT wrapper around the backbone
+        extra["apt"] = model.apt_args
     atomic_write_json(config, {"format_version": FORMAT_VERSION, "backbone": model.backbone_args,
                                "id2label": {str(k): v for k, v in LABELS.items()}, "input": input_spec, **extra})
     return weights, config
@@ -46,5 +48,9 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
     args = dict(config["backbone"])
     args.pop("pos_embed_init", None)  # an initialisation only: the saved weights replace it
     model = create_backbone(**args, hf_config=config.get("hf_config"))
+    if "apt" in config:
+        from train.models.apt import APTViT
+
+        model = APTViT(model, **config["apt"])
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval(), config
