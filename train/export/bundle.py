@@ -18,9 +18,11 @@ import torch.nn as nn
 
 from train.calibration import apply_isotonic_table
 from train.export.hf import check_hf_folder, save_hf_folder
-from train.export.manifest import (MODEL_CARD, BundleError, Calibration, InputSpec, Manifest, ModelCard, ModelEntry,
-                                   OnnxSpec, Tier, code_version, file_entry, load_manifest, now_utc, write_manifest)
-from train.export.onnx import DEFAULT_OPSET, ExportError, OnnxClassifier, check_parity, export_onnx
+from train.export.manifest import (MODEL_CARD, AdaptivePatches, BundleError, Calibration, InputSpec, Manifest,
+                                   ModelCard, ModelEntry, OnnxSpec, Tier, code_version, file_entry, load_manifest,
+                                   now_utc, write_manifest)
+from train.export.onnx import (DEFAULT_OPSET, ExportError, OnnxAPTClassifier, OnnxClassifier, check_parity,
+                               export_apt_onnx, export_onnx)
 from train.metrics import roadwork_prob
 from train.runs import atomic_write_json
 
@@ -28,18 +30,29 @@ from train.runs import atomic_write_json
 def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration: Calibration, bundle: Path,
                       pixels: torch.Tensor, queries: list[np.ndarray] | None = None,
                       metrics: dict[str, dict[str, float]] | None = None, metrics_source: str | None = None,
-                      opset: int = DEFAULT_OPSET, parity_atol: float = 1e-4) -> ModelEntry:
+                      opset: int = DEFAULT_OPSET, parity_atol: float = 1e-4,
+                      apt_tokens: dict[str, dict[str, float]] | None = None) -> ModelEntry:
     """Write ``<name>.onnx`` (checked against ``model`` on ``pixels``) and, given ``queries``, ``<name>_hf/``.
 
     ``model`` is the calibrated plain classifier; ``queries`` are validator queries (uint8 HxWx3)
-    on which the HF folder is loaded back through ``pipeline`` and compared with ``model``.
+    on which the HF folder is loaded back through ``pipeline`` and compared with ``model``. An APT model
+    is exported at batch 1 with its token selection outside the graph (``apt_tokens``: its measured
+    token counts, for the manifest).
     """
     model = model.eval()
     with torch.no_grad():
         torch_probs = roadwork_prob(model(pixels).float()).numpy()
     onnx_path = bundle / f"{name}.onnx"
-    signature = export_onnx(model, onnx_path, input_spec["img_size"], opset)
-    diff = check_parity(torch_probs, onnx_path, pixels, parity_atol)
+    apt = adaptive_patches(model, apt_tokens) if hasattr(model, "apt_args") else None
+    if apt is not None and queries is not None:
+        raise ExportError(f"export.hf_model={name} is an APT model: the miner's HF pipeline cannot choose adaptive "
+                          "patches; export the HF folder of a plain classifier (e.g. stage1)")
+    if apt is not None:
+        signature = export_apt_onnx(model, onnx_path, input_spec["img_size"], opset)
+        session = OnnxAPTClassifier(onnx_path, apt, input_spec["mean"], input_spec["std"])
+    else:
+        signature, session = export_onnx(model, onnx_path, input_spec["img_size"], opset), None
+    diff = check_parity(torch_probs, onnx_path, pixels, parity_atol, session)
     files = {"onnx": file_entry(bundle, onnx_path)}
     checks = {}
     if queries is not None:
@@ -53,7 +66,25 @@ def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration
     onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(pixels), **signature)
     return ModelEntry(kind="classifier", score=_score_meaning(calibration), files=files, input=InputSpec(**input_spec),
                       calibration=calibration, onnx=onnx, metrics=metrics or {}, metrics_source=metrics_source,
-                      checks=checks, backbone=dict(getattr(model, "backbone_args", {})))
+                      checks=checks, backbone=dict(getattr(model, "backbone_args", {})), apt=apt)
+
+
+APT_PROCEDURE = ("per image: gray = gray_weights . RGB on 0-255; for k = len(thresholds) .. 1, a patch_sizes[k] patch "
+                 "(whole patches only, grid from the top-left corner) is chosen where the base-2 entropy of its "
+                 "bins-bin histogram is below thresholds[k-1] and no larger chosen patch covers it; base patches "
+                 "fill the rest")
+APT_TOKEN_TABLE = ("rows: the base-patch grid row-major, then the 2p grid row-major, then 4p, ...; token_index lists "
+                   "the chosen rows in that order")
+
+
+def adaptive_patches(model: nn.Module, tokens: dict[str, dict[str, float]] | None = None) -> AdaptivePatches:
+    """The manifest's record of how an APT model's tokens are chosen outside its graph."""
+    from train.models.apt.selection import BINS, GRAY_WEIGHTS
+
+    return AdaptivePatches(patch_sizes=[model.patch << k for k in range(len(model.thresholds) + 1)],
+                           thresholds=model.thresholds, gray_weights=list(GRAY_WEIGHTS), bins=BINS,
+                           base_tokens=model.base_tokens, procedure=APT_PROCEDURE, token_table=APT_TOKEN_TABLE,
+                           tokens=tokens or {})
 
 
 def _score_meaning(calibration: Calibration) -> str:
@@ -99,7 +130,11 @@ class BundleClassifier:
 
     def __init__(self, bundle: Path, entry: ModelEntry, threads: int | None = None):
         self.entry = entry
-        self.session = OnnxClassifier(bundle / entry.files[entry.onnx.file].path, threads)
+        path = bundle / entry.files[entry.onnx.file].path
+        if entry.apt is not None:
+            self.session = OnnxAPTClassifier(path, entry.apt, entry.input.mean, entry.input.std, threads)
+        else:
+            self.session = OnnxClassifier(path, threads)
         cal = entry.calibration
         self.table = cal.params if cal.method == "isotonic" and not cal.folded else None
 

@@ -72,6 +72,19 @@ class Calibration(Strict):
     after: dict[str, float] = {}
 
 
+class AdaptivePatches(Strict):
+    """An APT model's token selection, done by the consumer outside the ONNX graph (it is data-dependent)."""
+
+    patch_sizes: list[int]                      # p, 2p, 4p: patch_sizes[k] is used where its entropy < thresholds[k-1]
+    thresholds: list[float]                     # bits
+    gray_weights: list[float]                   # gray = w . RGB, RGB = (pixel_values * std + mean) * 255 on 0-255
+    bins: int                                   # histogram bins over [0, 256): bin = floor(gray * bins / 256)
+    base_tokens: int                            # patch tokens of the unmodified model
+    procedure: str                              # the steps in words (train.models.apt.selection implements them)
+    token_table: str                            # what the graph's token_index points into
+    tokens: dict[str, dict[str, float]] = {}    # measured patch tokens per image (mean, reduction) per split/level
+
+
 class ModelEntry(Strict):
     kind: Literal["classifier", "router", "prm"]
     score: str                                  # what the model's score means
@@ -83,6 +96,7 @@ class ModelEntry(Strict):
     metrics_source: str | None = None           # where those figures come from
     checks: dict[str, float] = {}               # export-time checks (HF folder vs PyTorch, ...)
     backbone: dict[str, Any] = {}
+    apt: AdaptivePatches | None = None          # set for APT models: the ONNX graph takes token_index too
 
 
 class Tier(Strict):

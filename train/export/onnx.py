@@ -9,10 +9,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from train.export.manifest import BundleError, TensorSpec
+from train.export.manifest import AdaptivePatches, BundleError, TensorSpec
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUTS = "pixel_values", ("logits", "probs")
+TOKEN_INDEX = "token_index"
 DEFAULT_OPSET = 18
 
 
@@ -46,6 +47,41 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = DEFAUL
             "outputs": {name: TensorSpec(dtype="float32", shape=["batch", classes]) for name in OUTPUTS}}
 
 
+class TokensWithProbabilities(nn.Module):
+    """An APT model's graph: ``(one image, token_index) -> (logits, probabilities)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor, token_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.forward_tokens(pixel_values, token_index).float()
+        return logits, logits.softmax(-1)
+
+
+def export_apt_onnx(model: nn.Module, path: Path, img_size: int, opset: int = DEFAULT_OPSET) -> dict:
+    """An APT model at batch 1 with a dynamic token axis: the selection happens outside the graph.
+
+    Inputs: ``pixel_values`` ``(1, 3, H, W)`` and ``token_index`` ``(tokens,)`` int64, the rows of the
+    multi-scale token table the image uses (:func:`train.models.apt.selection.token_indices`).
+    """
+    from train.models.apt.selection import flat_selection
+
+    model = TokensWithProbabilities(model.eval()).eval()
+    example = torch.randn(1, 3, img_size, img_size)
+    n_table = flat_selection(model.model.select(example)).shape[1]
+    index = torch.arange(0, n_table, 2)[: model.model.base_tokens // 2 + 1]  # any length: the axis is dynamic
+    tokens = torch.export.Dim("tokens", min=1, max=n_table)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example, index), str(path), dynamo=True, verbose=False, opset_version=opset,
+                          input_names=[INPUT, TOKEN_INDEX], output_names=list(OUTPUTS), external_data=False,
+                          dynamic_shapes=({}, {0: tokens}))
+    return {"inputs": {INPUT: TensorSpec(dtype="float32", shape=[1, 3, img_size, img_size]),
+                       TOKEN_INDEX: TensorSpec(dtype="int64", shape=["tokens"])},
+            "outputs": {name: TensorSpec(dtype="float32", shape=[1, 2]) for name in OUTPUTS}}
+
+
 class OnnxClassifier:
     """An exported classifier in ONNX Runtime: ``probs(pixel_values) -> P(roadwork)`` (numpy in, numpy out)."""
 
@@ -69,12 +105,34 @@ class OnnxClassifier:
         return self.logits_and_probs(pixel_values)[1][:, 1]
 
 
-def check_parity(expected: np.ndarray, path: Path, images: torch.Tensor, atol: float = 1e-4) -> float:
+class OnnxAPTClassifier(OnnxClassifier):
+    """An exported APT model: picks each image's patches as the manifest says, then runs the graph per image."""
+
+    def __init__(self, path: str | Path, apt: AdaptivePatches, mean, std, threads: int | None = None):
+        super().__init__(path, threads)
+        self.apt, self.mean, self.std = apt, list(mean), list(std)
+
+    def token_index(self, pixel_values: np.ndarray) -> list[np.ndarray]:
+        from train.models.apt.selection import grayscale_255, select_patches, token_indices
+
+        gray = grayscale_255(torch.from_numpy(np.asarray(pixel_values, np.float32)), self.mean, self.std)
+        masks = select_patches(gray, self.apt.patch_sizes[0], self.apt.thresholds)
+        return [i.numpy() for i in token_indices(masks)]
+
+    def logits_and_probs(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pixel_values = np.ascontiguousarray(pixel_values, np.float32)
+        outs = [self.session.run(list(OUTPUTS), {INPUT: pixel_values[i:i + 1], TOKEN_INDEX: index})
+                for i, index in enumerate(self.token_index(pixel_values))]
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+
+def check_parity(expected: np.ndarray, path: Path, images: torch.Tensor, atol: float = 1e-4,
+                 session: OnnxClassifier | None = None) -> float:
     """Max |P_torch - P_onnxruntime| of roadwork over ``images``, ``expected`` being PyTorch's P(roadwork).
 
-    Raises ExportError above ``atol``.
+    ``session`` reads ``path`` (default: a plain :class:`OnnxClassifier`). Raises ExportError above ``atol``.
     """
-    got = OnnxClassifier(path).probs(images.numpy())
+    got = (session or OnnxClassifier(path)).probs(images.numpy())
     diff = float(np.abs(expected - got).max())
     log.info("onnx parity on %d images: max |dP| = %.2e (limit %.0e)", len(images), diff, atol)
     if not diff <= atol:

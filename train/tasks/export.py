@@ -86,6 +86,14 @@ def _calibrated_models(cfg: DictConfig, run: Run) -> dict[str, tuple[nn.Module, 
     return out
 
 
+def _apt_tokens(run: Run, model: nn.Module) -> dict[str, dict[str, float]] | None:
+    """An APT model's measured tokens per image (from the apt stage's report), for the manifest."""
+    if not hasattr(model, "apt_args") or not run.is_complete("apt"):
+        return None
+    tokens = json.loads(run.artifact("apt", "report").read_text())["tokens"]
+    return {name: {k: t[k] for k in ("mean_tokens", "reduction", "n")} for name, t in tokens.items()}
+
+
 @register_task("export")
 def run_export(cfg: DictConfig, run: Run) -> dict:
     ecfg = cfg.export
@@ -100,7 +108,7 @@ def run_export(cfg: DictConfig, run: Run) -> dict:
             entries[name] = export_classifier(name, model, spec, calibration, folder, pixels,
                                               queries if name == ecfg.hf_model else None, metrics,
                                               METRICS_SOURCE.format(name=name) if metrics else None,
-                                              ecfg.onnx.opset, ecfg.onnx.parity_atol)
+                                              ecfg.onnx.opset, ecfg.onnx.parity_atol, _apt_tokens(run, model))
         return entries
 
     bundle = write_bundle(run.path / BUNDLE_DIR, build, card, OmegaConf.to_container(cfg, resolve=True),
