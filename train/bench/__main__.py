@@ -1,19 +1,19 @@
-"""``python -m train.bench NAME [--json PATH]``: run one benchmark and print its figures."""
+"""``python -m train.bench NAME [--json PATH] [benchmark options]``: run one benchmark and print its figures."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
 
-BENCHMARKS = {"synthetic": "train.bench.synthetic"}
+BENCHMARKS = {"synthetic": "train.bench.synthetic", "apt": "train.bench.apt"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=sorted(BENCHMARKS))
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
-    figures = importlib.import_module(BENCHMARKS[args.name]).run()
+    args, rest = parser.parse_known_args()
+    figures = importlib.import_module(BENCHMARKS[args.name]).run(rest)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -1,6 +1,7 @@
 """Synthetic generator throughput: images/s on one core (render, render + JPEG) and on all cores."""
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import tempfile
@@ -36,7 +37,12 @@ def all_cores_rate(n_scenes: int, size: int) -> tuple[float, int]:
         return 2 * n_scenes / (time.perf_counter() - start), source.workers
 
 
-def run(n: int = 300, size: int = 256) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m train.bench synthetic")
+    parser.add_argument("--n", type=int, default=300, help="scenes per timed repeat")
+    parser.add_argument("--size", type=int, default=256)
+    args = parser.parse_args(argv)
+    n, size = args.n, args.size
     render = one_core_rate(n, size, encode=False)
     encoded = one_core_rate(n, size, encode=True)
     parallel, workers = all_cores_rate(max(n, 400), size)
