@@ -527,3 +527,40 @@ def test_paired_bootstrap_mcc():
     assert grouped["high"] == pytest.approx(out["high"], abs=1e-6)
     ungrouped = paired_bootstrap_mcc(*twice, num_bootstraps=2000)  # duplicates taken as independent: too narrow
     assert ungrouped["high"] - ungrouped["low"] < 0.85 * (grouped["high"] - grouped["low"])
+
+
+# --- 8. calibration and the bundle -------------------------------------------------------------------
+
+def test_cascade_full_experiment_runs_apt_between_stage1_and_calibrate():
+    cfg = compose_config("+experiment=cascade_full")
+    assert list(cfg.pipeline.stages) == ["data", "stage1", "apt", "calibrate", "export", "evaluate"]
+    assert "apt" in cfg.calibrate.tiers and "apt" in cfg.export.models and cfg.export.hf_model == "stage1"
+
+
+def test_apt_is_calibrated_exported_and_served_from_the_bundle(apt_run, tmp_path):
+    from train.export import Bundle
+
+    run, cfg = apt_run
+    run = Run.open(shutil.copytree(run.path, tmp_path / "run"))
+    overrides = [f"paths.root_dir={tmp_path}", f"paths.data_dir={cfg.paths.data_dir}", "debug=tiny", *QUIET,
+                 f"run_dir={run.path}", "pipeline.stages=[calibrate,export]", "calibrate.tiers=[stage1,apt]",
+                 "export.models=[stage1,apt]", "calibrate.levels=[0]", "pipeline.force=true"]
+    run_task(compose_config(*overrides))
+    bundle = Bundle(run.path / "export")
+    entry = bundle.manifest.models["apt"]
+    assert (run.path / "export" / "apt.onnx").is_file() and not (run.path / "export" / "apt_hf").exists()
+    assert entry.apt is not None and entry.apt.patch_sizes == [8, 16, 32]
+    report = json.loads(run.artifact("apt", "report").read_text())
+    assert entry.apt.thresholds == report["thresholds"] and entry.onnx.parity_max_abs_diff <= 1e-4
+    assert set(entry.onnx.inputs) == {"pixel_values", "token_index"}
+    assert entry.apt.tokens["test/L0"]["reduction"] == pytest.approx(report["tokens"]["test/L0"]["reduction"])
+
+    # the bundle reader picks the tokens itself and agrees with the calibrated PyTorch model
+    model, config = load_classifier(run.artifact("calibrate", "apt_model"))
+    images, _ = split_images(cfg, run, "test", 1)
+    images = images[:12]
+    with torch.no_grad():
+        expected = model(images).softmax(-1)[:, 1].numpy()
+    got = bundle.classifier("apt").probs(images.numpy())
+    assert np.abs(got - expected).max() <= 1e-4
+    assert config["calibration"]["method"] == "temperature" and config["calibration"]["folded"]
