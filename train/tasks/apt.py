@@ -9,7 +9,6 @@ token reduction on val, test and scikit-image's natural photographs. Writes ``ap
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 
@@ -23,7 +22,7 @@ from torchmetrics.aggregation import CatMetric
 from train.data.photos import natural_photos
 from train.data.transforms import EvalTransform
 from train.metrics import paired_bootstrap_mcc, roadwork_prob
-from train.models.apt import APTViT, patch_entropy, select_patches, token_counts
+from train.models.apt import APTViT, patch_entropy, token_counts
 from train.models.apt.plots import patch_grid
 from train.models.apt.selection import grayscale_255
 from train.models.saving import load_classifier, save_classifier
