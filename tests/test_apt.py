@@ -259,12 +259,17 @@ def test_base_only_is_the_wrapped_vit_and_new_layers_start_at_zero(variant):
 
 # --- 3. packing -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_packed_batch_equals_one_image_at_a_time(variant):
-    images = model_images(seed=3)
+def trained_looking_apt(variant: str, seed: int):
+    """(images, an APT model with non-zero new layers, its masks for those images)."""
+    images = model_images(seed=seed)
     apt = make_apt(variant, images)
     randomise_new_layers(apt)
-    masks = apt.select(images)
+    return images, apt, apt.select(images)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_batch_equals_one_image_at_a_time(variant):
+    images, apt, masks = trained_looking_apt(variant, seed=3)
     with torch.no_grad():
         single = torch.cat([apt(images[i:i + 1], [m[i:i + 1] for m in masks]) for i in range(len(images))])
         for backend in ("padded", "jagged", "flex", "auto"):
@@ -313,10 +318,7 @@ def test_packed_attention_is_per_sequence_sdpa():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_forward_tokens_equals_the_batched_forward(variant):
-    images = model_images(seed=5)
-    apt = make_apt(variant, images)
-    randomise_new_layers(apt)
-    masks = apt.select(images)
+    images, apt, masks = trained_looking_apt(variant, seed=5)
     keep = flat_selection(masks)
     with torch.no_grad():
         batched = apt(images, masks)

@@ -23,6 +23,7 @@ from train.data.photos import natural_photos
 from train.data.transforms import EvalTransform
 from train.metrics import paired_bootstrap_mcc, roadwork_prob
 from train.models.apt import APTViT, patch_entropy, token_counts
+from train.models.apt.model import base_patch_size
 from train.models.apt.plots import patch_grid
 from train.models.apt.selection import grayscale_255
 from train.models.saving import load_classifier, save_classifier
@@ -155,7 +156,7 @@ def run_apt(cfg: DictConfig, run: Run) -> dict:
     vit, config = load_classifier(stage1)
     spec = config["input"]
     datamodule = build_datamodule(cfg, run, spec)
-    patch = APTViT(vit).patch
+    patch = base_patch_size(vit)  # (no wrapper built just to read it)
     if acfg.thresholds is not None:
         thresholds = [float(t) for t in acfg.thresholds]
     else:

@@ -23,6 +23,12 @@ from train.models.apt.selection import flat_selection, grayscale_255, select_pat
 SUPPORTED_POOLS = ("token", "avg")
 
 
+def base_patch_size(vit: nn.Module) -> int:
+    """The patch size of a timm ViT that APT can wrap (a clear error for any other model)."""
+    _check_supported(vit)
+    return vit.patch_embed.patch_size[0]
+
+
 def _check_supported(vit: nn.Module) -> None:
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
@@ -106,9 +112,8 @@ class APTViT(nn.Module):
     def __init__(self, vit: nn.Module, thresholds: Sequence[float] = (5.5, 4.5), mean: Sequence[float] = (0.5,) * 3,
                  std: Sequence[float] = (0.5,) * 3, attention: str = "auto"):
         super().__init__()
-        _check_supported(vit)
+        self.patch = base_patch_size(vit)
         self.vit = vit
-        self.patch = vit.patch_embed.patch_size[0]
         self.thresholds = [float(t) for t in thresholds]
         self.mean, self.std = list(mean), list(std)
         resolve_backend(attention, torch.device("cpu"))  # a known name

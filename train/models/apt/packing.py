@@ -100,13 +100,9 @@ class Packing:
 
 
 try:
-    from torch.nn.attention.varlen import varlen_attn as _VARLEN_ATTN
+    from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # PyTorch < 2.9
-    _VARLEN_ATTN = None
-
-
-def _varlen_attn():
-    return _VARLEN_ATTN
+    varlen_attn = None
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
@@ -117,7 +113,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     if backend == "auto":
         if device.type != "cuda":
             return "padded"
-        return "varlen" if dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None else "jagged"
+        return "varlen" if dtype in (torch.float16, torch.bfloat16) and varlen_attn is not None else "jagged"
     return backend
 
 
@@ -143,7 +139,6 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing:
         out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), dropout_p=dropout_p)
         return out[0].transpose(0, 1)
     if backend == "varlen":
-        varlen_attn = _varlen_attn()
         if varlen_attn is None or q.device.type != "cuda" or dropout_p:
             raise ValueError("attention=varlen needs PyTorch >= 2.9, a CUDA device and no attention dropout")
         cu, longest = packing.cu_seqlens, packing.max_length
