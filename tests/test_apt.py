@@ -2,6 +2,7 @@
 single-image graph), unsupported backbones, the task=apt retrofit run and the paired bootstrap of MCC."""
 import functools
 import json
+import pickle
 import shutil
 
 import numpy as np
@@ -15,8 +16,8 @@ from sklearn.metrics import matthews_corrcoef
 from train.__main__ import run_task
 from train.metrics import paired_bootstrap_mcc
 from train.models import create_backbone
-from train.models.apt import (APTViT, Packing, flat_selection, grayscale_255, packed_attention, patch_entropy,
-                              select_patches, token_counts)
+from train.models.apt import (APTViT, Packing, TokenPlan, flat_selection, grayscale_255, packed_attention,
+                              patch_entropy, select_patches, token_counts)
 from train.models.saving import load_classifier
 from train.predictions import read_predictions
 from train.runs import Run
@@ -277,6 +278,32 @@ def test_packed_batch_equals_one_image_at_a_time(variant):
             packed = apt(images, masks)
             assert (packed - single).abs().max() <= 1e-5, backend
         assert single[:, 1].std() > 0.1  # distinct logits per image: a mix-up between images would show
+
+
+def test_a_plan_made_per_sample_in_loader_workers_gives_the_same_logits():
+    images, apt, masks = trained_looking_apt("reg_tokens", seed=4)
+    selector = pickle.loads(pickle.dumps(apt.selector()))  # what a loader worker receives
+    keep = torch.stack([selector(image)["apt_keep"] for image in images])  # one sample at a time, then collated
+    assert torch.equal(keep, flat_selection(masks))
+    plan = apt.plan(keep=keep)
+    assert torch.equal(plan.patch_tokens, token_counts(masks)) and plan.patch_tokens.unique().numel() > 1
+    # the packed order: image by image, its prefix rows, then its chosen table rows in table order
+    n_table, prefix = keep.shape[1], apt.num_prefix_tokens
+    expected = torch.cat([torch.cat([i * prefix + torch.arange(prefix), len(images) * prefix + i * n_table
+                                     + keep[i].nonzero().squeeze(1)]) for i in range(len(images))])
+    assert torch.equal(plan.order, expected)
+    with torch.no_grad():
+        assert torch.equal(apt(images, plan=plan), apt(images, masks))
+        with apt.base_only():  # a plan made with the thresholds does not apply: the wrapped model's function
+            assert (apt(images, plan=plan) - apt.vit(images)).abs().max() <= 1e-5
+
+
+def test_packing_moves_with_the_sizes_it_already_knows():
+    plan = TokenPlan.from_keep(torch.tensor([[True, False, True], [False, False, True]]), n_prefix=1)
+    assert plan.order.tolist() == [0, 2, 4, 1, 7] and plan.packing.lengths.tolist() == [3, 2]
+    moved = plan.to("meta")  # any other device: the host-side sizes travel as ints, nothing is re-read
+    assert moved.order.device.type == "meta" and moved.packing.cu_seqlens.device.type == "meta"
+    assert (moved.packing.total, moved.packing.max_length, moved.packing.min_length) == (5, 3, 2)
 
 
 def test_packed_attention_is_per_sequence_sdpa():

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.models.apt.packing import Packing, packed_attention, resolve_backend
-from train.models.apt.selection import flat_selection, grayscale_255, select_patches
+from train.models.apt.packing import Packing, TokenPlan, packed_attention, resolve_backend
+from train.models.apt.selection import PatchSelector, flat_selection
 
 SUPPORTED_POOLS = ("token", "avg")
 
@@ -119,6 +119,7 @@ class APTViT(nn.Module):
         resolve_backend(attention, torch.device("cpu"))  # a known name
         self.attention = attention
         self.embed = MultiScalePatchEmbed(vit, len(self.thresholds) + 1)
+        self.base_only_active = False
         self.backbone_args = getattr(vit, "backbone_args", {})
 
     @property
@@ -147,29 +148,43 @@ class APTViT(nn.Module):
 
     @contextmanager
     def base_only(self):
-        """Within the block, only base patches are chosen: the wrapped model's own function."""
+        """Within the block, only base patches are chosen (plans made outside are ignored): the wrapped model."""
         saved = self.thresholds
-        self.thresholds = [float("-inf")] * len(saved)
+        self.thresholds, self.base_only_active = [float("-inf")] * len(saved), True
         try:
             yield self
         finally:
-            self.thresholds = saved
+            self.thresholds, self.base_only_active = saved, False
 
     @property
     def base_tokens(self) -> int:
         """Patch tokens of the unmodified model."""
         return self.vit.patch_embed.num_patches
 
+    def selector(self) -> PatchSelector:
+        """The current selection rule, runnable anywhere (data-loader workers included)."""
+        return PatchSelector(self.patch, self.thresholds, self.mean, self.std)
+
     def select(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The patch masks per scale of a batch of normalised images (no gradient)."""
-        with torch.no_grad():
-            return select_patches(grayscale_255(images, self.mean, self.std), self.patch, self.thresholds)
+        return self.selector().masks(images)
 
-    def forward(self, images: torch.Tensor, masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        keep = flat_selection(masks if masks is not None else self.select(images))
+    def plan(self, images: torch.Tensor | None = None, masks: Sequence[torch.Tensor] | None = None,
+             keep: torch.Tensor | None = None) -> TokenPlan:
+        """The packing of a batch, from its images, masks per scale or ``(B, N_table)`` selection."""
+        if keep is None:
+            keep = flat_selection(masks if masks is not None else self.select(images))
+        return TokenPlan.from_keep(keep, self.num_prefix_tokens)
+
+    def forward(self, images: torch.Tensor, masks: Sequence[torch.Tensor] | None = None,
+                plan: TokenPlan | None = None) -> torch.Tensor:
+        """Logits of a batch; ``plan`` (from the data loader, say) saves the selection and its device syncs."""
+        if plan is None or self.base_only_active:
+            plan = self.plan(images, masks)  # on the device: reading the packed sizes syncs once
+        plan = plan.to(images.device, non_blocking=True)
         table = self.embed(self.vit, images)                 # (B, N_table, dim)
-        tokens, packing = self._pack(table, keep)
-        return self.forward_packed(tokens, packing)
+        tokens = plan.gather(self._prefix(len(images)), table)
+        return self.forward_packed(tokens, plan.packing)
 
     def forward_tokens(self, images: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
         """One image ``(1, 3, H, W)`` and its chosen rows of the token table: the exported ONNX graph."""
@@ -190,39 +205,23 @@ class APTViT(nn.Module):
             prefix = prefix + vit.pos_embed[:, :prefix.shape[1]]
         return prefix
 
-    def _pack(self, table: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, Packing]:
-        """Per image: prefix tokens, then its chosen table rows in table order; packed end to end."""
-        batch, n_table, dim = table.shape
-        prefix = self._prefix(batch)
-        n_prefix = prefix.shape[1]
-        packing = Packing.from_lengths(keep.sum(1) + n_prefix)
-        starts = packing.offsets[:-1]
-        source = torch.cat([prefix.reshape(-1, dim), table.reshape(-1, dim)])
-        # destination of each source row in the packed sequence, then invert it into a gather
-        prefix_dest = (starts[:, None] + torch.arange(n_prefix, device=table.device)).flatten()
-        rank = keep.cumsum(1) - 1  # position of each chosen row among its image's chosen rows
-        token_dest = (starts[:, None] + n_prefix + rank)[keep]
-        token_src = batch * n_prefix + keep.flatten().nonzero().squeeze(1)
-        order = torch.empty(packing.total, dtype=torch.long, device=table.device)
-        order[prefix_dest] = torch.arange(batch * n_prefix, device=table.device)
-        order[token_dest] = token_src
-        return source[order], packing
-
     def forward_packed(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Blocks, final norm, pooling per image and head over a packed ``(T, dim)`` sequence."""
         packing.prepare(self.attention)  # host-side sizes now, so the blocks run (and compile) without syncs
         x = self._features(tokens, packing)
-        if self.vit.global_pool == "avg":
-            patch = packing.position >= self.num_prefix_tokens
+        if self.vit.global_pool == "avg":  # mean over each image's patch tokens (a masked sum: no device sync)
+            patch = (packing.position >= self.num_prefix_tokens).unsqueeze(1).to(x.dtype)
             pooled = torch.zeros(len(packing.lengths), x.shape[1], dtype=x.dtype, device=x.device)
-            pooled = pooled.index_add(0, packing.document[patch], x[patch])
+            pooled = pooled.index_add(0, packing.document, x * patch)
             pooled = pooled / (packing.lengths - self.num_prefix_tokens).clamp(min=1).unsqueeze(1).to(x.dtype)
         else:
             pooled = x[packing.offsets[:-1]]
         return self._head(pooled)
 
-    def compile_blocks(self, **kwargs) -> None:
-        """``torch.compile`` the transformer blocks over packed sequences (dynamic token count)."""
+    def compile_parts(self, **kwargs) -> None:
+        """``torch.compile`` in place (parameter names unchanged): the multi-scale embedding (fixed shapes) and
+        the blocks over packed sequences (dynamic token count)."""
+        self.embed.compile(**kwargs)
         self._features = torch.compile(self._features, dynamic=True, **kwargs)
 
     def _features(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
@@ -260,12 +259,15 @@ def _attention(attn: nn.Module, x: torch.Tensor, packing: Packing, backend: str)
     """A timm ``Attention`` (qkv, q/k norm, optional gate, proj) with per-image packed attention."""
     n = x.shape[0]
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    # (3, T, heads, head_dim), each of q, k, v contiguous: what the jagged kernels require
-    q, k, v = attn.qkv(x).view(n, 3, attn.num_heads, -1).transpose(0, 1).contiguous().unbind(0)
+    qkv = attn.qkv(x).view(n, 3, attn.num_heads, -1)
+    backend = resolve_backend(backend, x.device, qkv.dtype)
+    # q, k, v (T, heads, head_dim): strided views for FlashAttention's varlen kernel, contiguous copies for the rest
+    q, k, v = qkv.unbind(1) if backend == "varlen" else qkv.transpose(0, 1).contiguous().unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = packed_attention(q, k, v, packing, backend, dropout).reshape(n, -1)
-    out = getattr(attn, "norm", nn.Identity())(out)
+    if getattr(attn, "norm", None) is not None:
+        out = attn.norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))

@@ -55,12 +55,26 @@ class Packing:
     @cached_property
     def document(self) -> torch.Tensor:
         """``(T,)`` image number of every packed token."""
-        return torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device), self.lengths)
+        return torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device), self.lengths,
+                                       output_size=self.total)
 
     @cached_property
     def position(self) -> torch.Tensor:
         """``(T,)`` position of every packed token inside its image's sequence."""
         return torch.arange(self.total, device=self.lengths.device) - self.offsets[:-1][self.document]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Packing:
+        """This packing on ``device``, with the sizes already known on the host kept (no device sync to re-read them)."""
+        device = torch.device(device)
+        if self.lengths.device == device:
+            return self
+        moved = Packing(_to(self.lengths, device, non_blocking))
+        for name, value in self.__dict__.items():  # the cached properties computed so far
+            if isinstance(value, int):
+                moved.__dict__[name] = value
+            elif isinstance(value, torch.Tensor) and name != "lengths":
+                moved.__dict__[name] = _to(value, device, non_blocking)
+        return moved
 
     def prepare(self, backend: str) -> Packing:
         """Compute what ``backend`` reads (host-side ints included) now, outside any compiled region."""
@@ -97,6 +111,55 @@ class Packing:
 
         return create_block_mask(same_image, None, None, self.total, self.total, device=document.device,
                                  _compile=document.device.type == "cuda")
+
+
+def _to(tensor: torch.Tensor, device: torch.device, non_blocking: bool) -> torch.Tensor:
+    """A host-to-device copy that does not wait for the device (pinned first when asked not to block)."""
+    if non_blocking and device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=non_blocking)
+
+
+@dataclass
+class TokenPlan:
+    """Which rows of each image's token table form the packed sequence, in order, and how they are packed.
+
+    ``order[t]`` is the row of ``cat([prefix rows of every image, table rows of every image])`` at packed
+    position ``t``: each image's ``n_prefix`` prefix tokens, then its chosen table rows in table order.
+    Made on the CPU (in a data loader, say), a plan moves to the GPU without any device sync.
+    """
+
+    order: torch.Tensor  # (T,) int64
+    packing: Packing
+    n_prefix: int
+
+    @classmethod
+    def from_keep(cls, keep: torch.Tensor, n_prefix: int) -> TokenPlan:
+        """From ``keep``, ``(B, N_table)`` bool: the table rows each image uses."""
+        batch, n_table = keep.shape
+        packing = Packing.from_lengths(keep.sum(1) + n_prefix)
+        _ = packing.offsets, packing.total, packing.max_length, packing.min_length, packing.cu_seqlens
+        starts = packing.offsets[:-1]
+        order = torch.empty(packing.total, dtype=torch.long, device=keep.device)
+        order[(starts[:, None] + torch.arange(n_prefix, device=keep.device)).flatten()] = torch.arange(
+            batch * n_prefix, device=keep.device)
+        rank = keep.cumsum(1) - 1  # position of each chosen row among its image's chosen rows
+        order[(starts[:, None] + n_prefix + rank)[keep]] = batch * n_prefix + keep.flatten().nonzero().squeeze(1)
+        return cls(order, packing, n_prefix)
+
+    @property
+    def patch_tokens(self) -> torch.Tensor:
+        """``(B,)`` table rows (patch tokens) per image."""
+        return self.packing.lengths - self.n_prefix
+
+    def gather(self, prefix: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """``prefix (B, n_prefix, dim)`` and ``table (B, N_table, dim)`` -> the packed ``(T, dim)`` tokens."""
+        dim = table.shape[-1]
+        return torch.cat([prefix.reshape(-1, dim), table.reshape(-1, dim)]).index_select(0, self.order)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenPlan:
+        device = torch.device(device)
+        return TokenPlan(_to(self.order, device, non_blocking), self.packing.to(device, non_blocking), self.n_prefix)
 
 
 try:

@@ -111,3 +111,25 @@ def flat_selection(masks: Sequence[torch.Tensor]) -> torch.Tensor:
 def token_indices(masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Per image, the rows of the multi-scale token table it uses (the exported graph's ``token_index``)."""
     return [row.nonzero().squeeze(1) for row in flat_selection(masks)]
+
+
+class PatchSelector:
+    """The selection of one model input, as a data-loader sample field: ``image (3, H, W) -> {"apt_keep": (N_table,)}``.
+
+    Picklable, so it runs in loader workers and the GPU never waits on it; its rows follow the
+    multi-scale token table's order (:func:`flat_selection`).
+    """
+
+    field = "apt_keep"
+
+    def __init__(self, patch: int, thresholds: Sequence[float], mean: Sequence[float], std: Sequence[float]):
+        self.patch, self.thresholds = patch, [float(t) for t in thresholds]
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+
+    def masks(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Masks per scale of a batch of normalised images (no gradient)."""
+        with torch.no_grad():
+            return select_patches(grayscale_255(images, self.mean, self.std), self.patch, self.thresholds)
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.field: flat_selection(self.masks(image[None]))[0]}
