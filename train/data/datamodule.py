@@ -28,14 +28,15 @@ EVAL_DECODE_SIDE = 512
 
 
 class ImageDataset(Dataset):
-    """Samples of one split: ``{"image": tensor, "label": int, "index": position}``."""
+    """Samples of one split: ``{"image": tensor, "label": int, "index": position}``, plus whatever
+    ``fields(image)`` adds (per-sample work a task moves into the loader workers, e.g. APT's patch selection)."""
 
-    def __init__(self, index: pa.Table, transform, decode_side: int = 256):
+    def __init__(self, index: pa.Table, transform, decode_side: int = 256, fields=None):
         self.files = index.column("file").to_pylist()
         self.rows = index.column("row").to_numpy()
         self.columns = index.column("column").to_pylist()
         self.labels = index.column("label").to_numpy()
-        self.transform, self.decode_side = transform, decode_side
+        self.transform, self.decode_side, self.fields = transform, decode_side, fields
         self.reader = ImageReader()
 
     def __len__(self) -> int:
@@ -44,7 +45,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """``key`` is a position, or ``(position, augmentation seed)`` from :class:`EpochSampler`."""
         i, seed = key if isinstance(key, tuple) else (key, None)
-        return {"image": self.transform(self.image(i), i, seed), "label": int(self.labels[i]), "index": i}
+        image = self.transform(self.image(i), i, seed)
+        extra = self.fields(image) if self.fields is not None else {}
+        return {"image": image, "label": int(self.labels[i]), "index": i, **extra}
 
     def image(self, i: int) -> np.ndarray:
         """Sample ``i`` decoded to RGB, before any transform."""
@@ -61,7 +64,8 @@ class RoadworkDataModule(pl.LightningDataModule):
     """Builds the run's sample index from a source, then serves each split.
 
     ``val_levels`` / ``test_levels`` are validator augmentation levels: each gets its own
-    dataloader, so every metric is reported per level.
+    dataloader, so every metric is reported per level. ``sample_fields``, when a task sets it, is a
+    picklable ``image -> dict`` whose entries are added to every sample (in the loader workers).
     """
 
     def __init__(self, source, splits: dict, split_seed: int = 0, verify_images: bool = True,
@@ -83,6 +87,7 @@ class RoadworkDataModule(pl.LightningDataModule):
         self.seed = seed  # training order and augmentation draws, per epoch (see EpochSampler)
         self.index_path = Path(index_path) if index_path else None
         self.index: pa.Table | None = None
+        self.sample_fields = None
 
     # --- building the index (the `data` stage) ---------------------------------------------
     def prepare_data(self) -> None:
@@ -137,7 +142,7 @@ class RoadworkDataModule(pl.LightningDataModule):
             transform, side = TrainTransform(self.train_transforms, self.img_size, self.mean, self.std), 2 * self.img_size
         else:  # the validator sees the full image; only huge ones are reduced
             transform, side = EvalTransform(level, self.img_size, self.mean, self.std, self.eval_seed), EVAL_DECODE_SIDE
-        return ImageDataset(self.split(name), transform, decode_side=side)
+        return ImageDataset(self.split(name), transform, decode_side=side, fields=self.sample_fields)
 
     def loader(self, dataset: ImageDataset, sampler=None, batch_size: int | None = None):
         """In order (evaluation), or in the sampler's order (training)."""

@@ -22,7 +22,7 @@ from torchmetrics.aggregation import CatMetric
 from train.data.photos import natural_photos
 from train.data.transforms import EvalTransform
 from train.metrics import paired_bootstrap_mcc, roadwork_prob
-from train.models.apt import APTViT, patch_entropy, token_counts
+from train.models.apt import APTViT, PatchSelector, TokenPlan, patch_entropy, token_counts
 from train.models.apt.model import base_patch_size
 from train.models.apt.plots import patch_grid
 from train.models.apt.selection import grayscale_255
@@ -47,7 +47,7 @@ class APTModule(ClassifierModule):
     def __init__(self, stage1: str, thresholds: Sequence[float], optimizer: Callable | None = None,
                  scheduler: Callable | None = None, attention: str = "auto", train: str = "all",
                  label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None, mixup: dict | None = None,
-                 layer_decay: float | None = None, grad_checkpointing: bool = False,
+                 layer_decay: float | None = None, grad_checkpointing: bool = False, compile: bool = False,
                  val_levels: Sequence[int] = (0,), test_levels: Sequence[int] = (0, 1, 2, 3), bootstrap: int = 1000):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "class_weights"])
@@ -58,6 +58,8 @@ class APTModule(ClassifierModule):
         self.net = APTViT(vit.train(), thresholds, self.input_spec["mean"], self.input_spec["std"], attention)
         if grad_checkpointing:
             self.net.set_grad_checkpointing(True)
+        if compile:
+            self.net.compile_parts()
         if train == "new":
             self.net.requires_grad_(False)
             self.net.embed.requires_grad_(True)
@@ -68,10 +70,28 @@ class APTModule(ClassifierModule):
         self.token_counts: dict[str, dict[int, torch.Tensor]] = {"val": {}, "test": {}}
         self._counts: torch.Tensor | None = None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        masks = self.net.select(images)
-        self._counts = token_counts(masks)
-        return self.net(images, masks)
+    def forward(self, images: torch.Tensor, plan: TokenPlan | None = None) -> torch.Tensor:
+        if plan is None or self.net.base_only_active:
+            plan = self.net.plan(images)
+        self._counts = plan.patch_tokens
+        return self.net(images, plan=plan)
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        return self(batch["image"], batch.get("apt_plan"))
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """The loader workers' selection (:meth:`APTViT.selector`) -> the batch's packing plan, on the host."""
+        keep = batch.pop(PatchSelector.field, None)
+        if keep is not None:
+            batch["apt_plan"] = self.net.plan(keep=keep)
+        return batch
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        plan = batch.pop("apt_plan", None)
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if plan is not None:
+            batch["apt_plan"] = plan.to(device, non_blocking=True)
+        return batch
 
     def _eval_step(self, split: str, batch: dict, dataloader_idx: int) -> torch.Tensor:
         logits = super()._eval_step(split, batch, dataloader_idx)
@@ -168,6 +188,7 @@ def run_apt(cfg: DictConfig, run: Run) -> dict:
     module = instantiate(acfg.module, stage1=str(stage1), thresholds=thresholds,
                          class_weights=datamodule.class_weights)
     net = module.net
+    datamodule.sample_fields = net.selector()  # patch selection in the loader workers, off the training loop
     # no inference mode: metric states made while evaluating before fit() must stay writable during it
     trainer = build_trainer(cfg, task_dir, max_epochs=acfg.epochs, inference_mode=False)
 

@@ -59,12 +59,16 @@ class ClassifierModule(pl.LightningModule):
             images, soft = self.mixup(images, labels)
             loss = self.soft_criterion(self(images), soft)
         else:
-            loss = self.criterion(self(images), labels)
+            loss = self.criterion(self.logits(batch), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
 
+    def logits(self, batch: dict) -> torch.Tensor:
+        """The logits of a batch as the loader made it (subclasses read the extra fields they asked for)."""
+        return self(batch["image"])
+
     def _eval_step(self, split: str, batch: dict, dataloader_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        logits = self.logits(batch)
         level = self.levels[split][dataloader_idx]
         self.log(f"{split}/L{level}/loss", self.criterion(logits, batch["label"]), add_dataloader_idx=False,
                  batch_size=len(batch["label"]))
