@@ -5,8 +5,11 @@
 
 The images are scikit-image's natural photographs and synthetic test scenes (both as level-0
 validator queries at the model size), cycled to fill each batch, so a batch mixes token counts.
-Inference and training (forward, backward, AdamW step) run under bf16 autocast; the APT timings
-include its patch selection on the device. Medians over timed steps after warm-up, synchronised.
+Inference and training (forward, backward, AdamW step) run under bf16 autocast. ``--select workers``
+(the default, what ``task=apt`` does) makes each batch's patch selection and packing plan on the CPU,
+as the data-loader workers do, so a timed APT step is the plan's copy to the device and the model;
+the CPU cost of that selection per image is reported alongside. ``--select device`` times the
+selection on the device inside the step instead. Medians over timed steps after warm-up, synchronised.
 """
 from __future__ import annotations
 
@@ -59,20 +62,23 @@ def _time(step, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def throughput(model: torch.nn.Module, images: torch.Tensor, train: bool, steps: int, warmup: int) -> float:
-    """Images per second of inference, or of training steps (forward + backward + AdamW)."""
+def throughput(model: torch.nn.Module, images: torch.Tensor, train: bool, steps: int, warmup: int,
+               forward=None) -> float:
+    """Images per second of inference, or of training steps (forward + backward + AdamW); ``forward(images)``
+    calls the model (default ``model(images)``)."""
     labels = torch.randint(0, 2, (len(images),), device=images.device)
+    forward = forward or model
     model.train(train)
     if not train:
         def step():
             with torch.no_grad(), torch.autocast(images.device.type, torch.bfloat16):
-                model(images)
+                forward(images)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=images.is_cuda)
 
         def step():
             with torch.autocast(images.device.type, torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+                loss = torch.nn.functional.cross_entropy(forward(images).float(), labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -95,8 +101,23 @@ def packing_error(apt: APTViT, images: torch.Tensor, n: int = 32) -> float:
     return float((packed - alone).abs().max())
 
 
+def selection_cost(apt: APTViT, images: torch.Tensor, repeats: int = 3) -> dict:
+    """CPU milliseconds, on one thread, of one image's selection (a loader worker's share) and of a batch's plan."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        selector, cpu = apt.selector(), images.cpu()
+        per_image = min(_time(lambda: [selector(im) for im in cpu], 1, 1) for _ in range(repeats)) / len(cpu)
+        keep = torch.stack([selector(im)["apt_keep"] for im in cpu])
+        plan = min(_time(lambda: apt.plan(keep=keep), 1, 1) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(threads)
+    return {"select_ms_per_image": 1000 * per_image, "plan_ms_per_batch": 1000 * plan}
+
+
 def measure(name: str, size: int, batch: int, thresholds: list[float], attention: list[str], compile: bool,
-            steps: int, warmup: int, device: torch.device, photos: dict[str, np.ndarray]) -> list[dict]:
+            steps: int, warmup: int, device: torch.device, photos: dict[str, np.ndarray],
+            select: str = "workers") -> list[dict]:
     pool, names = bench_images(size, photos)
     images = pool[torch.arange(batch) % len(pool)].to(device)
     vit = create_backbone(name, img_size=size).to(device)
@@ -109,6 +130,12 @@ def measure(name: str, size: int, batch: int, thresholds: list[float], attention
               "photos": float(per_image[photos].float().mean()) if photos.any() else None,
               "synthetic": float(per_image[~photos].float().mean()),
               "batch_mean": float(token_counts(apt.select(images)).float().mean())}
+    cost = selection_cost(apt, images)
+    plan = apt.plan(images.cpu()) if select == "workers" else None  # made by the loader, before the step
+
+    def forward(x):
+        return apt(x, plan=plan)
+
     rows = []
     original = torch.compile(vit) if compile else vit
     ref = {"infer": throughput(original, images, False, steps, warmup),
@@ -119,10 +146,10 @@ def measure(name: str, size: int, batch: int, thresholds: list[float], attention
         apt.eval()
         error = packing_error(apt, images)
         if compile:
-            apt.compile_blocks()
+            apt.compile_parts()
         try:
-            got = {"infer": throughput(apt, images, False, steps, warmup),
-                   "train": throughput(apt, images, True, steps, warmup)}
+            got = {"infer": throughput(apt, images, False, steps, warmup, forward),
+                   "train": throughput(apt, images, True, steps, warmup, forward)}
         except Exception as e:  # noqa: BLE001 - report a backend that fails here and go on
             rows.append({"model": f"apt/{backend}", "size": size, "error": f"{type(e).__name__}: {e}"[:300]})
             continue
@@ -133,6 +160,8 @@ def measure(name: str, size: int, batch: int, thresholds: list[float], attention
           f"image {base} -> {tokens['all']:.1f} ({100 * (1 - tokens['all'] / base):.1f}% fewer; natural photos "
           f"{tokens['photos'] if tokens['photos'] is None else round(tokens['photos'], 1)}, synthetic "
           f"{tokens['synthetic']:.1f}; this batch {tokens['batch_mean']:.1f})")
+    print(f"patch selection on {select}; on one CPU thread it costs {cost['select_ms_per_image']:.2f} ms per image "
+          f"(a loader worker's share) + {cost['plan_ms_per_batch']:.2f} ms per batch for the packing plan")
     print(f"{'model':<14}{'tokens':>8}{'infer img/s':>13}{'ratio':>7}{'train img/s':>13}{'ratio':>7}"
           f"{'packed vs alone':>17}")
     for r in rows:
@@ -145,7 +174,8 @@ def measure(name: str, size: int, batch: int, thresholds: list[float], attention
     del vit, apt, original
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return [{**r, "token_summary": tokens, "batch": batch, "compile": compile} for r in rows]
+    return [{**r, "token_summary": tokens, "batch": batch, "compile": compile, "select": select, **cost}
+            for r in rows]
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -156,6 +186,9 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[5.5, 4.5])
     parser.add_argument("--attention", nargs="+", default=["varlen", "jagged", "flex", "padded"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the ViT and APT's blocks")
+    parser.add_argument("--select", choices=["workers", "device"], default="workers",
+                        help="where APT's patch selection runs: on the CPU before the step (as in task=apt's "
+                             "loader workers) or on the device inside it")
     parser.add_argument("--photos", help="an .npz of photos to use instead of scikit-image's")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -167,6 +200,6 @@ def run(argv: list[str] | None = None) -> dict:
     for i, size in enumerate(args.sizes):
         batch = args.batch[min(i, len(args.batch) - 1)]
         rows += measure(args.model, size, batch, args.thresholds, args.attention, args.compile, args.steps,
-                        args.warmup, device, photos)
+                        args.warmup, device, photos, args.select)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     return {"device": device_name, "torch": torch.__version__, "rows": rows}
