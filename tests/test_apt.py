@@ -14,6 +14,7 @@ from PIL import Image
 from sklearn.metrics import matthews_corrcoef
 
 from train.__main__ import run_task
+from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.metrics import paired_bootstrap_mcc
 from train.models import create_backbone
 from train.models.apt import (APTViT, Packing, TokenPlan, flat_selection, grayscale_255, packed_attention,
@@ -24,16 +25,10 @@ from train.runs import Run
 from train.tasks.apt import APTModule
 from train.tasks.lightning import build_datamodule
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- plain references -----------------------------------------------------------------------------
@@ -560,10 +555,15 @@ def test_paired_bootstrap_mcc():
 
 # --- 8. calibration and the bundle -------------------------------------------------------------------
 
-def test_cascade_full_experiment_runs_apt_between_stage1_and_calibrate():
+def test_cascade_full_experiment_orders_every_stage_after_what_it_reads():
     cfg = compose_config("+experiment=cascade_full")
-    assert list(cfg.pipeline.stages) == ["data", "stage1", "apt", "calibrate", "export", "evaluate"]
+    stages = list(cfg.pipeline.stages)
+    assert stages == ["data", "stage1", "apt", "calibrate", "draft", "difficulty", "export", "evaluate"]
     assert "apt" in cfg.calibrate.tiers and "apt" in cfg.export.models and cfg.export.hf_model == "stage1"
+    # the draft learns from the calibrated Stage-1; the router from the draft's and Stage-1's outcomes
+    assert cfg.draft.teacher in cfg.calibrate.tiers and stages.index("calibrate") < stages.index("draft")
+    assert stages.index("draft") < stages.index("difficulty") < stages.index("export")
+    assert list(cfg.export.models) == ["difficulty", "draft", "stage1", "apt"]
 
 
 def test_apt_is_calibrated_exported_and_served_from_the_bundle(apt_run, tmp_path):

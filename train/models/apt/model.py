@@ -19,9 +19,7 @@ import torch.nn.functional as F
 
 from train.models.apt.packing import Packing, TokenPlan, packed_attention, resolve_backend
 from train.models.apt.selection import PatchSelector, flat_selection
-
-SUPPORTED_POOLS = ("token", "avg")
-
+from train.models.vit_wrapper import ViTWrapper, vit_problems
 
 def base_patch_size(vit: nn.Module) -> int:
     """The patch size of a timm ViT that APT can wrap (a clear error for any other model)."""
@@ -30,18 +28,9 @@ def base_patch_size(vit: nn.Module) -> int:
 
 
 def _check_supported(vit: nn.Module) -> None:
-    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+    from timm.models.vision_transformer import Attention, Block
 
-    if not isinstance(vit, VisionTransformer):
-        raise ValueError(f"APT wraps timm VisionTransformer models; got {type(vit).__name__} "
-                         "(transformers backbones and CNNs have no patch tokens to merge)")
-    problems = []
-    if getattr(vit, "attn_pool", None) is not None or vit.global_pool not in SUPPORTED_POOLS:
-        problems.append(f"global_pool={vit.global_pool!r} (supported: {SUPPORTED_POOLS})")
-    if getattr(vit, "dynamic_img_size", False):
-        problems.append("dynamic_img_size=True")
-    if vit.pos_embed is None:
-        problems.append("no absolute position embedding")
+    problems = vit_problems(vit, "APT", " (transformers backbones and CNNs have no patch tokens to merge)")
     if not isinstance(vit.patch_embed.proj, nn.Conv2d):
         problems.append("patch_embed.proj is not a Conv2d")
     for i, blk in enumerate(vit.blocks):
@@ -102,7 +91,7 @@ def _conv2x2(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.linear(blocks, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
 
-class APTViT(nn.Module):
+class APTViT(ViTWrapper):
     """A timm ViT with content-adaptive patch sizes: ``images -> logits`` over packed variable-length sequences.
 
     ``thresholds[k - 1]`` is the entropy (bits) below which a ``patch * 2**k`` patch is used;
@@ -127,24 +116,11 @@ class APTViT(nn.Module):
         """What rebuilds this wrapper around ``create_backbone(**backbone_args)`` (saved with the weights)."""
         return {"thresholds": self.thresholds, "mean": self.mean, "std": self.std}
 
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.vit.num_prefix_tokens
-
-    def get_classifier(self) -> nn.Module:
-        return self.vit.get_classifier()
-
-    def no_weight_decay(self) -> set[str]:
-        return {f"vit.{n}" for n in self.vit.no_weight_decay()}
-
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm layer-decay groups: the new layers learn at the head's rate (they match no group)."""
         return {"stem": r"^vit\.(?:cls_token|pos_embed|reg_token|patch_embed)",
                 "blocks": r"^vit\.blocks\.(\d+)" if coarse else [(r"^vit\.blocks\.(\d+)", None),
                                                                   (r"^vit\.norm", (99999,))]}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.vit.set_grad_checkpointing(enable)
 
     @contextmanager
     def base_only(self):
