@@ -8,8 +8,9 @@ import torch
 from scipy.integrate import quad
 
 from train.calibration.risk_control import (MAX_CANDIDATES, aurc, binomial_pvalue, default_candidates,
-                                            evaluate_threshold, hoeffding_bentkus_pvalue, risk_coverage_curve,
-                                            routing_curve, select_threshold)
+                                            evaluate_threshold, hoeffding_bentkus_pvalue, one_per_group,
+                                            resampled_violations, risk_coverage_curve, routing_curve,
+                                            select_threshold)
 
 
 def binom_cdf(k: int, n: int, p: float) -> float:
@@ -283,3 +284,29 @@ def test_pvalues_and_curves_reject_bad_input():
         aurc([0.1, 0.2], [0])
     with pytest.raises(ValueError, match="score is empty"):
         routing_curve([], [])
+
+
+def test_one_per_group_keeps_one_random_row_of_each_group():
+    groups = np.array([5, 5, 5, 2, 2, 9])
+    rows = one_per_group(groups, seed=0)
+    assert sorted(groups[rows].tolist()) == [2, 5, 9]
+    picks = {tuple(one_per_group(groups, seed=s)) for s in range(30)}
+    assert len(picks) > 1  # random within a group, not always the first row
+
+
+def test_resampled_violations_on_correlated_rows():
+    """Four rows per image that share the image's error: one row per image keeps the guarantee; the pool's risk
+    at the chosen threshold is the reference."""
+    rng = np.random.default_rng(0)
+    images = 3000
+    conf_img = rng.uniform(0.5, 1.0, images)
+    err_img = rng.random(images) < 2 * (1 - conf_img) ** 2
+    groups = np.repeat(np.arange(images), 4)
+    confidence = np.repeat(conf_img, 4) + rng.normal(0, 0.01, 4 * images)
+    errors = np.repeat(err_img, 4).astype(float)
+    check = resampled_violations(confidence, errors, groups, 1000, alpha=0.05, delta=0.1, resamples=60,
+                                 min_accepted=100)  # the walk starts where 100 are accepted: no stop at the top
+    assert check["holds"] and check["violation_frequency"] <= check["allowed"]
+    assert check["mean_acceptance_rate"] > 0.3 and check["none_chosen"] <= 6
+    with pytest.raises(ValueError, match="n_groups"):
+        resampled_violations(confidence, errors, groups, images + 1, 0.05, 0.1, 5)

@@ -75,13 +75,16 @@ def predict_split(fn, datamodule, split: str, levels, output: str = "logits",
 
     Returns ``{level: {output: scores, "label": ..., "index": ...}}`` in split order (on the CPU), the
     input of :func:`write_predictions`. ``fn`` may be a PyTorch model on ``device`` (``output="logits"``)
-    or any callable, e.g. an ONNX Runtime session that returns calibrated probabilities (``output="prob"``).
+    or any callable, e.g. an ONNX Runtime session that returns calibrated probabilities (``output="prob"``);
+    one that returns a dict of tensors gives one entry per key instead of ``output``.
     """
     out = {}
     for level in levels:
-        parts: dict[str, list] = {output: [], "label": [], "index": []}
+        parts: dict[str, list] = {"label": [], "index": []}
         for batch in datamodule.loader(datamodule.dataset(split, level)):
-            parts[output].append(torch.as_tensor(fn(batch["image"].to(device))).float().cpu())
+            scores = fn(batch["image"].to(device))
+            for key, value in (scores.items() if isinstance(scores, dict) else [(output, scores)]):
+                parts.setdefault(key, []).append(torch.as_tensor(value).float().cpu())
             parts["label"].append(batch["label"])
             parts["index"].append(batch["index"])
         out[int(level)] = {k: torch.cat(v) for k, v in parts.items()}

@@ -133,8 +133,8 @@ def measure(name: str, size: int, batch: int, thresholds: list[float], attention
     cost = selection_cost(apt, images)
     plan = apt.plan(images.cpu()) if select == "workers" else None  # made by the loader, before the step
 
-    def forward(x):
-        return apt(x, plan=plan)
+    def forward(x, model=apt):
+        return model(x, plan=plan)
 
     rows = []
     original = torch.compile(vit) if compile else vit

@@ -305,7 +305,7 @@ def one_per_group(groups, seed: int = 0) -> np.ndarray:
 
 
 def resampled_violations(confidence, errors, groups, n_groups: int, alpha: float, delta: float, resamples: int,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, min_accepted: int = 1) -> dict:
     """Check the guarantee empirically, the pooled outcomes standing in for the population: ``resamples`` times,
     calibrate on ``n_groups`` groups drawn from the pool (one row each) and see whether the pool's risk among the
     samples the chosen threshold accepts exceeds ``alpha``. Learn-then-Test: at most ``delta`` of the time."""
@@ -319,7 +319,7 @@ def resampled_violations(confidence, errors, groups, n_groups: int, alpha: float
     for r in range(resamples):
         chosen = np.isin(groups, rng.choice(names, n_groups, replace=False))
         rows = np.flatnonzero(chosen)[one_per_group(groups[chosen], seed=seed + r)]
-        choice = select_threshold(confidence[rows], errors[rows], alpha, delta)
+        choice = select_threshold(confidence[rows], errors[rows], alpha, delta, min_accepted=min_accepted)
         pool = evaluate_threshold(confidence, errors, choice.threshold)
         rates.append(pool["acceptance_rate"])
         thresholds.append(np.nan if choice.threshold is None else choice.threshold)

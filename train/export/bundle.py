@@ -21,8 +21,8 @@ from train.export.hf import check_hf_folder, save_hf_folder
 from train.export.manifest import (MODEL_CARD, AdaptivePatches, BundleError, Calibration, InputSpec, Manifest,
                                    ModelCard, ModelEntry, OnnxSpec, Tier, code_version, file_entry, load_manifest,
                                    now_utc, write_manifest)
-from train.export.onnx import (DEFAULT_OPSET, ExportError, OnnxAPTClassifier, OnnxClassifier, check_parity,
-                               export_apt_onnx, export_onnx)
+from train.export.onnx import (DEFAULT_OPSET, INPUT, ExportError, OnnxAPTClassifier, OnnxClassifier, OnnxOneByOne,
+                               OnnxRouter, check_parity, export_apt_onnx, export_onnx, export_router_onnx)
 from train.metrics import roadwork_prob
 from train.runs import atomic_write_json
 
@@ -50,6 +50,9 @@ def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration
     if apt is not None:
         signature = export_apt_onnx(model, onnx_path, input_spec["img_size"], opset)
         session = OnnxAPTClassifier(onnx_path, apt, input_spec["mean"], input_spec["std"])
+    elif hasattr(model, "export_module"):  # the elastic draft: its token budget is chosen inside the graph
+        signature = export_onnx(model.export_module(), onnx_path, input_spec["img_size"], opset, batch=1)
+        session = OnnxOneByOne(onnx_path)
     else:
         signature, session = export_onnx(model, onnx_path, input_spec["img_size"], opset), None
     diff = check_parity(torch_probs, onnx_path, pixels, parity_atol, session)
@@ -67,6 +70,28 @@ def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration
     return ModelEntry(kind="classifier", score=_score_meaning(calibration), files=files, input=InputSpec(**input_spec),
                       calibration=calibration, onnx=onnx, metrics=metrics or {}, metrics_source=metrics_source,
                       checks=checks, backbone=dict(getattr(model, "backbone_args", {})), apt=apt)
+
+
+def export_router(name: str, router: nn.Module, input_spec: dict, calibration: Calibration, bundle: Path,
+                  pixels: torch.Tensor, draft_logits: torch.Tensor, metrics: dict[str, dict[str, float]] | None = None,
+                  opset: int = DEFAULT_OPSET, parity_atol: float = 1e-4) -> ModelEntry:
+    """Write ``<name>.onnx`` for the difficulty router, checked in ONNX Runtime on real images and draft logits."""
+    router = router.eval()
+    with torch.no_grad():
+        expected = router(pixels, draft_logits).float().sigmoid().numpy()
+    onnx_path = bundle / f"{name}.onnx"
+    signature = export_router_onnx(router, onnx_path, input_spec["img_size"], opset)
+    got = OnnxRouter(onnx_path).scores(pixels.numpy(), draft_logits.numpy())
+    diff = float(np.abs(expected - got).max())
+    if not diff <= parity_atol:
+        raise ExportError(f"{onnx_path.name}: ONNX Runtime disagrees with PyTorch by up to {diff:.2e} in the router's "
+                          f"scores (limit {parity_atol:.0e})")
+    onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(pixels), **signature)
+    score = (f"calibrated P(wrong answer) of each of {router.targets} (output columns in that order); route the "
+             "sample past a tier when its score >= the tier threshold")
+    return ModelEntry(kind="router", score=score, files={"onnx": file_entry(bundle, onnx_path)},
+                      input=InputSpec(**input_spec), calibration=calibration, onnx=onnx, metrics=metrics or {},
+                      backbone={"router": router.router_args})
 
 
 APT_PROCEDURE = ("per image: gray = gray_weights . RGB on 0-255; for k = len(thresholds) .. 1, a patch_sizes[k] patch "
@@ -95,10 +120,12 @@ def _score_meaning(calibration: Calibration) -> str:
     return "P(Roadwork) before calibration: apply calibration.consumer_applies to get the calibrated one"
 
 
-def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str | None = None) -> Path:
+def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str | None = None,
+                 thresholds: dict[str, dict] | None = None) -> Path:
     """Build a bundle in a fresh sibling folder, then swap it in for ``out_dir`` (never edited in place).
 
-    ``build(folder) -> dict[name, ModelEntry]`` writes the models' files into ``folder``.
+    ``build(folder) -> dict[name, ModelEntry]`` writes the models' files into ``folder``; ``thresholds[name]``
+    (``{"threshold": ..., "guarantee": {...}}``) fills that tier's threshold.
     """
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -110,7 +137,7 @@ def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str |
         for path in staging.rglob("*"):  # readable by the inference stack's user, whoever wrote them
             path.chmod(0o755 if path.is_dir() else 0o644)
         manifest = Manifest(created=now_utc(), run=run, code_version=code_version(), models=models,
-                            tiers=[Tier(name=name, model=name) for name in models],
+                            tiers=[Tier(name=name, model=name, **(thresholds or {}).get(name, {})) for name in models],
                             files={"model_card": file_entry(staging, staging / MODEL_CARD)}, config=config)
         write_manifest(staging, manifest)
         load_manifest(staging)  # what we wrote reads back and verifies
@@ -133,6 +160,8 @@ class BundleClassifier:
         path = bundle / entry.files[entry.onnx.file].path
         if entry.apt is not None:
             self.session = OnnxAPTClassifier(path, entry.apt, entry.input.mean, entry.input.std, threads)
+        elif entry.onnx.inputs[INPUT].shape[0] == 1:
+            self.session = OnnxOneByOne(path, threads)
         else:
             self.session = OnnxClassifier(path, threads)
         cal = entry.calibration
@@ -149,6 +178,12 @@ class Bundle:
     def __init__(self, path: str | Path, verify: bool = True):
         self.path = Path(path)
         self.manifest = load_manifest(self.path, verify)
+
+    def router(self, name: str = "difficulty", threads: int | None = None) -> OnnxRouter:
+        entry = self.manifest.models.get(name)
+        if entry is None or entry.kind != "router":
+            raise BundleError(f"bundle {self.path} has no router {name!r}")
+        return OnnxRouter(self.path / entry.files[entry.onnx.file].path, threads)
 
     def classifier(self, name: str, threads: int | None = None) -> BundleClassifier:
         if name not in self.manifest.models:

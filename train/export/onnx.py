@@ -33,18 +33,67 @@ class WithProbabilities(nn.Module):
         return logits, logits.softmax(-1)
 
 
-def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = DEFAULT_OPSET) -> dict:
-    """Write ``path`` with torch.onnx's exporter; returns the inputs/outputs signature for the manifest."""
+def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = DEFAULT_OPSET, batch: int | None = None) -> dict:
+    """Write ``path`` with torch.onnx's exporter; returns the inputs/outputs signature for the manifest.
+
+    ``batch=None``: a dynamic batch axis; ``batch=1``: one image per call (graphs whose work depends on the
+    image, e.g. the elastic draft's token budget).
+    """
     model = WithProbabilities(model).eval()
-    example = torch.randn(2, 3, img_size, img_size)
+    example = torch.randn(batch or 2, 3, img_size, img_size)
+    dynamic = ({0: torch.export.Dim("batch")},) if batch is None else None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False, opset_version=opset,
                           input_names=[INPUT], output_names=list(OUTPUTS), external_data=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
-    classes = 2
-    return {"inputs": {INPUT: TensorSpec(dtype="float32", shape=["batch", 3, img_size, img_size])},
-            "outputs": {name: TensorSpec(dtype="float32", shape=["batch", classes]) for name in OUTPUTS}}
+                          dynamic_shapes=dynamic)
+    classes, axis = 2, "batch" if batch is None else batch
+    return {"inputs": {INPUT: TensorSpec(dtype="float32", shape=[axis, 3, img_size, img_size])},
+            "outputs": {name: TensorSpec(dtype="float32", shape=[axis, classes]) for name in OUTPUTS}}
+
+
+ROUTER_INPUTS, ROUTER_OUTPUTS = ("pixel_values", "draft_logits"), ("logits", "scores")
+
+
+class RouterWithScores(nn.Module):
+    """The difficulty router's graph: ``(images, draft logits) -> (logits, sigmoid scores)``."""
+
+    def __init__(self, router: nn.Module):
+        super().__init__()
+        self.router = router
+
+    def forward(self, pixel_values: torch.Tensor, draft_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.router(pixel_values, draft_logits).float()
+        return logits, logits.sigmoid()
+
+
+def export_router_onnx(router: nn.Module, path: Path, img_size: int, opset: int = DEFAULT_OPSET) -> dict:
+    """The router with a dynamic batch; its second input is the draft's logits (ignored when it reads none)."""
+    model = RouterWithScores(router).eval()
+    example = (torch.randn(2, 3, img_size, img_size), torch.randn(2, 2))
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, example, str(path), dynamo=True, verbose=False, opset_version=opset,
+                          input_names=list(ROUTER_INPUTS), output_names=list(ROUTER_OUTPUTS), external_data=False,
+                          dynamic_shapes=({0: batch}, {0: batch}))
+    n = len(router.targets)
+    return {"inputs": {ROUTER_INPUTS[0]: TensorSpec(dtype="float32", shape=["batch", 3, img_size, img_size]),
+                       ROUTER_INPUTS[1]: TensorSpec(dtype="float32", shape=["batch", 2])},
+            "outputs": {name: TensorSpec(dtype="float32", shape=["batch", n]) for name in ROUTER_OUTPUTS}}
+
+
+class OnnxRouter:
+    """An exported router in ONNX Runtime: ``scores(pixel_values, draft_logits)`` -> ``(B, targets)`` P(wrong)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.session = _session(path, threads)
+        self.input_names = {i.name for i in self.session.get_inputs()}
+
+    def scores(self, pixel_values: np.ndarray, draft_logits: np.ndarray) -> np.ndarray:
+        feeds = {ROUTER_INPUTS[0]: np.ascontiguousarray(pixel_values, np.float32),
+                 ROUTER_INPUTS[1]: np.ascontiguousarray(draft_logits, np.float32)}
+        return self.session.run([ROUTER_OUTPUTS[1]], {k: v for k, v in feeds.items() if k in self.input_names})[0]
 
 
 class TokensWithProbabilities(nn.Module):
@@ -82,20 +131,25 @@ def export_apt_onnx(model: nn.Module, path: Path, img_size: int, opset: int = DE
             "outputs": {name: TensorSpec(dtype="float32", shape=[1, 2]) for name in OUTPUTS}}
 
 
+def _session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session for ``path`` (a BundleError if it cannot load)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise BundleError(f"ONNX Runtime cannot load {path}: {e}") from None
+
+
 class OnnxClassifier:
     """An exported classifier in ONNX Runtime: ``probs(pixel_values) -> P(roadwork)`` (numpy in, numpy out)."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise BundleError(f"ONNX Runtime cannot load {path}: {e}") from None
+        self.session = _session(path, threads)
 
     def logits_and_probs(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, probs = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(pixel_values, np.float32)})
@@ -103,6 +157,15 @@ class OnnxClassifier:
 
     def probs(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.logits_and_probs(pixel_values)[1][:, 1]
+
+
+class OnnxOneByOne(OnnxClassifier):
+    """A classifier exported at batch 1: runs the graph once per image."""
+
+    def logits_and_probs(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pixel_values = np.ascontiguousarray(pixel_values, np.float32)
+        outs = [self.session.run(list(OUTPUTS), {INPUT: pixel_values[i:i + 1]}) for i in range(len(pixel_values))]
+        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
 
 class OnnxAPTClassifier(OnnxClassifier):

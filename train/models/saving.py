@@ -32,6 +32,8 @@ def save_classifier(model: nn.Module, path: Path, input_spec: dict, **extra) -> 
         extra["hf_config"] = model.model.config.to_dict()
     if hasattr(model, "apt_args"):  # an APT wrapper around the backbone
         extra["apt"] = model.apt_args
+    if hasattr(model, "elastic_args"):  # an elastic-token draft around the backbone
+        extra["elastic"] = model.elastic_args
     atomic_write_json(config, {"format_version": FORMAT_VERSION, "backbone": model.backbone_args,
                                "id2label": {str(k): v for k, v in LABELS.items()}, "input": input_spec, **extra})
     return weights, config
@@ -52,5 +54,10 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
         from train.models.apt import APTViT
 
         model = APTViT(model, **config["apt"])
+    if "elastic" in config:
+        from train.models.draft import ElasticDraft
+        from train.models.elastic import ElasticViT
+
+        model = ElasticDraft(ElasticViT(model, **config["elastic"]))
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval(), config

@@ -8,6 +8,7 @@ When the tier recorded its test predictions, the before/after figures are also g
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -38,8 +39,16 @@ def _check_fold(model: torch.nn.Module, images: torch.Tensor, expected: torch.Te
 
 def calibrate_tier(cfg: DictConfig, run: Run, tier: str) -> dict:
     """Fit, fold and save one tier's calibration; returns its report (also the manifest's ``calibration``)."""
-    ccfg, task_dir = cfg.calibrate, run.task_dir("calibrate")
     model, config = load_classifier(run.artifact(tier, "model"))
+    return calibrate_model(cfg, run, model, config, tier, run.task_dir("calibrate"))
+
+
+def calibrate_model(cfg: DictConfig, run: Run, model: torch.nn.Module, config: dict, name: str, out_dir) -> dict:
+    """Fit ``calibrate.method`` on ``model``'s calib-split logits, fold it in and save ``out_dir/<name>``.
+
+    Also used by tasks that calibrate their own model before choosing a threshold with it (the draft).
+    """
+    ccfg = cfg.calibrate
     datamodule = build_datamodule(cfg, run, config["input"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     calib = predict_split(model.to(device), datamodule, ccfg.split, ccfg.levels, device=device)
@@ -59,12 +68,12 @@ def calibrate_tier(cfg: DictConfig, run: Run, tier: str) -> dict:
         with torch.no_grad():
             expected = calibrator.probs(model(images)).float()
         _check_fold(fold_into_head(model, calibrator), images, expected)
-    save_classifier(model, task_dir / tier, config["input"], calibration=report,
+    save_classifier(model, out_dir / name, config["input"], calibration=report,
                     **{k: config[k] for k in HANDED_ON if k in config})
-    reliability_diagram(task_dir / f"{tier}_reliability.png", labels, {"before": before, "after": after},
-                        n_bins=ccfg.n_bins, title=f"{tier}: {ccfg.split} split, levels {list(ccfg.levels)}, "
+    reliability_diagram(out_dir / f"{name}_reliability.png", labels, {"before": before, "after": after},
+                        n_bins=ccfg.n_bins, title=f"{name}: {ccfg.split} split, levels {list(ccfg.levels)}, "
                                                   f"{calibrator.method} scaling")
-    report["test"] = _test_figures(run, tier, calibrator, ccfg.n_bins)
+    report["test"] = _test_figures(run, name, calibrator, ccfg.n_bins)
     return report
 
 
@@ -110,3 +119,19 @@ def _print_report(tier: str, report: dict) -> None:
         rows = {f"test/{lv} {when}/{k}": v for lv, m in report["test"].items() for when in ("before", "after")
                 for k, v in m[when].items()}
         print_level_table(rows, f"{tier} on test, before / after calibration", "test", shown)
+
+
+def load_calibrated(run: Run, name: str) -> tuple[torch.nn.Module, dict, dict]:
+    """(model, config, calibration report) of tier ``name``, calibrated by the calibrate stage or by its own task
+    (a task that needs its calibration before choosing a threshold records ``calibrated_model`` + ``calibration``)."""
+    if run.is_complete("calibrate"):
+        reports = json.loads(run.artifact("calibrate", "report").read_text())
+        if name in reports:
+            model, config = load_classifier(run.artifact("calibrate", f"{name}_model"))
+            return model, config, reports[name]
+    artifacts = run.read()["tasks"].get(name, {}).get("artifacts", {})
+    if "calibrated_model" in artifacts:
+        model, config = load_classifier(run.artifact(name, "calibrated_model"))
+        return model, config, json.loads(run.artifact(name, "calibration").read_text())
+    raise FileNotFoundError(f"run {run.path.name} has no calibrated {name!r}: add it to calibrate.tiers (and run "
+                            f"the calibrate stage after the {name} stage)")

@@ -16,11 +16,13 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from train.export import Calibration, ExportError, ModelCard, export_classifier, write_bundle
+from train.export.bundle import export_router
 from train.export.manifest import MANIFEST, MODEL_CARD, load_manifest, now_utc
 from train.metrics import with_mean
-from train.models.saving import load_classifier
+from train.models.difficulty import load_router
 from train.runs import Run
 from train.tasks import register_task
+from train.tasks.calibrate import load_calibrated
 from train.tasks.lightning import build_datamodule, ensure_data
 from train.utils.console import console
 
@@ -68,22 +70,54 @@ METRICS_SOURCE = ("the {name} stage's test predictions (at its training precisio
 
 
 def _calibrated_models(cfg: DictConfig, run: Run) -> dict[str, tuple[nn.Module, dict, Calibration, dict]]:
-    """name -> (model, input spec, calibration, metrics per level) for every model to export."""
+    """name -> (model, input spec, calibration, metrics per level) for every classifier to export."""
     if cfg.get("ckpt"):
         model, spec = from_checkpoint(cfg.ckpt)
         log.warning("exporting %s uncalibrated (calibration needs a run's calib split)", cfg.ckpt)
         return {cfg.export.hf_model: (model, spec, Calibration(method="none", folded=False), {})}
-    reports = json.loads(run.artifact("calibrate", "report").read_text())
     out = {}
     for name in cfg.export.models:
-        if name not in reports:
-            raise ExportError(f"export.models has {name!r}, which the calibrate stage did not calibrate "
-                              f"(it did: {sorted(reports)}); add it to calibrate.tiers")
-        model, config = load_classifier(run.artifact("calibrate", f"{name}_model"))
-        report = reports[name]
+        if _is_router(run, name):
+            continue
+        try:
+            model, config, report = load_calibrated(run, name)
+        except FileNotFoundError as e:
+            raise ExportError(f"export.models has {name!r}: {e}") from None
         calibration = Calibration(**{k: v for k, v in report.items() if k != "test"})
         out[name] = (model, config["input"], calibration, metrics_per_level(report))
     return out
+
+
+def _is_router(run: Run, name: str) -> bool:
+    config = run.read()["tasks"].get(name, {}).get("artifacts", {}).get("model_config")
+    return bool(config) and "router" in json.loads(run.artifact(name, "model_config").read_text())
+
+
+def _thresholds(run: Run, names) -> dict[str, dict]:
+    """Each tier's recorded threshold and guarantee (tasks that choose one write ``threshold.json``)."""
+    out = {}
+    for name in names:
+        if "threshold" in run.read()["tasks"].get(name, {}).get("artifacts", {}):
+            recorded = json.loads(run.artifact(name, "threshold").read_text())
+            out[name] = {"threshold": recorded["threshold"], "guarantee": recorded["guarantee"]}
+    return out
+
+
+def _router_entry(cfg: DictConfig, run: Run, name: str, folder: Path):
+    """Export the difficulty router, its parity checked on real queries with the calibrated draft's logits."""
+    router, config = load_router(run.artifact(name, "model"))
+    spec = config["input"]
+    pixels, _ = parity_samples(build_datamodule(cfg, run, spec), cfg.export.onnx.parity_images)
+    draft, _, _ = load_calibrated(run, "draft")
+    with torch.no_grad():
+        draft_logits = draft.eval()(pixels).float()
+    report = json.loads(run.artifact(name, "report").read_text())
+    calibration = Calibration(**{k: config["calibration"][k] for k in
+                                 ("method", "params", "folded", "split", "levels", "n", "before", "after")})
+    metrics = {t: {k: v for k, v in m.items() if isinstance(v, (int, float))} for t, m in report["test"].items()
+               if t in router.targets}
+    return export_router(name, router, spec, calibration, folder, pixels, draft_logits, metrics,
+                         cfg.export.onnx.opset, cfg.export.onnx.parity_atol)
 
 
 def _apt_tokens(run: Run, model: nn.Module) -> dict[str, dict[str, float]] | None:
@@ -103,6 +137,8 @@ def run_export(cfg: DictConfig, run: Run) -> dict:
 
     def build(folder: Path) -> dict:
         entries = {}
+        for name in [n for n in ecfg.models if n not in models] if not cfg.get("ckpt") else []:
+            entries[name] = _router_entry(cfg, run, name, folder)
         for name, (model, spec, calibration, metrics) in models.items():
             pixels, queries = parity_samples(build_datamodule(cfg, run, spec), ecfg.onnx.parity_images)
             entries[name] = export_classifier(name, model, spec, calibration, folder, pixels,
@@ -111,8 +147,9 @@ def run_export(cfg: DictConfig, run: Run) -> dict:
                                               ecfg.onnx.opset, ecfg.onnx.parity_atol, _apt_tokens(run, model))
         return entries
 
+    thresholds = {} if cfg.get("ckpt") else _thresholds(run, ecfg.models)
     bundle = write_bundle(run.path / BUNDLE_DIR, build, card, OmegaConf.to_container(cfg, resolve=True),
-                          run=run.path.name)
+                          run=run.path.name, thresholds=thresholds)
     manifest = load_manifest(bundle)
     metrics = {f"{n}/onnx_parity_max_abs_diff": m.onnx.parity_max_abs_diff for n, m in manifest.models.items()}
     metrics.update({f"{n}/{k}": v for n, m in manifest.models.items() for k, v in m.checks.items()})

@@ -31,15 +31,18 @@ def ensure_data(cfg: DictConfig, run: Run) -> None:
         get_task("data")(cfg, run)
 
 
-def build_trainer(cfg: DictConfig, task_dir: Path, **overrides) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, task_dir: Path, monitor: tuple[str, str] | None = None, **overrides) -> pl.Trainer:
     """Trainer with checkpoints in ``<task_dir>/checkpoints`` and logs in ``task_dir``; ``overrides`` replace
-    ``cfg.trainer`` keys (e.g. a task's own ``max_epochs``)."""
+    ``cfg.trainer`` keys (e.g. a task's own ``max_epochs``); ``monitor`` = (metric, mode) replaces the best
+    checkpoint's (for tasks whose model selection metric is not ``val/mcc``)."""
     loggers = [instantiate(lg, save_dir=str(task_dir)) for lg in (cfg.get("logger") or {}).values() if lg]
     callbacks = []
     for cb in (cfg.get("callbacks") or {}).values():
         if cb is None or (not loggers and cb._target_.endswith("LearningRateMonitor")):
             continue  # the LR monitor needs a logger
         extra = {"dirpath": str(task_dir / "checkpoints")} if cb._target_.endswith("Checkpoint") else {}
+        if monitor and extra and cb.get("monitor"):
+            extra.update(monitor=monitor[0], mode=monitor[1])
         callbacks.append(instantiate(cb, **extra))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(task_dir),
                        **overrides)

@@ -1,0 +1,337 @@
+"""``task=draft``: the speculative draft, a small student distilled from the frozen, calibrated Stage-1.
+
+Loss (EAGLE / SpecVLM): ``soft_weight`` x soft cross-entropy to the teacher's tempered distribution +
+``feature_weight`` x SmoothL1 between the projected student features and the teacher's pooled features
+(+ optional hard-label CE, + ``budget_cost`` x the gate's expected token fraction for an elastic ViT).
+The teacher runs in each step (``teacher_outputs=online``) or its outputs are written once for the train
+split's validator-level queries (``cache``). After training the draft is calibrated on the calib split
+(the shared calibrate code) and its relaxed-acceptance threshold chosen there with Learn-then-Test:
+accepted answers disagree with the teacher at most ``alpha`` of the time, with probability 1 - ``delta``.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from safetensors.torch import load_file, save_file
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
+from torchmetrics.functional.classification import binary_matthews_corrcoef
+
+from train.calibration.risk_control import evaluate_threshold, one_per_group, resampled_violations, select_threshold
+from train.metrics import roadwork_prob
+from train.models.draft import (ElasticStudent, StudentOutput, build_student, draft_classifier, feature_dim,
+                                fold_teacher_head, forced_budget, model_flops, pooled_features)
+from train.models.draft import init_from_teacher as init_student
+from train.models.distill import DistillationLoss, FeatureProjection
+from train.models.saving import load_classifier, save_classifier
+from train.predictions import predict_split
+from train.runs import Run, atomic_write_json
+from train.tasks import register_task
+from train.tasks.calibrate import calibrate_model, load_calibrated
+from train.tasks.difficulty import collect_outcomes
+from train.tasks.lightning import build_datamodule, build_trainer
+from train.utils.console import print_level_table
+
+log = logging.getLogger(__name__)
+TEACHER_OUTPUTS = ("online", "cache")
+HEADS = ("teacher", "own")  # teacher: logits = the frozen teacher's head on the projected features (EAGLE)
+
+
+def agreement_metrics() -> MetricCollection:
+    """The student's answers against the teacher's (``agree_*``)."""
+    return MetricCollection({"agree_mcc": BinaryMatthewsCorrCoef(), "agree_acc": BinaryAccuracy()})
+
+
+class DraftModule(pl.LightningModule):
+    """A student (:func:`~train.models.draft.build_student`) learning the frozen teacher at ``teacher`` (a saved,
+    calibrated classifier). Logs agreement with the teacher (``agree_mcc``, the selection metric ``val/mcc``) and
+    accuracy against the labels per validator level, and the mean token budget of an elastic student."""
+
+    def __init__(self, teacher: str, student: dict, optimizer: Callable, scheduler: Callable | None = None,
+                 elastic: dict | None = None, loss: dict | None = None, budget_cost: float = 0.0, head: str = "teacher",
+                 init_from_teacher: bool = True,
+                 val_levels: Sequence[int] = (0,), test_levels: Sequence[int] = (0, 1, 2, 3)):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.teacher, config = load_classifier(teacher)
+        self.teacher.requires_grad_(False).eval()
+        self.input_spec = config["input"]
+        self.net = build_student(student, elastic, self.input_spec["mean"], self.input_spec["std"])
+        if init_from_teacher:
+            copied = init_student(self.net, self.teacher)
+            log.info("draft student initialised from the teacher: %d tensors copied (%s)", len(copied),
+                     ", ".join(sorted({n.split(".")[0] for n in copied})) or "none matched")
+        self.projection = FeatureProjection(self.net.num_features, feature_dim(self.teacher))
+        self.criterion = DistillationLoss(**(loss or {}))
+        self.optimizer, self.scheduler, self.budget_cost = optimizer, scheduler, budget_cost
+        if head not in HEADS:
+            raise ValueError(f"draft.module.head={head!r}; allowed: {list(HEADS)}")
+        self.head = head
+        self.levels = {"val": list(val_levels), "test": list(test_levels)}
+        self.agreement = nn.ModuleDict({s: nn.ModuleList([agreement_metrics() for _ in lv])
+                                        for s, lv in self.levels.items()})
+        self.accuracy = nn.ModuleDict({s: nn.ModuleList([BinaryMatthewsCorrCoef() for _ in lv])
+                                       for s, lv in self.levels.items()})
+        self.budgets: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
+        self.strict_loading = False  # checkpoints leave the frozen teacher out (it is reloaded from its file)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # frozen: no dropout, no batch-norm updates
+        return self
+
+    @torch.no_grad()
+    def teach(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pooled_features(self.teacher, images)
+
+    def student(self, images: torch.Tensor) -> tuple[StudentOutput, torch.Tensor, torch.Tensor]:
+        """(the student's output, its logits, its features projected into the teacher's space)."""
+        out = self.net(images)
+        projected = self.projection(out.features)
+        logits = self.teacher.get_classifier()(projected) if self.head == "teacher" else out.logits
+        return out, logits, projected
+
+    def student_classifier(self) -> nn.Module:
+        """The trained student as a plain classifier, the teacher's head folded into its own when shared."""
+        net = draft_classifier(self.net)
+        if self.head == "teacher":
+            fold_teacher_head(net.get_classifier(), self.projection.proj, self.teacher.get_classifier())
+        return net
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        if "teacher_logits" in batch:
+            t_logits, t_features = batch["teacher_logits"], batch["teacher_features"]
+        else:
+            t_logits, t_features = self.teach(images)
+        out, logits, projected = self.student(images)
+        losses = self.criterion(logits, t_logits.float(), projected, t_features.float(), batch["label"])
+        loss = losses["loss"]
+        if out.expected_budget is not None and self.budget_cost:
+            loss = loss + self.budget_cost * out.expected_budget
+            self.log("train/budget", out.expected_budget.detach(), batch_size=len(images))
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=len(images))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def _eval_step(self, split: str, batch: dict, idx: int) -> None:
+        t_logits, _ = self.teach(batch["image"])
+        out, logits, _ = self.student(batch["image"])
+        student, teacher = roadwork_prob(logits.float()), roadwork_prob(t_logits.float())
+        self.agreement[split][idx].update(student, (teacher > 0.5).long())
+        self.accuracy[split][idx].update(student, batch["label"])
+        if out.budget_index is not None:
+            self.budgets[split].append(self.net.budget_fractions()[out.budget_index.cpu()])
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def _log_levels(self, split: str) -> None:
+        per_level = {}
+        for level, agree, acc in zip(self.levels[split], self.agreement[split], self.accuracy[split]):
+            values = {k: float(v) for k, v in agree.compute().items()} | {"mcc_label": float(acc.compute())}
+            agree.reset()
+            acc.reset()
+            per_level[level] = values
+            self.log_dict({f"{split}/L{level}/{k}": v for k, v in values.items()}, add_dataloader_idx=False)
+        for key in ("agree_mcc", "agree_acc", "mcc_label"):
+            self.log(f"{split}/{key}", float(np.mean([v[key] for v in per_level.values()])), add_dataloader_idx=False)
+        self.log(f"{split}/mcc", float(np.mean([v["agree_mcc"] for v in per_level.values()])), prog_bar=True,
+                 add_dataloader_idx=False)  # model selection: agreement with the teacher
+        if self.budgets[split]:
+            self.log(f"{split}/budget", torch.cat(self.budgets[split]).float().mean(), add_dataloader_idx=False)
+            self.budgets[split] = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_levels("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_levels("test")
+
+    def configure_optimizers(self):
+        params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
+        optimizer = self.optimizer(params)
+        if self.scheduler is None:
+            return optimizer
+        scheduler = self.scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+
+class CachedTeacher(Dataset):
+    """The train split as validator-level queries, each sample with the teacher's cached logits and features."""
+
+    def __init__(self, datasets: list[Dataset], cache: dict[str, torch.Tensor]):
+        self.data = ConcatDataset(datasets)
+        self.logits, self.features = cache["logits"], cache["features"]
+        if len(self.logits) != len(self.data):
+            raise ValueError(f"the teacher cache has {len(self.logits)} rows for {len(self.data)} samples: "
+                             "delete it to have it rewritten")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.data[i], "teacher_logits": self.logits[i], "teacher_features": self.features[i]}
+
+
+def teacher_cache(path, teacher: nn.Module, datamodule, levels: Sequence[int]) -> CachedTeacher:
+    """Write (once) and read the teacher's outputs on the train split's validator-level queries."""
+    datasets = [datamodule.dataset("train", level) for level in levels]
+    if not path.is_file():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        teacher.to(device)
+        logits, features = [], []
+        with torch.no_grad():
+            for ds in datasets:
+                for batch in datamodule.loader(ds):
+                    lg, ft = pooled_features(teacher, batch["image"].to(device))
+                    logits.append(lg.float().cpu())
+                    features.append(ft.float().cpu())
+        teacher.cpu()
+        tmp = path.with_suffix(".tmp")
+        save_file({"logits": torch.cat(logits), "features": torch.cat(features)}, str(tmp))
+        tmp.replace(path)
+        log.info("teacher outputs cached for %d train queries (levels %s) in %s", sum(map(len, datasets)),
+                 list(levels), path)
+    return CachedTeacher(datasets, load_file(str(path)))
+
+
+def budget_report(student: nn.Module, teacher: nn.Module, datamodule, levels: Sequence[int]) -> dict | None:
+    """An elastic student on test: its selector's budgets (share, mean fraction, agreement and MCC per chosen
+    budget) and every budget forced on all images."""
+    if not isinstance(student, ElasticStudent):
+        return None
+    elastic = student.model.eval()
+
+    def fn(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"teacher": teacher(images), "chosen": elastic.classify(images),
+               "budget": elastic.select(images).float()}
+        for i in range(len(elastic.budgets)):
+            with forced_budget(elastic, i):
+                out[f"forced_{i}"] = elastic.classify(images)
+        return out
+
+    device = torch.device("cpu")
+    teacher.to(device).eval()
+    elastic.to(device)
+    got = predict_split(fn, datamodule, "test", levels, device=device)
+    cat = {k: torch.cat([g[k] for g in got.values()]) for k in got[levels[0]]}
+    target, label = (roadwork_prob(cat["teacher"]) > 0.5).long(), cat["label"].long()
+
+    def scores(logits: torch.Tensor, rows: torch.Tensor | None = None) -> dict:
+        pred = (roadwork_prob(logits) > 0.5).long()
+        t, y = (target, label) if rows is None else (target[rows], label[rows])
+        pred = pred if rows is None else pred[rows]
+        return {"n": len(pred), "agree_mcc": float(binary_matthews_corrcoef(pred, t)),
+                "agree_acc": float((pred == t).float().mean()), "mcc_label": float(binary_matthews_corrcoef(pred, y))}
+
+    chosen = cat["budget"].long()
+    fractions = elastic.fractions.cpu()
+    return {"budgets": elastic.budgets, "token_fractions": fractions.tolist(), "levels": list(levels),
+            "mean_fraction": float(fractions[chosen].mean()),
+            "chosen": {str(b): {"share": float((chosen == i).float().mean()),
+                                **(scores(cat["chosen"], chosen == i) if (chosen == i).any() else {})}
+                       for i, b in enumerate(elastic.budgets)},
+            "all": scores(cat["chosen"]),
+            "forced": {str(b): scores(cat[f"forced_{i}"]) for i, b in enumerate(elastic.budgets)}}
+
+
+@register_task("draft")
+def run_draft(cfg: DictConfig, run: Run) -> dict:
+    dcfg, task_dir = cfg.draft, run.task_dir("draft")
+    if dcfg.teacher_outputs not in TEACHER_OUTPUTS:
+        raise ValueError(f"draft.teacher_outputs={dcfg.teacher_outputs!r}; allowed: {list(TEACHER_OUTPUTS)}")
+    teacher_model, teacher_config, _ = load_calibrated(run, dcfg.teacher)
+    save_classifier(teacher_model, task_dir / "teacher", teacher_config["input"])  # what the module loads
+    spec = teacher_config["input"]
+    datamodule = build_datamodule(cfg, run, spec)
+    module: DraftModule = instantiate(dcfg.module, teacher=str(task_dir / "teacher"))
+    if isinstance(module.net, ElasticStudent) and module.net.model.selector == "entropy":
+        train_set = datamodule.dataset("train", 0)  # equal shares of the budgets by image complexity
+        module.net.model.fit_thresholds(torch.stack([train_set[i]["image"] for i in range(min(512, len(train_set)))]))
+    trainer = build_trainer(cfg, task_dir, max_epochs=dcfg.epochs)
+    if dcfg.teacher_outputs == "cache":
+        data = teacher_cache(task_dir / "teacher_cache.safetensors", module.teacher, datamodule, dcfg.cache_levels)
+        train_loader = DataLoader(data, batch_size=datamodule.batch_size, shuffle=True,
+                                  num_workers=datamodule.num_workers, persistent_workers=datamodule.num_workers > 0)
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=datamodule.val_dataloader())
+    else:
+        trainer.fit(module, datamodule=datamodule)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best:
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"], strict=False)
+    test = {k.split("/dataloader_idx")[0]: float(v) for r in trainer.test(module, datamodule=datamodule, verbose=False)
+            for k, v in r.items()}
+
+    draft = module.cpu().eval().student_classifier()
+    weights, config_path = save_classifier(draft, task_dir / "student", spec)
+    draft, config = load_classifier(weights)
+    calibration = calibrate_model(cfg, run, draft, config, "draft", task_dir)
+    atomic_write_json(task_dir / "calibration.json", calibration)
+    draft, _ = load_classifier(task_dir / "draft")
+
+    tiers = {"draft": draft, "teacher": module.teacher.cpu()}
+    outcomes = {s: collect_outcomes(tiers, datamodule, s, dcfg.levels, 1) for s in ("calib", "test")}
+    conf, disagree, groups = {}, {}, {}
+    for s, o in outcomes.items():
+        p = roadwork_prob(o["draft"])
+        conf[s] = torch.maximum(p, 1 - p).numpy()
+        disagree[s] = ((p > 0.5) != (roadwork_prob(o["teacher"]) > 0.5)).float().numpy()
+        groups[s] = o["index"].numpy() + (0 if s == "calib" else 1 + int(outcomes["calib"]["index"].max()))
+    rows = one_per_group(groups["calib"], cfg.seed)  # one validator level per image: independent samples
+    choice = select_threshold(conf["calib"][rows], disagree["calib"][rows], dcfg.alpha, dcfg.delta,
+                              min_accepted=dcfg.min_accepted)
+    on_test = evaluate_threshold(conf["test"], disagree["test"], choice.threshold)
+    check = resampled_violations(np.concatenate([conf["calib"], conf["test"]]),
+                                 np.concatenate([disagree["calib"], disagree["test"]]),
+                                 np.concatenate([groups["calib"], groups["test"]]), len(rows), dcfg.alpha,
+                                 dcfg.delta, dcfg.resamples, cfg.seed, dcfg.min_accepted)
+    budgets = budget_report(module.net, module.teacher, datamodule, dcfg.levels)
+    flops = {"teacher": model_flops(module.teacher, spec["img_size"])}
+    if budgets is None:
+        flops["draft"] = model_flops(draft, spec["img_size"])
+    else:  # FLOPs at each budget, weighted by how often the selector chose it on test
+        per_budget = []
+        for i in range(len(budgets["budgets"])):
+            with forced_budget(draft.elastic, i):
+                per_budget.append(model_flops(draft, spec["img_size"]))
+        shares = [budgets["chosen"][str(b)]["share"] for b in budgets["budgets"]]
+        flops.update(per_budget=dict(zip(map(str, budgets["budgets"]), per_budget)),
+                     draft=float(np.dot(per_budget, shares)))
+    flops["ratio"] = flops["draft"] / flops["teacher"]
+    threshold = {"threshold": choice.threshold, "guarantee": {**choice.guarantee(), "against": f"the {dcfg.teacher} "
+                 "teacher's answer", "rule": "accept the draft's answer when max(p, 1-p) >= threshold"},
+                 "calib": {"acceptance_rate": choice.acceptance_rate, "accepted_risk": choice.accepted_risk},
+                 "test": on_test}
+    report = {"teacher": dcfg.teacher, "teacher_outputs": dcfg.teacher_outputs, "test": test, "threshold": threshold,
+              "resampled_guarantee": check, "flops": flops, "budgets": budgets}
+    atomic_write_json(task_dir / "report.json", report)
+    atomic_write_json(task_dir / "threshold.json", threshold)
+    metrics = {**test, "acceptance/test/rate": on_test["acceptance_rate"],
+               "acceptance/test/disagreement": on_test["accepted_risk"] if on_test["accepted_risk"] is not None else float("nan"),
+               "flops/ratio": flops["ratio"]}
+    print_level_table({k: v for k, v in test.items()}, "draft on test: agreement with the teacher, MCC vs labels",
+                      "test", ("agree_mcc", "agree_acc", "mcc_label"))
+    log.info("draft acceptance at alpha=%.3g, delta=%.3g: threshold %s; on test %.1f%% accepted, %.2f%% of them "
+             "disagree with the teacher; FLOPs %.3g vs teacher %.3g", dcfg.alpha, dcfg.delta, choice.threshold,
+             100 * on_test["acceptance_rate"], 100 * (on_test["accepted_risk"] or 0), flops["draft"], flops["teacher"])
+    artifacts = {"model": weights, "model_config": config_path, "calibrated_model": task_dir / "draft.safetensors",
+                 "calibrated_model_config": task_dir / "draft.json", "calibration": task_dir / "calibration.json",
+                 "threshold": task_dir / "threshold.json", "report": task_dir / "report.json",
+                 "reliability": task_dir / "draft_reliability.png"}
+    run.record("draft", artifacts=artifacts, metrics=metrics)
+    return metrics
