@@ -250,6 +250,42 @@ def budget_report(student: nn.Module, teacher: nn.Module, datamodule, levels: Se
             "forced": {str(b): scores(cat[f"forced_{i}"]) for i, b in enumerate(elastic.budgets)}}
 
 
+def acceptance(outcomes: dict[str, dict], dcfg: DictConfig, seed: int) -> tuple:
+    """The relaxed-acceptance threshold by Learn-then-Test on calib (one level per image), its result on test and
+    the resampled check of its guarantee: (choice, test figures, check)."""
+    conf, disagree, groups = {}, {}, {}
+    for split, o in outcomes.items():
+        p = roadwork_prob(o["draft"])
+        conf[split] = torch.maximum(p, 1 - p).numpy()
+        disagree[split] = ((p > 0.5) != (roadwork_prob(o["teacher"]) > 0.5)).float().numpy()
+        groups[split] = o["index"].numpy() + (0 if split == "calib" else 1 + int(outcomes["calib"]["index"].max()))
+    rows = one_per_group(groups["calib"], seed)  # one validator level per image: independent samples
+    choice = select_threshold(conf["calib"][rows], disagree["calib"][rows], dcfg.alpha, dcfg.delta,
+                              min_accepted=dcfg.min_accepted)
+    on_test = evaluate_threshold(conf["test"], disagree["test"], choice.threshold)
+    pooled = [np.concatenate([x["calib"], x["test"]]) for x in (conf, disagree, groups)]
+    check = resampled_violations(*pooled, len(rows), dcfg.alpha, dcfg.delta, dcfg.resamples, seed, dcfg.min_accepted)
+    return choice, on_test, check
+
+
+def draft_flops(draft: nn.Module, teacher: nn.Module, img_size: int, budgets: dict | None) -> dict:
+    """Forward FLOPs per image of teacher and draft; an elastic draft's per budget, weighted by the selector's
+    choices on test."""
+    flops = {"teacher": model_flops(teacher, img_size)}
+    if budgets is None:
+        flops["draft"] = model_flops(draft, img_size)
+    else:
+        per_budget = []
+        for i in range(len(budgets["budgets"])):
+            with forced_budget(draft.elastic, i):
+                per_budget.append(model_flops(draft, img_size))
+        shares = [budgets["chosen"][str(b)]["share"] for b in budgets["budgets"]]
+        flops.update(per_budget=dict(zip(map(str, budgets["budgets"]), per_budget)),
+                     draft=float(np.dot(per_budget, shares)))
+    flops["ratio"] = flops["draft"] / flops["teacher"]
+    return flops
+
+
 @register_task("draft")
 def run_draft(cfg: DictConfig, run: Run) -> dict:
     dcfg, task_dir = cfg.draft, run.task_dir("draft")
@@ -284,35 +320,11 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
     atomic_write_json(task_dir / "calibration.json", calibration)
     draft, _ = load_classifier(task_dir / "draft")
 
-    tiers = {"draft": draft, "teacher": module.teacher.cpu()}
-    outcomes = {s: collect_outcomes(tiers, datamodule, s, dcfg.levels, 1) for s in ("calib", "test")}
-    conf, disagree, groups = {}, {}, {}
-    for s, o in outcomes.items():
-        p = roadwork_prob(o["draft"])
-        conf[s] = torch.maximum(p, 1 - p).numpy()
-        disagree[s] = ((p > 0.5) != (roadwork_prob(o["teacher"]) > 0.5)).float().numpy()
-        groups[s] = o["index"].numpy() + (0 if s == "calib" else 1 + int(outcomes["calib"]["index"].max()))
-    rows = one_per_group(groups["calib"], cfg.seed)  # one validator level per image: independent samples
-    choice = select_threshold(conf["calib"][rows], disagree["calib"][rows], dcfg.alpha, dcfg.delta,
-                              min_accepted=dcfg.min_accepted)
-    on_test = evaluate_threshold(conf["test"], disagree["test"], choice.threshold)
-    check = resampled_violations(np.concatenate([conf["calib"], conf["test"]]),
-                                 np.concatenate([disagree["calib"], disagree["test"]]),
-                                 np.concatenate([groups["calib"], groups["test"]]), len(rows), dcfg.alpha,
-                                 dcfg.delta, dcfg.resamples, cfg.seed, dcfg.min_accepted)
+    outcomes = {s: collect_outcomes({"draft": draft, "teacher": module.teacher.cpu()}, datamodule, s, dcfg.levels, 1)
+                for s in ("calib", "test")}
+    choice, on_test, check = acceptance(outcomes, dcfg, cfg.seed)
     budgets = budget_report(module.net, module.teacher, datamodule, dcfg.levels)
-    flops = {"teacher": model_flops(module.teacher, spec["img_size"])}
-    if budgets is None:
-        flops["draft"] = model_flops(draft, spec["img_size"])
-    else:  # FLOPs at each budget, weighted by how often the selector chose it on test
-        per_budget = []
-        for i in range(len(budgets["budgets"])):
-            with forced_budget(draft.elastic, i):
-                per_budget.append(model_flops(draft, spec["img_size"]))
-        shares = [budgets["chosen"][str(b)]["share"] for b in budgets["budgets"]]
-        flops.update(per_budget=dict(zip(map(str, budgets["budgets"]), per_budget)),
-                     draft=float(np.dot(per_budget, shares)))
-    flops["ratio"] = flops["draft"] / flops["teacher"]
+    flops = draft_flops(draft, module.teacher, spec["img_size"], budgets)
     threshold = {"threshold": choice.threshold, "guarantee": {**choice.guarantee(), "against": f"the {dcfg.teacher} "
                  "teacher's answer", "rule": "accept the draft's answer when max(p, 1-p) >= threshold"},
                  "calib": {"acceptance_rate": choice.acceptance_rate, "accepted_risk": choice.accepted_risk},
