@@ -89,3 +89,19 @@ def predict_split(fn, datamodule, split: str, levels, output: str = "logits",
             parts["index"].append(batch["index"])
         out[int(level)] = {k: torch.cat(v) for k, v in parts.items()}
     return out
+
+
+def collect_outputs(outputs: dict, datamodule, split: str, levels) -> dict[str, torch.Tensor]:
+    """``{name: fn(images)}`` over ``split`` at each level, stacked over the levels with ``label``, ``index`` and
+    ``level``; models among ``outputs`` run on the GPU when there is one (and go back to the CPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = [fn for fn in outputs.values() if isinstance(fn, torch.nn.Module)]
+    for model in models:
+        model.to(device).eval()
+    per_level = predict_split(lambda images: {name: fn(images) for name, fn in outputs.items()}, datamodule, split,
+                              levels, device=device)
+    for model in models:
+        model.cpu()
+    out = {key: torch.cat([p[key] for p in per_level.values()]) for key in next(iter(per_level.values()))}
+    out["level"] = torch.cat([torch.full((len(p["label"]),), lv) for lv, p in per_level.items()])
+    return out

@@ -28,7 +28,7 @@ from train.calibration import calibration_report, fit_calibrator
 from train.calibration.risk_control import aurc, one_per_group, routing_curve, select_threshold
 from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, save_router
-from train.predictions import predict_split
+from train.predictions import collect_outputs
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
@@ -89,24 +89,6 @@ class DifficultyModule(pl.LightningModule):
             return optimizer
         scheduler = self.scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def collect_outcomes(tiers: dict[str, nn.Module], datamodule, split: str, levels, in_size: int) -> dict:
-    """Every tier's logits, the downscaled image, label and index of ``split`` at each level, stacked over levels."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for model in tiers.values():
-        model.to(device).eval()
-
-    def fn(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {name: model(images) for name, model in tiers.items()}
-        return {**out, "image": F.adaptive_avg_pool2d(images, in_size)}
-
-    per_level = predict_split(fn, datamodule, split, levels, device=device)
-    out = {key: torch.cat([p[key] for p in per_level.values()]) for key in next(iter(per_level.values()))}
-    out["level"] = torch.cat([torch.full((len(p["label"]),), lv) for lv, p in per_level.items()])
-    for model in tiers.values():
-        model.cpu()
-    return out
 
 
 def wrong_answers(outcomes: dict, targets: list[str]) -> torch.Tensor:
@@ -204,7 +186,10 @@ def run_difficulty(cfg: DictConfig, run: Run) -> dict:
     datamodule = build_datamodule(cfg, run, spec)
     module: DifficultyModule = instantiate(dcfg.module)
     router, targets = module.net, module.net.targets
-    outcomes = {split: collect_outcomes(tiers, datamodule, split, dcfg.levels, router.in_size)
+    def small(images: torch.Tensor) -> torch.Tensor:  # what the router sees, stored instead of the full image
+        return F.adaptive_avg_pool2d(images, router.in_size)
+
+    outcomes = {split: collect_outputs({**tiers, "image": small}, datamodule, split, dcfg.levels)
                 for split in ("meta", "calib", "test")}
     wrong = {split: wrong_answers(o, targets) for split, o in outcomes.items()}
 

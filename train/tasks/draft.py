@@ -32,11 +32,10 @@ from train.models.draft import (ElasticStudent, StudentOutput, build_student, dr
 from train.models.draft import init_from_teacher as init_student
 from train.models.distill import DistillationLoss, FeatureProjection
 from train.models.saving import load_classifier, save_classifier
-from train.predictions import predict_split
+from train.predictions import collect_outputs, predict_split
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.calibrate import calibrate_model, load_calibrated
-from train.tasks.difficulty import collect_outcomes
 from train.tasks.lightning import build_datamodule, build_trainer
 from train.utils.console import print_level_table
 
@@ -78,7 +77,7 @@ class DraftModule(pl.LightningModule):
         self.levels = {"val": list(val_levels), "test": list(test_levels)}
         self.agreement = nn.ModuleDict({s: nn.ModuleList([agreement_metrics() for _ in lv])
                                         for s, lv in self.levels.items()})
-        self.accuracy = nn.ModuleDict({s: nn.ModuleList([BinaryMatthewsCorrCoef() for _ in lv])
+        self.label_mcc = nn.ModuleDict({s: nn.ModuleList([BinaryMatthewsCorrCoef() for _ in lv])
                                        for s, lv in self.levels.items()})
         self.budgets: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
         self.strict_loading = False  # checkpoints leave the frozen teacher out (it is reloaded from its file)
@@ -127,7 +126,7 @@ class DraftModule(pl.LightningModule):
         out, logits, _ = self.student(batch["image"])
         student, teacher = roadwork_prob(logits.float()), roadwork_prob(t_logits.float())
         self.agreement[split][idx].update(student, (teacher > 0.5).long())
-        self.accuracy[split][idx].update(student, batch["label"])
+        self.label_mcc[split][idx].update(student, batch["label"])
         if out.budget_index is not None:
             self.budgets[split].append(self.net.budget_fractions()[out.budget_index.cpu()])
 
@@ -139,7 +138,7 @@ class DraftModule(pl.LightningModule):
 
     def _log_levels(self, split: str) -> None:
         per_level = {}
-        for level, agree, acc in zip(self.levels[split], self.agreement[split], self.accuracy[split]):
+        for level, agree, acc in zip(self.levels[split], self.agreement[split], self.label_mcc[split]):
             values = {k: float(v) for k, v in agree.compute().items()} | {"mcc_label": float(acc.compute())}
             agree.reset()
             acc.reset()
@@ -194,43 +193,34 @@ def teacher_cache(path, teacher: nn.Module, datamodule, levels: Sequence[int]) -
     if not path.is_file():
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         teacher.to(device)
-        logits, features = [], []
-        with torch.no_grad():
-            for ds in datasets:
-                for batch in datamodule.loader(ds):
-                    lg, ft = pooled_features(teacher, batch["image"].to(device))
-                    logits.append(lg.float().cpu())
-                    features.append(ft.float().cpu())
+        outputs = predict_split(lambda images: dict(zip(("logits", "features"), pooled_features(teacher, images))),
+                                datamodule, "train", levels, device=device)
         teacher.cpu()
         tmp = path.with_suffix(".tmp")
-        save_file({"logits": torch.cat(logits), "features": torch.cat(features)}, str(tmp))
+        save_file({k: torch.cat([o[k] for o in outputs.values()]) for k in ("logits", "features")}, str(tmp))
         tmp.replace(path)
         log.info("teacher outputs cached for %d train queries (levels %s) in %s", sum(map(len, datasets)),
                  list(levels), path)
     return CachedTeacher(datasets, load_file(str(path)))
 
 
-def budget_report(student: nn.Module, teacher: nn.Module, datamodule, levels: Sequence[int]) -> dict | None:
-    """An elastic student on test: its selector's budgets (share, mean fraction, agreement and MCC per chosen
-    budget) and every budget forced on all images."""
-    if not isinstance(student, ElasticStudent):
-        return None
-    elastic = student.model.eval()
+def budget_outputs(elastic: nn.Module) -> dict:
+    """What the budget report needs per query besides the draft's and teacher's logits: the selector's budget and
+    the logits with every budget forced."""
+    def forced(index: int):
+        def fn(images: torch.Tensor) -> torch.Tensor:
+            with forced_budget(elastic, index):
+                return elastic.classify(images)
+        return fn
 
-    def fn(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"teacher": teacher(images), "chosen": elastic.classify(images),
-               "budget": elastic.select(images).float()}
-        for i in range(len(elastic.budgets)):
-            with forced_budget(elastic, i):
-                out[f"forced_{i}"] = elastic.classify(images)
-        return out
+    return {"budget": lambda images: elastic.select(images).float(),
+            **{f"forced_{i}": forced(i) for i in range(len(elastic.budgets))}}
 
-    device = torch.device("cpu")
-    teacher.to(device).eval()
-    elastic.to(device)
-    got = predict_split(fn, datamodule, "test", levels, device=device)
-    cat = {k: torch.cat([g[k] for g in got.values()]) for k in got[levels[0]]}
-    target, label = (roadwork_prob(cat["teacher"]) > 0.5).long(), cat["label"].long()
+
+def budget_report(elastic: nn.Module, test: dict[str, torch.Tensor], levels: Sequence[int]) -> dict:
+    """An elastic draft on the test outcomes: its selector's budgets (share, mean fraction, agreement and MCC per
+    chosen budget) and every budget forced on all images."""
+    target, label = (roadwork_prob(test["teacher"]) > 0.5).long(), test["label"].long()
 
     def scores(logits: torch.Tensor, rows: torch.Tensor | None = None) -> dict:
         pred = (roadwork_prob(logits) > 0.5).long()
@@ -239,15 +229,15 @@ def budget_report(student: nn.Module, teacher: nn.Module, datamodule, levels: Se
         return {"n": len(pred), "agree_mcc": float(binary_matthews_corrcoef(pred, t)),
                 "agree_acc": float((pred == t).float().mean()), "mcc_label": float(binary_matthews_corrcoef(pred, y))}
 
-    chosen = cat["budget"].long()
+    chosen = test["budget"].long()
     fractions = elastic.fractions.cpu()
     return {"budgets": elastic.budgets, "token_fractions": fractions.tolist(), "levels": list(levels),
             "mean_fraction": float(fractions[chosen].mean()),
             "chosen": {str(b): {"share": float((chosen == i).float().mean()),
-                                **(scores(cat["chosen"], chosen == i) if (chosen == i).any() else {})}
+                                **(scores(test["draft"], chosen == i) if (chosen == i).any() else {})}
                        for i, b in enumerate(elastic.budgets)},
-            "all": scores(cat["chosen"]),
-            "forced": {str(b): scores(cat[f"forced_{i}"]) for i, b in enumerate(elastic.budgets)}}
+            "all": scores(test["draft"]),
+            "forced": {str(b): scores(test[f"forced_{i}"]) for i, b in enumerate(elastic.budgets)}}
 
 
 def acceptance(outcomes: dict[str, dict], dcfg: DictConfig, seed: int) -> tuple:
@@ -320,10 +310,13 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
     atomic_write_json(task_dir / "calibration.json", calibration)
     draft, _ = load_classifier(task_dir / "draft")
 
-    outcomes = {s: collect_outcomes({"draft": draft, "teacher": module.teacher.cpu()}, datamodule, s, dcfg.levels, 1)
-                for s in ("calib", "test")}
+    tiers = {"draft": draft, "teacher": module.teacher.cpu()}
+    elastic = getattr(draft, "elastic", None)
+    outcomes = {"calib": collect_outputs(tiers, datamodule, "calib", dcfg.levels),
+                "test": collect_outputs({**tiers, **(budget_outputs(elastic) if elastic else {})}, datamodule, "test",
+                                        dcfg.levels)}
     choice, on_test, check = acceptance(outcomes, dcfg, cfg.seed)
-    budgets = budget_report(module.net, module.teacher, datamodule, dcfg.levels)
+    budgets = budget_report(elastic, outcomes["test"], dcfg.levels) if elastic else None
     flops = draft_flops(draft, module.teacher, spec["img_size"], budgets)
     threshold = {"threshold": choice.threshold, "guarantee": {**choice.guarantee(), "against": f"the {dcfg.teacher} "
                  "teacher's answer", "rule": "accept the draft's answer when max(p, 1-p) >= threshold"},
