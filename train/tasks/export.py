@@ -133,12 +133,11 @@ def run_export(cfg: DictConfig, run: Run) -> dict:
     ecfg = cfg.export
     card = model_card(cfg, run)
     models = _calibrated_models(cfg, run)
+    routers = [] if cfg.get("ckpt") else [name for name in ecfg.models if _is_router(run, name)]
     ensure_data(cfg, run)
 
     def build(folder: Path) -> dict:
-        entries = {}
-        for name in [n for n in ecfg.models if n not in models] if not cfg.get("ckpt") else []:
-            entries[name] = _router_entry(cfg, run, name, folder)
+        entries = {name: _router_entry(cfg, run, name, folder) for name in routers}  # routers lead the tiers
         for name, (model, spec, calibration, metrics) in models.items():
             pixels, queries = parity_samples(build_datamodule(cfg, run, spec), ecfg.onnx.parity_images)
             entries[name] = export_classifier(name, model, spec, calibration, folder, pixels,
