@@ -1,6 +1,7 @@
 """Shared fixtures: the real Hydra config, cut down, and one small pipeline run for many tests."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,35 @@ def tiny_run(tmp_path_factory, data_dir):
     run_task(cfg)
     (run_path,) = list((root / "checkpoints").iterdir())
     return Run.open(run_path)
+
+
+TIERS = ["difficulty", "draft", "stage1"]
+
+
+@pytest.fixture(scope="session")
+def cheap_tiers(tiny_run, data_dir, tmp_path_factory):
+    """stage1 (trained longer than the tiny run's, so the teacher has a real decision function) -> calibrate ->
+    draft (teacher outputs cached) -> difficulty -> export on a copy of the tiny run; returns (run, cfg).
+
+    Shared by the tests of the cheap tiers and of what learns from Stage-1's outputs (PRM, fusion): a test that
+    adds stages works on its own copy (:func:`copy_run`)."""
+    from train.__main__ import run_task
+
+    root = tmp_path_factory.mktemp("cheap_tiers")
+    run = copy_run(tiny_run, root)
+    base = [f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET, f"run_dir={run.path}",
+            "trainer.limit_train_batches=null", "draft.epochs=6", "draft.teacher_outputs=cache",
+            "draft.resamples=100", "difficulty.epochs=4"]
+    run_task(compose_config(*base, "task=stage1", "trainer.max_epochs=4"))
+    for task in ("calibrate", "draft", "difficulty"):
+        run_task(compose_config(*base, f"task={task}"))
+    cfg = compose_config(*base, "task=export", f"export.models=[{','.join(TIERS)}]")
+    run_task(cfg)
+    return run, cfg
+
+
+def copy_run(run, root: Path):
+    """A copy of ``run`` under ``root`` (its registry's paths follow the folder), for tests that add stages."""
+    from train.runs import Run
+
+    return Run.open(shutil.copytree(run.path, root / run.path.name))

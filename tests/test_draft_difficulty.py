@@ -2,42 +2,20 @@
 acceptance threshold and guarantee), the difficulty router (honest outcomes, calibration, routing threshold),
 and both in the export bundle with ONNX parity. The router's ability to learn is checked on a controlled case."""
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, compose_config
+from conftest import TIERS
 from scipy.stats import binom
 from sklearn.metrics import matthews_corrcoef, roc_auc_score
 
-from train.__main__ import run_task
 from train.export import Bundle
 from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, load_router
-from train.runs import Run
 from train.tasks.calibrate import load_calibrated
 from train.tasks.difficulty import DifficultyModule, OutcomeDataset, per_image_mean, split_by_image
 from train.tasks.lightning import build_datamodule
-
-TIERS = ["difficulty", "draft", "stage1"]
-
-
-@pytest.fixture(scope="module")
-def cheap_tiers(tiny_run, data_dir, tmp_path_factory):
-    """stage1 (trained longer than the tiny run's, so the teacher has a real decision function) -> calibrate ->
-    draft (teacher outputs cached) -> difficulty -> export on a copy of the tiny run; returns (run, cfg)."""
-    root = tmp_path_factory.mktemp("cheap_tiers")
-    run = Run.open(shutil.copytree(tiny_run.path, root / "run"))
-    base = [f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET, f"run_dir={run.path}",
-            "trainer.limit_train_batches=null", "draft.epochs=6", "draft.teacher_outputs=cache",
-            "draft.resamples=100", "difficulty.epochs=4"]
-    run_task(compose_config(*base, "task=stage1", "trainer.max_epochs=4"))
-    for task in ("calibrate", "draft", "difficulty"):
-        run_task(compose_config(*base, f"task={task}"))
-    cfg = compose_config(*base, "task=export", f"export.models=[{','.join(TIERS)}]")
-    run_task(cfg)
-    return run, cfg
 
 
 def test_draft_agrees_with_its_teacher_and_reports_it_truthfully(cheap_tiers):

@@ -140,10 +140,24 @@ def select_threshold(confidence, errors, alpha: float, delta: float, candidates=
         raise ValueError(f"min_accepted must be an integer >= 1, got {min_accepted}")
     grid = default_candidates(confidence) if candidates is None else _candidate_grid(candidates)
     n_t, loss_t = _accepted_totals(confidence, errors, grid)
+    return ltt_from_counts(grid, n_t, loss_t, len(confidence), alpha, delta, method, min_accepted)
+
+
+def ltt_from_counts(grid, n_accepted, loss_total, n_calibration: int, alpha: float, delta: float,
+                    method: str = "binomial", min_accepted: int = 1) -> ThresholdChoice:
+    """Learn-then-Test from per-candidate counts: ``grid`` highest first, ``n_accepted[i]`` samples accepted at
+    ``grid[i]`` (non-decreasing) with loss total ``loss_total[i]``. For acceptance rules that are not one
+    confidence per sample (e.g. stop a search at the first step scoring >= t); :func:`select_threshold` calls it.
+    """
+    if method not in P_VALUES:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(P_VALUES)}")
+    grid, n_t, loss_t = (np.asarray(a, dtype=float) for a in (grid, n_accepted, loss_total))
+    if not (len(grid) == len(n_t) == len(loss_t)) or np.any(np.diff(grid) > 0) or np.any(np.diff(n_t) < 0):
+        raise ValueError("ltt_from_counts needs equal-length grid (highest first) and non-decreasing counts")
     p = P_VALUES[method](loss_t, n_t, alpha)
     floor = P_VALUES[method](np.zeros_like(loss_t), n_t, alpha)  # the smallest p-value n_t samples can give
     start, n_rejected = _fixed_sequence(p, (n_t >= min_accepted) & (floor <= delta), delta)
-    common = {"alpha": alpha, "delta": delta, "method": f"learn_then_test/{method}", "n_calibration": len(confidence),
+    common = {"alpha": alpha, "delta": delta, "method": f"learn_then_test/{method}", "n_calibration": n_calibration,
               "candidates_tested": min(n_rejected + 1, len(grid) - start)}
     if n_rejected == 0:
         if start == len(grid):
@@ -154,7 +168,7 @@ def select_threshold(confidence, errors, alpha: float, delta: float, candidates=
             "nothing"))
     chosen = start + n_rejected - 1
     n_acc = int(n_t[chosen])
-    return ThresholdChoice(float(grid[chosen]), **common, n_accepted=n_acc, acceptance_rate=n_acc / len(confidence),
+    return ThresholdChoice(float(grid[chosen]), **common, n_accepted=n_acc, acceptance_rate=n_acc / n_calibration,
                            accepted_risk=float(loss_t[chosen] / n_acc), p_value=float(p[chosen]))
 
 

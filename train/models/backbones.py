@@ -126,3 +126,17 @@ def init_pos_embed(model: nn.Module, kind: str, scale: float = 0.5) -> None:
         raise ValueError(f"pos_embed has {pos_embed.shape[1]} rows, fewer than the {n_patches} patches")
     table = sincos_2d(pos_embed.shape[-1], grid[0], grid[1])
     pos_embed[0, -n_patches:] = scale * table.to(pos_embed)
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Width of a timm model's pooled (pre-logits) features."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def pooled_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm classifier's (logits, pooled pre-logits features) in one pass."""
+    if not hasattr(model, "forward_head"):
+        raise ValueError(f"pooled features need a timm model (forward_features / forward_head); got "
+                         f"{type(model).__name__}")
+    pre = model.forward_head(model.forward_features(images), pre_logits=True)
+    return model.get_classifier()(pre), pre

@@ -7,16 +7,14 @@ draft.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from train.runs import atomic_write_json
+from train.models.saving import load_net, save_net
 
 TARGETS = ("draft", "stage1")  # the tiers whose mistakes the router predicts, in output order
 DRAFT_INPUTS = ("logits", "none")
@@ -79,18 +77,9 @@ def difficulty_router(**kwargs) -> DifficultyRouter:
 
 def save_router(router: DifficultyRouter, path: Path, input_spec: dict, **extra) -> tuple[Path, Path]:
     """``path.safetensors`` + ``path.json`` (architecture, input spec and ``extra``, e.g. its calibration)."""
-    path = Path(path)
-    weights, config = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    save_file({k: v.detach().contiguous().cpu() for k, v in router.state_dict().items()}, str(weights),
-              metadata={"format": "roadwork-router"})
-    atomic_write_json(config, {"router": router.router_args, "input": input_spec, **extra})
-    return weights, config
+    return save_net(router, path, "roadwork-router", {"router": router.router_args, "input": input_spec, **extra})
 
 
 def load_router(path: str | Path) -> tuple[DifficultyRouter, dict]:
     """Inverse of :func:`save_router`: (router in eval mode, its config)."""
-    path = Path(path)
-    config = json.loads(path.with_suffix(".json").read_text())
-    router = DifficultyRouter(**config["router"])
-    router.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
-    return router.eval(), config
+    return load_net(path, lambda config: DifficultyRouter(**config["router"]))

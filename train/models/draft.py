@@ -14,26 +14,14 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from train.models.backbones import feature_dim, pooled_features
+
 
 class StudentOutput(NamedTuple):
     logits: torch.Tensor
     features: torch.Tensor                 # pooled, pre-head
     budget_index: torch.Tensor | None = None
     expected_budget: torch.Tensor | None = None
-
-
-def feature_dim(model: nn.Module) -> int:
-    """Width of a timm model's pooled (pre-logits) features."""
-    return int(getattr(model, "head_hidden_size", None) or model.num_features)
-
-
-def pooled_features(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A timm classifier's (logits, pooled pre-logits features) in one pass."""
-    if not hasattr(model, "forward_head"):
-        raise ValueError(f"distillation features need a timm model (forward_features/forward_head); got "
-                         f"{type(model).__name__}: set draft.module.loss.feature_weight=0 for other teachers")
-    pre = model.forward_head(model.forward_features(images), pre_logits=True)
-    return model.get_classifier()(pre), pre
 
 
 class PlainStudent(nn.Module):

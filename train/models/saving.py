@@ -61,3 +61,28 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:
         model = ElasticDraft(ElasticViT(model, **config["elastic"]))
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval(), config
+
+
+def save_net(net: nn.Module, path: str | Path, fmt: str, config: dict) -> tuple[Path, Path]:
+    """Any small network's ``path.safetensors`` (written atomically, tagged ``fmt``) + ``path.json`` (``config``:
+    what rebuilds it); the routers, PRMs and fusion heads are saved this way."""
+    path = Path(path)
+    weights, config_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(tmp),
+              metadata={"format": fmt})
+    tmp.replace(weights)
+    atomic_write_json(config_path, config)
+    return weights, config_path
+
+
+def load_net(path: str | Path, build) -> tuple[nn.Module, dict]:
+    """Inverse of :func:`save_net`: ``build(config)`` makes the network, the weights load strictly; eval mode."""
+    path = Path(path)
+    for p in (path.with_suffix(".json"), path.with_suffix(".safetensors")):
+        if not p.is_file():
+            raise FileNotFoundError(f"model file missing: {p}")
+    config = json.loads(path.with_suffix(".json").read_text())
+    net = build(config)
+    net.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
+    return net.eval(), config

@@ -27,8 +27,9 @@ from torchmetrics.functional.classification import binary_matthews_corrcoef
 
 from train.calibration.risk_control import evaluate_threshold, one_per_group, resampled_violations, select_threshold
 from train.metrics import roadwork_prob
-from train.models.draft import (ElasticStudent, StudentOutput, build_student, draft_classifier, feature_dim,
-                                fold_teacher_head, forced_budget, model_flops, pooled_features)
+from train.models.backbones import feature_dim, pooled_features
+from train.models.draft import (ElasticStudent, StudentOutput, build_student, draft_classifier,
+                                fold_teacher_head, forced_budget, model_flops)
 from train.models.draft import init_from_teacher as init_student
 from train.models.distill import DistillationLoss, FeatureProjection
 from train.models.saving import load_classifier, save_classifier
