@@ -49,3 +49,12 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Mod
     for group in optimizer.param_groups:  # torch optimizers ignore lr_scale: fold it into the LR once
         group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
     return optimizer
+
+
+def with_schedule(optimizer: torch.optim.Optimizer, scheduler: Callable | None, total_steps: int):
+    """What ``configure_optimizers`` returns: the optimizer alone, or with ``scheduler(optimizer, total_steps=...)``
+    stepped every optimisation step."""
+    if scheduler is None:
+        return optimizer
+    return {"optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler(optimizer, total_steps=total_steps), "interval": "step"}}

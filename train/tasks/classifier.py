@@ -20,7 +20,7 @@ from timm.loss import SoftTargetCrossEntropy
 from torchmetrics.aggregation import CatMetric
 
 from train.metrics import bootstrap_interval, per_level_metrics, roadwork_prob
-from train.optim import build_optimizer
+from train.optim import build_optimizer, with_schedule
 from train.predictions import unique_rows
 from train.tasks.lightning import checkpoint_paths
 from train.utils.rng import capture_rng, restore_rng
@@ -113,10 +113,7 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_factory, self.net, self.layer_decay)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_schedule(optimizer, self.scheduler_factory, self.trainer.estimated_stepping_batches)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng"] = capture_rng()  # dropout, drop path and mixup draws continue exactly on resume

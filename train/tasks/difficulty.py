@@ -28,6 +28,7 @@ from train.calibration import calibration_report, fit_calibrator
 from train.calibration.risk_control import aurc, one_per_group, routing_curve, select_threshold
 from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, save_router
+from train.optim import with_schedule
 from train.predictions import collect_outputs
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
@@ -84,11 +85,7 @@ class DifficultyModule(pl.LightningModule):
             m.reset()
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
-        if self.scheduler is None:
-            return optimizer
-        scheduler = self.scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_schedule(self.optimizer(self.parameters()), self.scheduler, self.trainer.estimated_stepping_batches)
 
 
 def wrong_answers(outcomes: dict, targets: list[str]) -> torch.Tensor:

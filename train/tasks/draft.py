@@ -33,6 +33,7 @@ from train.models.draft import (ElasticStudent, StudentOutput, build_student, dr
 from train.models.draft import init_from_teacher as init_student
 from train.models.distill import DistillationLoss, FeatureProjection
 from train.models.saving import load_classifier, save_classifier
+from train.optim import with_schedule
 from train.predictions import collect_outputs, predict_split
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
@@ -161,11 +162,7 @@ class DraftModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
-        optimizer = self.optimizer(params)
-        if self.scheduler is None:
-            return optimizer
-        scheduler = self.scheduler(optimizer, total_steps=self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_schedule(self.optimizer(params), self.scheduler, self.trainer.estimated_stepping_batches)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
