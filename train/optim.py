@@ -51,10 +51,11 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Mod
     return optimizer
 
 
-def with_schedule(optimizer: torch.optim.Optimizer, scheduler: Callable | None, total_steps: int):
-    """What ``configure_optimizers`` returns: the optimizer alone, or with ``scheduler(optimizer, total_steps=...)``
-    stepped every optimisation step."""
+def with_schedule(module, optimizer: torch.optim.Optimizer, scheduler: Callable | None):
+    """What a LightningModule's ``configure_optimizers`` returns: the optimizer alone, or with
+    ``scheduler(optimizer, total_steps=<the trainer's estimated steps>)`` stepped every optimisation step."""
     if scheduler is None:
         return optimizer
+    total = module.trainer.estimated_stepping_batches
     return {"optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler(optimizer, total_steps=total_steps), "interval": "step"}}
+            "lr_scheduler": {"scheduler": scheduler(optimizer, total_steps=total), "interval": "step"}}

@@ -18,11 +18,12 @@ import torch.nn as nn
 
 from train.calibration import apply_isotonic_table
 from train.export.hf import check_hf_folder, save_hf_folder
-from train.export.manifest import (MODEL_CARD, AdaptivePatches, BundleError, Calibration, InputSpec, Manifest,
-                                   ModelCard, ModelEntry, OnnxSpec, Tier, code_version, file_entry, load_manifest,
-                                   now_utc, write_manifest)
-from train.export.onnx import (DEFAULT_OPSET, INPUT, ExportError, OnnxAPTClassifier, OnnxClassifier, OnnxOneByOne,
-                               OnnxRouter, check_parity, export_apt_onnx, export_onnx, export_router_onnx)
+from train.export.manifest import (MODEL_CARD, AdaptivePatches, BundleError, Calibration, FusionInputs, InputSpec,
+                                   Manifest, ModelCard, ModelEntry, OnnxSpec, PRMSearch, Tier, code_version,
+                                   file_entry, load_manifest, now_utc, write_manifest)
+from train.export.onnx import (DEFAULT_OPSET, INPUT, ExportError, OnnxAPTClassifier, OnnxClassifier, OnnxFusion,
+                               OnnxOneByOne, OnnxPRM, OnnxRouter, check_parity, export_apt_onnx, export_fusion_onnx,
+                               export_onnx, export_prm_onnx, export_router_onnx)
 from train.metrics import roadwork_prob
 from train.runs import atomic_write_json
 
@@ -92,6 +93,67 @@ def export_router(name: str, router: nn.Module, input_spec: dict, calibration: C
     return ModelEntry(kind="router", score=score, files={"onnx": file_entry(bundle, onnx_path)},
                       input=InputSpec(**input_spec), calibration=calibration, onnx=onnx, metrics=metrics or {},
                       backbone={"router": router.router_args})
+
+
+FUSION_PRESENCE = ("present[b, m] is True where modality m (input order) was computed for sample b; an absent "
+                   "modality's values are ignored (any finite numbers)")
+
+
+def export_fusion(name: str, net: nn.Module, input_spec: dict, calibration: Calibration, bundle: Path,
+                  features: list[torch.Tensor], present: torch.Tensor, producers: dict | None = None,
+                  metrics: dict[str, dict[str, float]] | None = None, opset: int = DEFAULT_OPSET,
+                  parity_atol: float = 1e-4) -> ModelEntry:
+    """Write ``<name>.onnx`` for a fusion head, checked in ONNX Runtime on real feature rows and presence masks."""
+    net = net.eval()
+    with torch.no_grad():
+        expected = roadwork_prob(net(features, present).float()).numpy()
+    onnx_path = bundle / f"{name}.onnx"
+    signature = export_fusion_onnx(net, onnx_path, opset)
+    got = OnnxFusion(onnx_path).probs({m: f.numpy() for m, f in zip(net.modalities, features)}, present.numpy())
+    diff = float(np.abs(expected - got).max())
+    if not diff <= parity_atol:
+        raise ExportError(f"{onnx_path.name}: ONNX Runtime disagrees with PyTorch by up to {diff:.2e} in the fusion "
+                          f"head's P(roadwork) (limit {parity_atol:.0e})")
+    onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(present), **signature)
+    fusion = FusionInputs(modalities=net.modalities, dims=net.fusion_args["dims"], presence=FUSION_PRESENCE,
+                          producers=producers or {})
+    return ModelEntry(kind="classifier", score=_score_meaning(calibration),
+                      files={"onnx": file_entry(bundle, onnx_path)}, input=InputSpec(**input_spec),
+                      calibration=calibration, onnx=onnx, metrics=metrics or {}, backbone={"fusion": net.fusion_args},
+                      fusion=fusion)
+
+
+PRM_PROCEDURE = ("a trace starts with the global view (slot 0); step t adds one view: its embedding and logit margin "
+                 "(logit_roadwork - logit_none) from views_model, the running belief over the trace's margins; the PRM "
+                 "scores every step (P(continuing ends right)). The pool: the global view + budget-1 others, the first "
+                 "available ones in `order` (pool=ordered) or random ones. beam: the pool is evaluated "
+                 "a few views per step over `length` steps, every beam is extended by each evaluated view it lacks, the "
+                 "`beam` best by aggregated score are kept; stop early when the best beam's last step scores >= "
+                 "stop_threshold; answer roadwork when the best beam's belief > 0. best_of_n: n random traces of "
+                 "`length` views from the pool, the best aggregated score answers (weighted: the answer with the larger "
+                 "score sum)")
+
+
+def export_prm(name: str, prm: nn.Module, input_spec: dict, search: dict, bundle: Path, example: tuple,
+               metrics: dict[str, dict[str, float]] | None = None, opset: int = DEFAULT_OPSET,
+               parity_atol: float = 1e-4) -> ModelEntry:
+    """Write ``<name>.onnx`` for the process reward model, checked in ONNX Runtime on real traces (``example``: its
+    four inputs), with the search settings the inference stack needs."""
+    prm = prm.eval()
+    with torch.no_grad():
+        expected = prm(*example).float().sigmoid().numpy()
+    onnx_path = bundle / f"{name}.onnx"
+    signature = export_prm_onnx(prm, onnx_path, opset)
+    diff = float(np.abs(expected - OnnxPRM(onnx_path).scores(*(t.numpy() for t in example))).max())
+    if not diff <= parity_atol:
+        raise ExportError(f"{onnx_path.name}: ONNX Runtime disagrees with PyTorch by up to {diff:.2e} in the PRM's "
+                          f"step scores (limit {parity_atol:.0e})")
+    onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=int(np.prod(expected.shape)),
+                    **signature)
+    return ModelEntry(kind="prm", score="per step: P(continuing this trace to the budget ends with the right answer)",
+                      files={"onnx": file_entry(bundle, onnx_path)}, input=InputSpec(**input_spec),
+                      calibration=Calibration(method="none", folded=False), onnx=onnx, metrics=metrics or {},
+                      backbone={"prm": prm.config}, search=PRMSearch(**search, procedure=PRM_PROCEDURE))
 
 
 APT_PROCEDURE = ("per image: gray = gray_weights . RGB on 0-255; for k = len(thresholds) .. 1, a patch_sizes[k] patch "
@@ -185,7 +247,22 @@ class Bundle:
             raise BundleError(f"bundle {self.path} has no router {name!r}")
         return OnnxRouter(self.path / entry.files[entry.onnx.file].path, threads)
 
+    def fusion(self, name: str = "fusion", threads: int | None = None) -> OnnxFusion:
+        entry = self.manifest.models.get(name)
+        if entry is None or entry.fusion is None:
+            raise BundleError(f"bundle {self.path} has no fusion head {name!r}")
+        return OnnxFusion(self.path / entry.files[entry.onnx.file].path, threads)
+
+    def prm(self, name: str = "prm", threads: int | None = None) -> OnnxPRM:
+        """The process reward model; its search settings are ``manifest.models[name].search``."""
+        entry = self.manifest.models.get(name)
+        if entry is None or entry.kind != "prm":
+            raise BundleError(f"bundle {self.path} has no process reward model {name!r}")
+        return OnnxPRM(self.path / entry.files[entry.onnx.file].path, threads)
+
     def classifier(self, name: str, threads: int | None = None) -> BundleClassifier:
         if name not in self.manifest.models:
             raise BundleError(f"bundle {self.path} has no model {name!r} (it has {sorted(self.manifest.models)})")
+        if self.manifest.models[name].fusion is not None:
+            raise BundleError(f"{name!r} is a fusion head (its inputs are features, not images): use Bundle.fusion")
         return BundleClassifier(self.path, self.manifest.models[name], threads)

@@ -85,6 +85,33 @@ class AdaptivePatches(Strict):
     tokens: dict[str, dict[str, float]] = {}    # measured patch tokens per image (mean, reduction) per split/level
 
 
+class FusionInputs(Strict):
+    """A fusion head's inputs: per-modality feature vectors and a presence mask (computed outside its graph)."""
+
+    modalities: list[str]                       # ONNX inputs in this order (named by the modality), then `present`
+    dims: dict[str, int]
+    presence: str                               # what the `present` input means
+    producers: dict[str, dict[str, Any]] = {}   # what computes each modality (model + weights sha256, file, ...)
+
+
+class PRMSearch(Strict):
+    """How the process reward model is used at test time: the views, the belief, the search and its early stop."""
+
+    views_model: str                            # key in ``models``: the classifier whose logits/embeddings views get
+    views: dict[str, Any]                       # slots in order, crop boxes, random zooms, cameras (ViewSet.describe)
+    belief: Literal["mean", "max"]              # running belief: mean | max of the views' logit margins so far
+    method: Literal["beam", "best_of_n", "weighted_best_of_n"]
+    aggregation: Literal["min", "prod", "last"]  # one score per trace from its step scores
+    n: int                                      # best-of-N traces
+    beam: int                                   # beam width
+    length: int                                 # steps per trace
+    budget: int                                 # views evaluated per query at most
+    stop_threshold: float | None                # stop when the best beam's last step scores >= it (None: never)
+    pool: Literal["ordered", "random"]          # which views are evaluated: the first available in `order`, or random
+    order: list[int]                            # the inspection order (slot indices, global first), learnt on meta
+    procedure: str                              # the search in words (train.models.search implements it)
+
+
 class ModelEntry(Strict):
     kind: Literal["classifier", "router", "prm"]
     score: str                                  # what the model's score means
@@ -97,6 +124,8 @@ class ModelEntry(Strict):
     checks: dict[str, float] = {}               # export-time checks (HF folder vs PyTorch, ...)
     backbone: dict[str, Any] = {}
     apt: AdaptivePatches | None = None          # set for APT models: the ONNX graph takes token_index too
+    fusion: FusionInputs | None = None          # set for fusion heads: the ONNX graph takes features + presence
+    search: PRMSearch | None = None             # set for the PRM: how the inference stack searches with it
 
 
 class Tier(Strict):

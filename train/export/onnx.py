@@ -96,6 +96,60 @@ class OnnxRouter:
         return self.session.run([ROUTER_OUTPUTS[1]], {k: v for k, v in feeds.items() if k in self.input_names})[0]
 
 
+PRESENT, FUSION_OUTPUTS = "present", ("logits", "probs")
+
+
+class FusionWithProbabilities(nn.Module):
+    """The fusion head's graph: ``(one feature tensor per modality..., present) -> (logits, probabilities)``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(list(inputs[:-1]), inputs[-1]).float()
+        return logits, logits.softmax(-1)
+
+
+def export_fusion_onnx(net: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> dict:
+    """The fusion head with a dynamic batch; inputs: each modality's features ``(batch, dim)`` float32 (named by
+    the modality, in ``net.modalities`` order), then ``present`` ``(batch, modalities)`` bool."""
+    dims = net.fusion_args["dims"]
+    if PRESENT in dims:
+        raise ExportError(f"a modality may not be named {PRESENT!r} (the presence mask's input)")
+    example = tuple(torch.randn(2, d) for d in dims.values()) + (torch.ones(2, len(dims), dtype=torch.bool),)
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(FusionWithProbabilities(net.eval()).eval(), example, str(path), dynamo=True, verbose=False,
+                          opset_version=opset, input_names=[*dims, PRESENT], output_names=list(FUSION_OUTPUTS),
+                          external_data=False, dynamic_shapes={"inputs": tuple({0: batch} for _ in example)})
+    inputs = {m: TensorSpec(dtype="float32", shape=["batch", d]) for m, d in dims.items()}
+    inputs[PRESENT] = TensorSpec(dtype="bool", shape=["batch", len(dims)])
+    return {"inputs": inputs, "outputs": {n: TensorSpec(dtype="float32", shape=["batch", 2]) for n in FUSION_OUTPUTS}}
+
+
+class OnnxFusion:
+    """An exported fusion head in ONNX Runtime: ``probs(features, present)`` -> calibrated P(roadwork).
+
+    ``features`` maps each modality to ``(B, dim)``; a modality left out is absent for every row."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.session = _session(path, threads)
+        inputs = self.session.get_inputs()
+        self.modalities = [i.name for i in inputs if i.name != PRESENT]
+        self.dims = {i.name: i.shape[1] for i in inputs if i.name != PRESENT}
+
+    def probs(self, features: dict[str, np.ndarray], present: np.ndarray | None = None) -> np.ndarray:
+        n = len(next(iter(features.values())))
+        given = np.array([m in features for m in self.modalities])
+        present = np.broadcast_to(given, (n, len(given))) if present is None else np.asarray(present, bool) & given
+        feeds = {m: np.ascontiguousarray(features.get(m, np.zeros((n, self.dims[m]))), np.float32)
+                 for m in self.modalities}
+        feeds[PRESENT] = np.ascontiguousarray(present, bool)
+        return self.session.run([FUSION_OUTPUTS[1]], feeds)[0][:, 1]
+
+
 class TokensWithProbabilities(nn.Module):
     """An APT model's graph: ``(one image, token_index) -> (logits, probabilities)``."""
 
@@ -203,3 +257,50 @@ def check_parity(expected: np.ndarray, path: Path, images: torch.Tensor, atol: f
                           f"on {len(images)} real images (limit {atol:.0e}); the export is not usable. "
                           f"Try another export.onnx.opset, or report the model and versions.")
     return diff
+
+
+PRM_INPUTS, PRM_OUTPUTS = ("embeddings", "margins", "beliefs", "slots"), ("logits", "scores")
+
+
+class PRMWithScores(nn.Module):
+    """The process reward model's graph: ``(embeddings, margins, beliefs, slots) -> (step logits, sigmoid scores)``."""
+
+    def __init__(self, prm: nn.Module):
+        super().__init__()
+        self.prm = prm
+
+    def forward(self, embeddings, margins, beliefs, slots) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.prm(embeddings, margins, beliefs, slots).float()
+        return logits, logits.sigmoid()
+
+
+def export_prm_onnx(prm: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> dict:
+    """The PRM with dynamic batch and step axes: one score per step of each trace (causal: a prefix's scores do not
+    depend on what follows, so a growing trace can be re-scored as it grows)."""
+    dim, slots = prm.config["embed_dim"], prm.config["n_slots"]
+    example = (torch.randn(2, 3, dim), torch.randn(2, 3), torch.randn(2, 3), torch.randint(0, slots, (2, 3)))
+    batch, steps = torch.export.Dim("batch"), torch.export.Dim("steps", max=prm.config["max_steps"])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(PRMWithScores(prm.eval()).eval(), example, str(path), dynamo=True, verbose=False,
+                          opset_version=opset, input_names=list(PRM_INPUTS), output_names=list(PRM_OUTPUTS),
+                          external_data=False, dynamic_shapes=tuple({0: batch, 1: steps} for _ in PRM_INPUTS))
+    axes = ["batch", "steps"]
+    return {"inputs": {"embeddings": TensorSpec(dtype="float32", shape=[*axes, dim]),
+                       **{name: TensorSpec(dtype="float32", shape=axes) for name in ("margins", "beliefs")},
+                       "slots": TensorSpec(dtype="int64", shape=axes)},
+            "outputs": {name: TensorSpec(dtype="float32", shape=axes) for name in PRM_OUTPUTS}}
+
+
+class OnnxPRM:
+    """An exported PRM in ONNX Runtime: ``scores(embeddings, margins, beliefs, slots)`` -> ``(B, T)`` step scores."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        self.session = _session(path, threads)
+
+    def scores(self, embeddings: np.ndarray, margins: np.ndarray, beliefs: np.ndarray,
+               slots: np.ndarray) -> np.ndarray:
+        feeds = {"embeddings": np.ascontiguousarray(embeddings, np.float32),
+                 "margins": np.ascontiguousarray(margins, np.float32),
+                 "beliefs": np.ascontiguousarray(beliefs, np.float32), "slots": np.ascontiguousarray(slots, np.int64)}
+        return self.session.run([PRM_OUTPUTS[1]], feeds)[0]

@@ -113,7 +113,7 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.optimizer_factory, self.net, self.layer_decay)
-        return with_schedule(optimizer, self.scheduler_factory, self.trainer.estimated_stepping_batches)
+        return with_schedule(self, optimizer, self.scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng"] = capture_rng()  # dropout, drop path and mixup draws continue exactly on resume

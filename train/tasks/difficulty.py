@@ -85,7 +85,7 @@ class DifficultyModule(pl.LightningModule):
             m.reset()
 
     def configure_optimizers(self):
-        return with_schedule(self.optimizer(self.parameters()), self.scheduler, self.trainer.estimated_stepping_batches)
+        return with_schedule(self, self.optimizer(self.parameters()), self.scheduler)
 
 
 def wrong_answers(outcomes: dict, targets: list[str]) -> torch.Tensor:

@@ -162,7 +162,7 @@ class DraftModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
-        return with_schedule(self.optimizer(params), self.scheduler, self.trainer.estimated_stepping_batches)
+        return with_schedule(self, self.optimizer(params), self.scheduler)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

@@ -16,10 +16,12 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from train.export import Calibration, ExportError, ModelCard, export_classifier, write_bundle
-from train.export.bundle import export_router
+from train.export.bundle import export_fusion, export_prm, export_router
 from train.export.manifest import MANIFEST, MODEL_CARD, load_manifest, now_utc
 from train.metrics import with_mean
 from train.models.difficulty import load_router
+from train.models.fusion import load_fusion
+from train.models.prm import load_prm
 from train.runs import Run
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
@@ -77,7 +79,7 @@ def _calibrated_models(cfg: DictConfig, run: Run) -> dict[str, tuple[nn.Module, 
         return {cfg.export.hf_model: (model, spec, Calibration(method="none", folded=False), {})}
     out = {}
     for name in cfg.export.models:
-        if _is_router(run, name):
+        if _net_kind(run, name):
             continue
         try:
             model, config, report = load_calibrated(run, name)
@@ -88,9 +90,52 @@ def _calibrated_models(cfg: DictConfig, run: Run) -> dict[str, tuple[nn.Module, 
     return out
 
 
-def _is_router(run: Run, name: str) -> bool:
-    config = run.read()["tasks"].get(name, {}).get("artifacts", {}).get("model_config")
-    return bool(config) and "router" in json.loads(run.artifact(name, "model_config").read_text())
+NET_KINDS = ("router", "fusion", "prm")  # tiers saved as small networks (save_net), by their config's key
+
+
+def _net_kind(run: Run, name: str) -> str | None:
+    """Which of :data:`NET_KINDS` the model ``name`` recorded in the run is; None for a plain classifier."""
+    path = run.read()["tasks"].get(name, {}).get("artifacts", {}).get("model_config")
+    if not path:
+        return None
+    config = json.loads(run.artifact(name, "model_config").read_text())
+    return next((kind for kind in NET_KINDS if kind in config), None)
+
+
+def _fusion_entry(cfg: DictConfig, run: Run, name: str, folder: Path):
+    """Export a fusion head, its parity checked on real feature-store rows (calib) under varied presence masks."""
+    from train.data.feature_store import FeatureStore
+    from train.tasks.fusion import conditions, load_split
+
+    net, config = load_fusion(run.artifact(name, "model"))
+    data = load_split(FeatureStore(config["store"]), "calib", net.modalities)
+    n = min(cfg.export.onnx.parity_images, len(data["label"]))
+    masks = torch.stack(list(conditions(net.modalities).values()))  # all, each one missing, each one alone
+    present = data["present"][:n] & masks[torch.arange(n) % len(masks)]
+    calibration = Calibration(**{k: v for k, v in config["calibration"].items() if k != "test"})
+    report = json.loads(run.artifact(name, "report").read_text())
+    metrics = {level: {"mcc": v} for level, v in report["test_mcc"]["fusion, all"].items()}
+    return export_fusion(name, net, config["input"], calibration, folder, [f[:n] for f in data["features"]], present,
+                         config.get("producers"), metrics, cfg.export.onnx.opset, cfg.export.onnx.parity_atol)
+
+
+def _prm_entry(cfg: DictConfig, run: Run, name: str, folder: Path):
+    """Export the process reward model with its search settings, parity checked on real calib traces."""
+    from safetensors.torch import load_file
+
+    from train.models.search import TraceScorer
+    from train.models.traces import margins
+
+    net, config = load_prm(run.artifact(name, "model"))
+    views, traces = (load_file(str(run.artifact(name, key))) for key in ("views_calib", "traces_calib"))
+    scorer = TraceScorer(net, views["embeddings"], margins(views["logits"]), config["search"]["belief"])
+    n = min(cfg.export.onnx.parity_images, len(views["label"]))
+    example = scorer.inputs(torch.arange(n), traces["traces"][:n, 0])
+    report = json.loads(run.artifact(name, "report").read_text())
+    metrics = {**report["held_out"], "early_stop": report["early_stop"]}
+    search = {**config["search"], "views_model": config["views_model"], "views": config["views"]}
+    return export_prm(name, net, config["input"], search, folder, example, metrics, cfg.export.onnx.opset,
+                      cfg.export.onnx.parity_atol)
 
 
 def _thresholds(run: Run, names) -> dict[str, dict]:
@@ -133,7 +178,8 @@ def run_export(cfg: DictConfig, run: Run) -> dict:
     ecfg = cfg.export
     card = model_card(cfg, run)
     models = _calibrated_models(cfg, run)
-    routers = [] if cfg.get("ckpt") else [name for name in ecfg.models if _is_router(run, name)]
+    kinds = {} if cfg.get("ckpt") else {name: _net_kind(run, name) for name in ecfg.models}
+    routers, prms, fusions = ([n for n, k in kinds.items() if k == kind] for kind in ("router", "prm", "fusion"))
     ensure_data(cfg, run)
 
     def build(folder: Path) -> dict:
@@ -144,6 +190,8 @@ def run_export(cfg: DictConfig, run: Run) -> dict:
                                               queries if name == ecfg.hf_model else None, metrics,
                                               METRICS_SOURCE.format(name=name) if metrics else None,
                                               ecfg.onnx.opset, ecfg.onnx.parity_atol, _apt_tokens(run, model))
+        entries.update({name: _prm_entry(cfg, run, name, folder) for name in prms})  # test-time search over views
+        entries.update({name: _fusion_entry(cfg, run, name, folder) for name in fusions})  # the deepest tier last
         return entries
 
     thresholds = {} if cfg.get("ckpt") else _thresholds(run, ecfg.models)

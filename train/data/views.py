@@ -1,0 +1,184 @@
+"""Views of one validator query for step-by-step inspection: the global image, tiles, zooms, other cameras.
+
+A hard query gets more compute by looking at it piece by piece. :class:`ViewSet` names the views (one slot
+each, the same slots for every query): ``global`` first, then ``tiles`` x ``tiles`` grids, centre ``zooms``
+(the side as a fraction of the query), ``random_zooms`` seeded per sample, and up to ``cameras`` other
+camera views of the same ``scene_id`` (absent slots are masked). Every crop is taken from the 224 px query
+the validator sends and resized to the model's input, so a tile sees the scene at a higher resolution.
+:class:`ViewDataset` serves all views of a query as one tensor; :func:`view_outputs` runs a classifier over
+them once (logits and pooled embeddings per view), the cache that traces, the PRM and search read.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from train.data.transforms import ModelInput, ValidatorQuery
+from train.models.backbones import pooled_features
+
+Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the query's side
+
+
+@dataclass(frozen=True)
+class ViewSet:
+    """Which views a query is inspected through; ``names`` are the slots, ``global`` is always slot 0."""
+    tiles: Sequence[int] = (2, 3)
+    zooms: Sequence[float] = (0.75, 0.5)
+    random_zooms: int = 2
+    random_scale: tuple[float, float] = (0.35, 0.7)
+    cameras: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if any(int(t) != t or t < 2 for t in self.tiles):
+            raise ValueError(f"views.tiles must be integers >= 2 (grid sides), got {list(self.tiles)}")
+        if any(not 0 < z < 1 for z in self.zooms):
+            raise ValueError(f"views.zooms must be in (0, 1) (side of the centre crop), got {list(self.zooms)}")
+        low, high = self.random_scale
+        if not 0 < low <= high < 1:
+            raise ValueError(f"views.random_scale must satisfy 0 < low <= high < 1, got {list(self.random_scale)}")
+        if self.random_zooms < 0 or self.cameras < 0:
+            raise ValueError("views.random_zooms and views.cameras must be >= 0")
+
+    @property
+    def fixed(self) -> list[tuple[str, Box]]:
+        """The views with the same box for every query: global, tiles, centre zooms."""
+        out = [("global", (0.0, 0.0, 1.0, 1.0))]
+        for n in self.tiles:
+            out += [(f"tile{n}_{r}{c}", (c / n, r / n, (c + 1) / n, (r + 1) / n)) for r in range(n) for c in range(n)]
+        out += [(f"zoom{z:g}", ((1 - z) / 2, (1 - z) / 2, (1 + z) / 2, (1 + z) / 2)) for z in self.zooms]
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return ([name for name, _ in self.fixed] + [f"random_zoom{k}" for k in range(self.random_zooms)]
+                + [f"camera{k + 1}" for k in range(self.cameras)])
+
+    @property
+    def n_crops(self) -> int:
+        """Slots cut from the query itself (every query has them all); cameras come after."""
+        return len(self.fixed) + self.random_zooms
+
+    def boxes(self, i: int) -> list[Box]:
+        """The crop boxes of sample ``i``: the fixed ones, then its seeded random zooms."""
+        rng = np.random.default_rng([self.seed, i])
+        out = [box for _, box in self.fixed]
+        for _ in range(self.random_zooms):
+            side = rng.uniform(*self.random_scale)
+            x0, y0 = rng.uniform(0, 1 - side, size=2)
+            out.append((float(x0), float(y0), float(x0 + side), float(y0 + side)))
+        return out
+
+    def describe(self) -> dict:
+        """For the manifest: how an inference stack rebuilds the slots."""
+        return {"slots": self.names, "fixed_boxes": {name: list(box) for name, box in self.fixed},
+                "random_zooms": self.random_zooms, "random_scale": list(self.random_scale), "cameras": self.cameras,
+                "seed": self.seed, "box_format": "x0, y0, x1, y1 as fractions of the 224 px query, cropped then "
+                                                 "resized to the model input"}
+
+
+def crop(image: np.ndarray, box: Box) -> np.ndarray:
+    h, w = image.shape[:2]
+    x0, y0 = int(round(box[0] * w)), int(round(box[1] * h))
+    x1, y1 = max(x0 + 1, int(round(box[2] * w))), max(y0 + 1, int(round(box[3] * h)))
+    return image[y0:y1, x0:x1]
+
+
+def query_plan(n: int, levels: Sequence[int], every_level: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(sample positions, levels) of the queries: each sample at every level, or at one level each (in turn,
+    so the levels get equal shares, as the validator's uniform draw does on average)."""
+    levels = np.asarray(list(levels), dtype=np.int64)
+    if every_level:
+        return np.repeat(np.arange(n), len(levels)), np.tile(levels, n)
+    return np.arange(n), levels[np.arange(n) % len(levels)]
+
+
+class ViewDataset(Dataset):
+    """Queries of one split: ``{"views": (V, 3, S, S), "mask": (V,), "label", "index", "level"}``.
+
+    ``images`` is the split's :class:`~train.data.datamodule.ImageDataset` (for decoding); ``table`` its index
+    rows, whose ``scene_id`` / ``view`` columns give each sample's other cameras (same split by construction).
+    """
+
+    def __init__(self, images, table: pa.Table, view_set: ViewSet, levels: Sequence[int], img_size: int,
+                 mean, std, eval_seed: int = 0, every_level: bool = False):
+        self.images, self.view_set = images, view_set
+        self.samples, self.levels = query_plan(len(images), levels, every_level)
+        self.queries = {int(lv): ValidatorQuery(int(lv), eval_seed) for lv in set(self.levels.tolist())}
+        self.model_input = ModelInput(img_size, mean, std)
+        self.img_size = img_size
+        self.others = _other_cameras(table, view_set.cameras)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, k: int) -> dict:
+        i, level = int(self.samples[k]), int(self.levels[k])
+        query = self.queries[level](self.images.image(i), i)
+        views = [self.model_input(crop(query, box)) for box in self.view_set.boxes(i)]
+        mask = [True] * len(views)
+        for j in self.others[i]:
+            if j < 0:
+                views.append(torch.zeros_like(views[0]))
+                mask.append(False)
+            else:
+                views.append(self.model_input(self.queries[level](self.images.image(j), j)))
+                mask.append(True)
+        return {"views": torch.stack(views), "mask": torch.tensor(mask), "label": int(self.images.labels[i]),
+                "index": i, "level": level}
+
+
+def _other_cameras(table: pa.Table, cameras: int) -> np.ndarray:
+    """``(N, cameras)`` positions of each sample's other views of the same scene (by camera index), -1 if none."""
+    out = np.full((table.num_rows, cameras), -1, dtype=np.int64)
+    if cameras == 0 or "scene_id" not in table.column_names:
+        return out
+    scenes = table.column("scene_id").to_pylist()
+    order = table.column("view").to_numpy() if "view" in table.column_names else np.zeros(len(scenes))
+    members: dict[str, list[int]] = {}
+    for pos in np.argsort(order, kind="stable"):
+        members.setdefault(scenes[pos], []).append(int(pos))
+    for i, scene in enumerate(scenes):
+        others = [j for j in members[scene] if j != i][:cameras]
+        out[i, :len(others)] = others
+    return out
+
+
+def view_dataset(datamodule, split: str, view_set: ViewSet, levels: Sequence[int],
+                 every_level: bool = False) -> ViewDataset:
+    """The views of ``split``'s queries as the datamodule's images, transforms and evaluation seed make them."""
+    images = datamodule.dataset(split, 0)
+    return ViewDataset(images, datamodule.split(split), view_set, levels, datamodule.img_size, datamodule.mean,
+                       datamodule.std, datamodule.eval_seed, every_level)
+
+
+@torch.no_grad()
+def view_outputs(model: torch.nn.Module, datamodule, split: str, view_set: ViewSet, levels: Sequence[int],
+                 every_level: bool = False, batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Run ``model`` once over every view of every query of ``split``.
+
+    Returns ``logits`` (Q, V, 2), ``embeddings`` (Q, V, D) in float16, ``mask`` (Q, V), ``label``, ``index``,
+    ``level`` (Q,). Masked views hold zeros. Runs on the GPU when there is one.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    dataset = view_dataset(datamodule, split, view_set, levels, every_level)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=datamodule.num_workers,
+                        pin_memory=device.type == "cuda")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logits", "embeddings", "mask", "label", "index", "level")}
+    for batch in loader:
+        views, mask = batch["views"].to(device, non_blocking=True), batch["mask"]
+        b, v = mask.shape
+        logits, embeddings = pooled_features(model, views.flatten(0, 1))
+        keep = mask.reshape(b, v, 1).to(device)
+        parts["logits"].append((logits.float().reshape(b, v, -1) * keep).cpu())
+        parts["embeddings"].append((embeddings.float().reshape(b, v, -1) * keep).half().cpu())
+        for key in ("mask", "label", "index", "level"):
+            parts[key].append(batch[key])
+    model.cpu()
+    return {k: torch.cat(v) for k, v in parts.items()}

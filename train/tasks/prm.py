@@ -1,0 +1,378 @@
+"""``task=prm``: the process reward model and PRM-guided test-time search over multi-view inspection traces.
+
+1. **Views**: the calibrated Stage-1 (``prm.views_model``) runs once over every view of every query of the
+   meta, calib and test splits (:func:`train.data.views.view_outputs`); cached as ``views_<split>.safetensors``,
+   reused on a rerun with the same settings.
+2. **Traces and step labels** (Math-Shepherd): ``traces.per_query`` random traces of ``traces.budget`` views
+   per query, each prefix labelled by ``traces.rollouts`` random continuations (``traces_<split>.safetensors``).
+3. **Training** on meta (Stage-1 never saw it), per-step BCE against the ``traces.label`` labels; model
+   selection by the step AUROC on a held-out part of meta (whole images).
+4. **Search** on test at each view budget: PRM best-of-N, weighted best-of-N and beam search against the
+   global view alone, the mean of the pool's margins and majority vote, overall and on the hard subset (the
+   lowest Stage-1 confidence decile); ``search_curve.png``. The deployed search's early-stop threshold is
+   chosen on calib with Learn-then-Test (error among early answers <= alpha with probability 1 - delta).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import BinaryAUROC
+from torchmetrics.functional.classification import binary_auroc, binary_matthews_corrcoef
+
+from train.calibration.risk_control import ltt_from_counts, one_per_group
+from train.data.views import ViewSet, view_outputs
+from train.metrics import paired_bootstrap_mcc
+from train.models.prm import ProcessRewardModel, save_prm
+from train.models.search import (TraceScorer, beam_search, best_of_n, greedy_view_order, pool_mean, pool_vote,
+                                 view_pool)
+from train.models.traces import LABELS, margins, rollout_labels, running_belief, sample_traces
+from train.optim import with_schedule
+from train.runs import Run, atomic_write_json
+from train.tasks import register_task
+from train.tasks.calibrate import load_calibrated
+from train.tasks.difficulty import split_by_image
+from train.tasks.lightning import build_datamodule, build_trainer
+from train.utils.console import print_level_table
+
+log = logging.getLogger(__name__)
+SPLITS = ("meta", "calib", "test")
+STOP_GRID = np.round(np.linspace(1.0, 0.0, 201), 3)  # early-stop candidates, fixed before seeing any data
+
+
+class TraceDataset(Dataset):
+    """Traces of cached queries as PRM inputs: rows of ``traces`` (N, T) over query ``rows`` (N,), with targets."""
+
+    def __init__(self, views: dict, rows: torch.Tensor, traces: torch.Tensor, target: torch.Tensor,
+                 hard: torch.Tensor, rule: str):
+        self.margin, self.embeddings = margins(views["logits"]), views["embeddings"]
+        self.rows, self.traces, self.target, self.hard, self.rule = rows, traces, target, hard, rule
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch in one gather (the DataLoader calls this with ``collate_fn=batched``)."""
+        i = torch.as_tensor(indices)
+        q, slots = self.rows[i].unsqueeze(1), self.traces[i]
+        m = self.margin[q, slots]
+        return {"embeddings": self.embeddings[q, slots].float(), "margins": m, "beliefs": running_belief(m, self.rule),
+                "slots": slots, "target": self.target[i], "hard": self.hard[i]}
+
+
+def batched(batch: dict) -> dict:
+    """The collate function of :class:`TraceDataset` loaders: its ``__getitems__`` already made the batch."""
+    return batch
+
+
+class PRMModule(pl.LightningModule):
+    """Per-step binary cross-entropy of the PRM against Monte Carlo step labels; validation by step AUROC."""
+
+    def __init__(self, prm: dict, optimizer: Callable, scheduler: Callable | None = None, embed_dim: int = 0,
+                 n_slots: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.net = ProcessRewardModel(embed_dim, n_slots, **prm)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.val_auroc = BinaryAUROC()
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.net(batch["embeddings"], batch["margins"], batch["beliefs"], batch["slots"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = F.binary_cross_entropy_with_logits(self(batch), batch["target"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_auroc.update(self(batch).sigmoid().flatten(), batch["hard"].flatten().long())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/step_auroc", self.val_auroc.compute(), prog_bar=True)
+        self.val_auroc.reset()
+
+    def configure_optimizers(self):
+        return with_schedule(self, self.optimizer(self.parameters()), self.scheduler)
+
+
+# ------------------------------------------------------------------------------------------------ cached stages
+
+def _load_or_make(path, fingerprint: dict, make: Callable[[], dict]) -> dict:
+    """``make()``'s tensors, saved to ``path`` once; a rerun with the same ``fingerprint`` reads them back."""
+    key = json.dumps(fingerprint, sort_keys=True)
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == key:
+                log.info("reusing %s", path.name)
+                return load_file(str(path))
+    tensors = make()
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fingerprint": key})
+    tmp.replace(path)
+    return tensors
+
+
+def split_views(cfg: DictConfig, run: Run, model, datamodule, view_set: ViewSet, split: str, source: str) -> dict:
+    pcfg = cfg.prm
+    every = split in pcfg.every_level
+    fingerprint = {"views": view_set.describe(), "levels": list(pcfg.levels), "every_level": every, "model": source,
+                   "split": split}
+    return _load_or_make(run.task_dir("prm") / f"views_{split}.safetensors", fingerprint,
+                         lambda: view_outputs(model, datamodule, split, view_set, pcfg.levels, every,
+                                              pcfg.batch_size_views))
+
+
+def split_traces(cfg: DictConfig, run: Run, views: dict, split: str, seed: int) -> dict:
+    tcfg, rule = cfg.prm.traces, cfg.prm.belief
+    fingerprint = {**OmegaConf.to_container(tcfg), "belief": rule, "seed": seed, "n": len(views["label"])}
+
+    def make() -> dict:
+        traces = sample_traces(views["mask"], tcfg.per_query, tcfg.budget, seed)
+        hard, soft = rollout_labels(margins(views["logits"]), views["mask"], views["label"], traces, tcfg.rollouts,
+                                    tcfg.budget, rule, seed + 1)
+        return {"traces": traces, "hard": hard, "soft": soft}
+
+    return _load_or_make(run.task_dir("prm") / f"traces_{split}.safetensors", fingerprint, make)
+
+
+def _flat(views: dict, traces: dict, queries: torch.Tensor, label: str, rule: str) -> TraceDataset:
+    """The traces of the given queries, one row per trace."""
+    k = traces["traces"].shape[1]
+    rows = queries.repeat_interleave(k)
+    flat = {name: traces[name][queries].flatten(0, 1) for name in ("traces", "hard", "soft")}
+    return TraceDataset(views, rows, flat["traces"], flat[label], flat["hard"], rule)
+
+
+@torch.no_grad()
+def step_auroc(net: ProcessRewardModel, views: dict, traces: dict, rule: str) -> dict:
+    """AUROC of the PRM's step scores against the hard step labels of held-out traces, next to the baseline of the
+    running belief's own confidence (its magnitude), and the Brier score against the soft labels."""
+    scorer = TraceScorer(net, views["embeddings"], margins(views["logits"]), rule)
+    q, k, t = traces["traces"].shape
+    rows, flat = torch.arange(q).repeat_interleave(k), traces["traces"].flatten(0, 1)
+    scores = scorer(rows, flat).reshape(q, k, t)
+    belief = running_belief(scorer.margin[rows.unsqueeze(1), flat], rule).abs().reshape(q, k, t)
+    hard = traces["hard"].long()
+    return {"step_auroc": float(binary_auroc(scores.flatten(), hard.flatten())),
+            "step_auroc_last": float(binary_auroc(scores[..., -1].flatten(), hard[..., -1].flatten())),
+            "belief_confidence_auroc": float(binary_auroc(belief.flatten(), hard.flatten())),
+            "soft_brier": float(((scores - traces["soft"]) ** 2).mean()),
+            "positive_rate": float(hard.float().mean())}
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+BASELINES, SEARCHES, POOLS = ("mean", "vote"), ("best_of_n", "weighted_best_of_n", "beam"), ("ordered", "random")
+
+
+def search_table(scorer: TraceScorer, mask: torch.Tensor, scfg: DictConfig, order: list[int],
+                 seed: int) -> dict[str, dict[int, tuple]]:
+    """``{"method@pool": {budget: (answers, views evaluated)}}`` on one split's cached queries, plus ``global``.
+
+    At each budget both pools are searched: the views in the learnt inspection ``order`` and random views."""
+    margin, out = scorer.margin, {"global": {}}
+    available = int(mask.sum(-1).min())
+    for budget in [b for b in scfg.budgets if b <= available]:
+        for pool_name in POOLS:
+            pool = view_pool(mask, budget, seed + budget, order if pool_name == "ordered" else None)
+            if budget == 1:
+                out["global"][1] = _entry(pool_mean(margin, pool, scorer.rule))
+                break
+            length = min(scfg.length, budget)
+            results = {"mean": pool_mean(margin, pool, scorer.rule), "vote": pool_vote(margin, pool),
+                       "best_of_n": best_of_n(scorer, pool, scfg.n, length, scfg.aggregation, False, seed),
+                       "weighted_best_of_n": best_of_n(scorer, pool, scfg.n, length, scfg.aggregation, True, seed),
+                       "beam": beam_search(scorer, pool, scfg.beam, length, scfg.aggregation).stopped(None)}
+            for method, r in results.items():
+                out.setdefault(f"{method}@{pool_name}", {})[budget] = _entry(r)
+    return {m: v for m, v in out.items() if v}
+
+
+def _entry(result) -> tuple[torch.Tensor, torch.Tensor]:
+    return result.answer, result.views.float()
+
+
+def mcc(answer: torch.Tensor, label: torch.Tensor) -> float:
+    return float(binary_matthews_corrcoef(answer.float(), label.long(), threshold=0.5))
+
+
+def hard_subset(views: dict, fraction: float) -> torch.Tensor:
+    """The queries in the lowest ``fraction`` of Stage-1's confidence on the global view."""
+    confidence = margins(views["logits"][:, 0]).abs()
+    return confidence <= torch.quantile(confidence, fraction)
+
+
+def search_figures(table: dict, label: torch.Tensor, hard: torch.Tensor) -> dict:
+    return {method: {str(b): {"mcc": mcc(a, label), "mcc_hard": mcc(a[hard], label[hard]), "views": float(v.mean())}
+                     for b, (a, v) in by_budget.items()} for method, by_budget in table.items()}
+
+
+def stop_threshold(trace, label: torch.Tensor, groups: np.ndarray, pcfg: DictConfig, seed: int):
+    """Learn-then-Test over :data:`STOP_GRID`: stop at the first step (before the last) whose best beam scores >= t;
+    the risk is the error rate among the queries answered early (one query per scene: independent samples)."""
+    rows = torch.from_numpy(one_per_group(groups, seed))
+    best, answer = trace.best_score[rows, :-1], trace.answer[rows, :-1]
+    wrong = (answer != label[rows, None]).float()
+    n, loss = [], []
+    for t in STOP_GRID:
+        hit = best >= t
+        stopped = hit.any(1)
+        first = hit.float().argmax(1)
+        n.append(int(stopped.sum()))
+        loss.append(float(wrong.gather(1, first[:, None])[:, 0][stopped].sum()))
+    scfg = pcfg.search.stop
+    return ltt_from_counts(STOP_GRID, n, loss, len(rows), scfg.alpha, scfg.delta, min_accepted=scfg.min_accepted)
+
+
+def plot_search(path, figures: dict, stopped: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    bases = sorted({m.split("@")[0] for m in figures}, key=list(("global",) + BASELINES + SEARCHES).index)
+    colours = {b: plt.get_cmap("tab10")(k) for k, b in enumerate(bases)}
+    for ax, key, name in ((axes[0], "mcc", "all test queries"), (axes[1], "mcc_hard", "hard subset")):
+        for method, by_budget in figures.items():
+            xs = [v["views"] for v in by_budget.values()]
+            ax.plot(xs, [v[key] for v in by_budget.values()], marker="o", ms=4, label=method,
+                    color=colours[method.split("@")[0]], linestyle="--" if method.endswith("@random") else "-")
+        if stopped:
+            ax.scatter([stopped["views"]], [stopped[key]], marker="*", s=120, c="k", label="beam + early stop")
+        ax.set_xlabel("views evaluated per query")
+        ax.set_ylabel("MCC")
+        ax.set_title(name, fontsize=9)
+    axes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"{title}; solid: views in the learnt order, dashed: random views", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ the task
+
+def train_prm(cfg: DictConfig, run: Run, views: dict, traces: dict, n_slots: int) -> ProcessRewardModel:
+    """Fit the PRM on meta's traces (a held-out part of its images picks the best epoch by step AUROC)."""
+    pcfg = cfg.prm
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same run whether the caches were made or reused
+    train_rows, val_rows = split_by_image(views["index"], pcfg.val_fraction, cfg.seed)
+    loaders = [DataLoader(_flat(views, traces, rows.nonzero()[:, 0], pcfg.traces.label, pcfg.belief),
+                          batch_size=pcfg.batch_size, shuffle=shuffle, collate_fn=batched)
+               for rows, shuffle in ((train_rows, True), (val_rows, False))]
+    module: PRMModule = instantiate(pcfg.module, embed_dim=views["embeddings"].shape[-1], n_slots=n_slots)
+    trainer = build_trainer(cfg, run.task_dir("prm"), monitor=("val/step_auroc", "max"), max_epochs=pcfg.epochs,
+                            limit_train_batches=None, limit_val_batches=None)
+    trainer.fit(module, *loaders)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best:
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+    return module.net.cpu().eval()
+
+
+def evaluate_prm(cfg: DictConfig, net: ProcessRewardModel, views: dict, traces: dict, calib_groups) -> dict:
+    """Held-out step AUROC, the search table on test, the deployed search's early-stop threshold (calib) and its
+    test figures, and the hard-subset comparison with the best baseline at every budget."""
+    pcfg, scfg, seed = cfg.prm, cfg.prm.search, cfg.seed
+    held_out = {s: step_auroc(net, views[s], traces[s], pcfg.belief) for s in ("calib", "test")}
+    scorers = {s: TraceScorer(net, views[s]["embeddings"], margins(views[s]["logits"]), pcfg.belief)
+               for s in ("calib", "test")}
+    label, hard = views["test"]["label"], hard_subset(views["test"], pcfg.hard_fraction)
+    order = greedy_view_order(margins(views["meta"]["logits"]), views["meta"]["mask"], views["meta"]["label"],
+                              pcfg.belief)
+    table = search_table(scorers["test"], views["test"]["mask"], scfg, order, seed)
+    deployed = min(scfg.budget, *(int(views[s]["mask"].sum(-1).min()) for s in ("calib", "test")))
+    length = min(scfg.length, deployed)
+    deployed_order = order if scfg.pool == "ordered" else None
+    beams = {s: beam_search(scorers[s], view_pool(views[s]["mask"], deployed, seed + deployed, deployed_order),
+                            scfg.beam, length, scfg.aggregation) for s in ("calib", "test")}
+    choice = stop_threshold(beams["calib"], views["calib"]["label"], calib_groups, pcfg, seed)
+    stop = choice.threshold if scfg.method == "beam" else None
+    stopped = beams["test"].stopped(stop)
+    return {"held_out": held_out, "search": search_figures(table, label, hard),
+            "early_stop": {"mcc": mcc(stopped.answer, label), "mcc_hard": mcc(stopped.answer[hard], label[hard]),
+                           "views": float(stopped.views.float().mean()), "budget": deployed},
+            "comparison": compare_at_budgets(table, label, hard, views["test"]["index"]),
+            "hard_subset": {"fraction": pcfg.hard_fraction, "n": int(hard.sum())},
+            "settings": {"method": scfg.method, "aggregation": scfg.aggregation, "n": scfg.n, "beam": scfg.beam,
+                         "length": length, "budget": deployed, "belief": pcfg.belief, "stop_threshold": stop,
+                         "pool": scfg.pool, "order": order},
+            "stop_choice": choice}
+
+
+@register_task("prm")
+def run_prm(cfg: DictConfig, run: Run) -> dict:
+    pcfg, task_dir = cfg.prm, run.task_dir("prm")
+    if pcfg.traces.label not in LABELS:
+        raise ValueError(f"prm.traces.label={pcfg.traces.label!r}; allowed: {list(LABELS)}")
+    if pcfg.search.pool not in POOLS:
+        raise ValueError(f"prm.search.pool={pcfg.search.pool!r}; allowed: {list(POOLS)}")
+    model, config, _ = load_calibrated(run, pcfg.views_model)
+    datamodule = build_datamodule(cfg, run, config["input"])
+    view_set = ViewSet(**OmegaConf.to_container(pcfg.views))
+    source = run.read()["tasks"].get("calibrate", {}).get("artifacts", {}).get(f"{pcfg.views_model}_model", "")
+    views = {s: split_views(cfg, run, model, datamodule, view_set, s, str(source)) for s in SPLITS}
+    traces = {s: split_traces(cfg, run, views[s], s, cfg.seed + k) for k, s in enumerate(SPLITS)}
+    net = train_prm(cfg, run, views["meta"], traces["meta"], len(view_set.names))
+    extra = {"views": view_set.describe(), "views_model": pcfg.views_model, "input": config["input"]}
+    save_prm(net, task_dir / "prm", extra)  # the trained weights are kept even if the evaluation below fails
+
+    scenes = np.unique(datamodule.split("calib").column("scene_id").to_pylist(), return_inverse=True)[1]
+    report = evaluate_prm(cfg, net, views, traces, scenes[views["calib"]["index"].numpy()])
+    choice, settings = report.pop("stop_choice"), report.pop("settings")
+    guarantee = {**choice.guarantee(), "rule": "stop inspecting when the best beam's last step scores >= threshold; "
+                 "the guarantee bounds the error rate among the queries answered before the view budget"}
+    threshold = {"threshold": settings["stop_threshold"], "guarantee": guarantee,
+                 "calib": {"early_fraction": choice.acceptance_rate, "n_early": choice.n_accepted,
+                           "early_error": choice.accepted_risk}}
+    weights, model_config = save_prm(net, task_dir / "prm", {**extra, "search": settings})
+    report.update(threshold=threshold, n={s: len(v["label"]) for s, v in views.items()})
+    atomic_write_json(task_dir / "report.json", report)
+    atomic_write_json(task_dir / "threshold.json", threshold)
+    plot_search(task_dir / "search_curve.png", report["search"], report["early_stop"],
+                f"PRM-guided search vs baselines on test ({len(views['test']['label'])} queries, hard subset "
+                f"{report['hard_subset']['n']})")
+    held_out, figures = report["held_out"], report["search"]
+    metrics = {f"{s}/{k}": v for s, m in held_out.items() for k, v in m.items()}
+    metrics.update({f"test/{m}/b{b}/{k}": v for m, by_b in figures.items() for b, f in by_b.items()
+                    for k, v in f.items() if k != "views"})
+    print_level_table({f"test/{m}/b{b}": f["mcc_hard"] for m, by_b in figures.items() for b, f in by_b.items()},
+                      "PRM search on test: hard-subset MCC per view budget", "test",
+                      [f"b{b}" for b in sorted({int(b) for by_b in figures.values() for b in by_b})])
+    log.info("held-out step AUROC: calib %.3f, test %.3f", held_out["calib"]["step_auroc"],
+             held_out["test"]["step_auroc"])
+    run.record("prm", artifacts={"model": weights, "model_config": model_config, "report": task_dir / "report.json",
+                                 "threshold": task_dir / "threshold.json",
+                                 "search_curve": task_dir / "search_curve.png",
+                                 **{f"{kind}_{s}": task_dir / f"{kind}_{s}.safetensors" for kind in ("views", "traces")
+                                    for s in SPLITS}}, metrics=metrics)
+    return metrics
+
+
+def compare_at_budgets(table: dict, label: torch.Tensor, hard: torch.Tensor, groups) -> dict[str, dict]:
+    """At every budget of 2 views or more: the hard-subset MCC of each PRM search on either pool against the best
+    baseline at that budget (the global view, mean or vote over either pool), with a paired bootstrap interval of
+    the difference (images resampled whole)."""
+    out = {}
+    for budget in sorted(table[f"mean@{POOLS[0]}"]):
+        baselines = {f"{m}@{p}": table[f"{m}@{p}"][budget][0] for m in BASELINES for p in POOLS}
+        baselines["global"] = table["global"][1][0]
+        best = max(baselines, key=lambda m: mcc(baselines[m][hard], label[hard]))
+        out[str(budget)] = {"best_baseline": best, **{
+            f"{m}@{p}": paired_bootstrap_mcc(baselines[best][hard].float(), table[f"{m}@{p}"][budget][0][hard].float(),
+                                             label[hard], groups=groups[hard]) for m in SEARCHES for p in POOLS}}
+    return out
