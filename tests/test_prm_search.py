@@ -240,3 +240,16 @@ def test_greedy_view_order_and_ordered_pools():
     assert pool.tolist() == [[0, 3, 1], [0, 1, 2], [0, 3, 1]]
     with pytest.raises(ValueError, match="every slot"):
         view_pool(mask, 2, order=[0, 1])
+
+
+def test_prm_task_rejects_bad_settings(tmp_path):
+    from conftest import compose_config
+
+    from train.runs import Run
+    from train.tasks.prm import run_prm
+
+    run = Run.create(tmp_path, "prm")
+    for override, message in (("prm.search.pool=best", "prm.search.pool"), ("prm.every_level=[train]", "every_level"),
+                              ("prm.traces.budget=40", "prm.traces.budget"), ("prm.traces.label=maybe", "label")):
+        with pytest.raises(ValueError, match=message):
+            run_prm(compose_config(override), run)

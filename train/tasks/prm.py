@@ -321,9 +321,14 @@ def run_prm(cfg: DictConfig, run: Run) -> dict:
         raise ValueError(f"prm.traces.label={pcfg.traces.label!r}; allowed: {list(LABELS)}")
     if pcfg.search.pool not in POOLS:
         raise ValueError(f"prm.search.pool={pcfg.search.pool!r}; allowed: {list(POOLS)}")
+    if not set(pcfg.every_level) <= set(SPLITS):
+        raise ValueError(f"prm.every_level={list(pcfg.every_level)}; allowed splits: {list(SPLITS)}")
+    view_set = ViewSet(**OmegaConf.to_container(pcfg.views))
+    if not 1 <= pcfg.traces.budget <= view_set.n_crops:
+        raise ValueError(f"prm.traces.budget={pcfg.traces.budget} must be in [1, {view_set.n_crops}]: the views every "
+                         "query has (global, tiles, zooms; other cameras may be missing), see prm.views")
     model, config, _ = load_calibrated(run, pcfg.views_model)
     datamodule = build_datamodule(cfg, run, config["input"])
-    view_set = ViewSet(**OmegaConf.to_container(pcfg.views))
     source = run.read()["tasks"].get("calibrate", {}).get("artifacts", {}).get(f"{pcfg.views_model}_model", "")
     views = {s: split_views(cfg, run, model, datamodule, view_set, s, str(source)) for s in SPLITS}
     traces = {s: split_traces(cfg, run, views[s], s, cfg.seed + k) for k, s in enumerate(SPLITS)}
