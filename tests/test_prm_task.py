@@ -144,3 +144,19 @@ def test_prm_in_the_bundle(prm_run):
         expected = net(*inputs).sigmoid().numpy()
     got = Bundle(bundle).prm().scores(*(x.numpy() for x in inputs))
     assert np.abs(expected - got).max() <= 1e-5
+
+
+def test_view_outputs_are_computed_once_per_run(prm_run):
+    """The feature store's views modality and the PRM read one shared cache: the same settings find the file."""
+    from train.data.views import cached_view_outputs
+
+    run, cfg = prm_run
+    model, config, _ = load_calibrated(run, "stage1")
+    datamodule = build_datamodule(cfg, run, config["input"])
+    path = run.artifact("prm", "views_test")
+    stamp = path.stat().st_mtime_ns
+    outputs, found = cached_view_outputs(run, model, datamodule, "test", ViewSet(**cfg.prm.views), cfg.prm.levels)
+    assert found == path and path.stat().st_mtime_ns == stamp and path.parent == run.path / "views"
+    assert torch.equal(outputs["logits"], load_file(str(path))["logits"])
+    _, other = cached_view_outputs(run, model, datamodule, "test", ViewSet(**cfg.prm.views), [0])  # other levels
+    assert other != path

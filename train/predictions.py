@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch.utils.data import Dataset
 
 Columns = dict[str, np.ndarray]
 
@@ -105,3 +106,16 @@ def collect_outputs(outputs: dict, datamodule, split: str, levels) -> dict[str, 
     out = {key: torch.cat([p[key] for p in per_level.values()]) for key in next(iter(per_level.values()))}
     out["level"] = torch.cat([torch.full((len(p["label"]),), lv) for lv, p in per_level.items()])
     return out
+
+
+class OutcomeDataset(Dataset):
+    """Rows of equal-length tensors, served as dicts."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}

@@ -8,11 +8,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 REGISTRY = "registry.json"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -139,3 +141,25 @@ class Run:
         summary = {"run": reg["run"], "tasks": {t: e.get("metrics", {}) for t, e in reg["tasks"].items()}}
         atomic_write_json(self.path / SUMMARY, summary)
         return self.path / SUMMARY
+
+
+def cached_tensors(path: Path, fingerprint: dict, make) -> dict:
+    """``make()``'s tensors, saved to ``path`` (safetensors, atomically) once; a rerun whose ``fingerprint`` (what the
+    tensors depend on) is the same reads them back instead of recomputing."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    key = json.dumps(fingerprint, sort_keys=True, default=str)
+    path = Path(path)
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == key:
+                log.info("reusing %s", path.name)
+                return load_file(str(path))
+    tensors = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fingerprint": key})
+    tmp.replace(path)
+    return tensors
+

@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from train.data.feature_store import FeatureStore
 from train.data.transforms import ModelInput, ValidatorQuery
-from train.data.views import ViewSet, query_plan, view_dataset
+from train.data.views import ViewSet, cached_view_outputs, query_plan
 from train.models.backbones import pooled_features
+from train.models.saving import weights_sha256
+from train.predictions import OutcomeDataset
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +44,6 @@ class QueryDataset(Dataset):
     def __getitem__(self, k: int) -> dict:
         i, level = int(self.samples[k]), int(self.levels[k])
         return {"x": self.fn(self.queries[level](self.images.image(i), i)), "index": i, "level": level}
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """A fingerprint of a model's weights (what produced a column)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def embedding_and_logits(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,26 +98,26 @@ class ViewsModality:
     def setup(self, run) -> dict:
         producer = ClassifierModality(self.tier, self.embedding)
         described = producer.setup(run)
-        self.model, self.input_spec = producer.model, producer.input_spec
+        self.run, self.model, self.input_spec = run, producer.model, producer.input_spec
         self.dim = 2 * len(self.view_set.names) + producer.dim - 2
         return {**described, "kind": "views", "views": self.view_set.describe(), "values": "per-slot logit margin (0 "
                 "where absent), per-slot presence" + (", mean embedding over present slots" if self.embedding else "")}
 
     def dataset(self, datamodule, split: str, levels: Sequence[int], every_level: bool) -> Dataset:
-        return view_dataset(datamodule, split, self.view_set, levels, every_level)
+        """The split's view outputs from the run's shared cache (computed there once, also read by the PRM)."""
+        outputs, _ = cached_view_outputs(self.run, self.model, datamodule, split, self.view_set, levels, every_level,
+                                         datamodule.eval_batch_size)
+        return OutcomeDataset({k: outputs[k] for k in ("logits", "embeddings", "mask", "index", "level")})
 
     @torch.no_grad()
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        views, mask = batch["views"], batch["mask"]
-        b, v = mask.shape
-        logits, embeddings = pooled_features(self.model, views.flatten(0, 1))
-        keep = mask.float()
-        margins = (logits[:, 1] - logits[:, 0]).reshape(b, v) * keep
+        logits, keep = batch["logits"].float(), batch["mask"].float()
+        margins = (logits[..., 1] - logits[..., 0]) * keep
         parts = [margins, keep]
         if self.embedding:
-            total = (embeddings.reshape(b, v, -1) * keep[..., None]).sum(1)
+            total = (batch["embeddings"].float() * keep[..., None]).sum(1)
             parts.append(total / keep.sum(1, keepdim=True).clamp(min=1))
-        return torch.cat(parts, 1).float(), torch.ones(b, dtype=torch.bool)
+        return torch.cat(parts, 1).float(), torch.ones(len(keep), dtype=torch.bool)
 
 
 class ImageStats:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -182,3 +183,24 @@ def view_outputs(model: torch.nn.Module, datamodule, split: str, view_set: ViewS
             parts[key].append(batch[key])
     model.cpu()
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def cached_view_outputs(run, model: torch.nn.Module, datamodule, split: str, view_set: ViewSet, levels: Sequence[int],
+                        every_level: bool = False, batch_size: int = 32) -> tuple[dict[str, torch.Tensor], Path]:
+    """:func:`view_outputs`, computed once per run and shared by the tasks that read views (the PRM, the feature
+    store): ``<run>/views/<split>-<fingerprint>.safetensors``, keyed by the model's weights and the view settings.
+    Returns (the outputs, the file)."""
+    import hashlib
+    import json
+
+    from train.models.saving import weights_sha256
+    from train.runs import cached_tensors
+
+    fingerprint = {"model": weights_sha256(model), "views": view_set.describe(), "levels": [int(lv) for lv in levels],
+                   "every_level": bool(every_level), "split": split, "img_size": datamodule.img_size,
+                   "eval_seed": datamodule.eval_seed}
+    digest = hashlib.sha1(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
+    path = run.path / "views" / f"{split}-{digest}.safetensors"
+    return cached_tensors(path, fingerprint, lambda: view_outputs(model, datamodule, split, view_set, levels,
+                                                                  every_level, batch_size)), path
+

@@ -5,6 +5,7 @@ spec, so later tasks (APT, draft, calibration, export) load the model without Hy
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -86,3 +87,12 @@ def load_net(path: str | Path, build) -> tuple[nn.Module, dict]:
     net = build(config)
     net.load_state_dict(load_file(str(path.with_suffix(".safetensors"))), strict=True)
     return net.eval(), config
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A fingerprint of a model's weights (what produced a feature column or a cache)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
 
@@ -29,7 +29,7 @@ from train.calibration.risk_control import aurc, one_per_group, routing_curve, s
 from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, save_router
 from train.optim import with_schedule
-from train.predictions import collect_outputs
+from train.predictions import OutcomeDataset, collect_outputs
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
@@ -38,19 +38,6 @@ from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
 TARGET_KINDS = ("hard", "soft")
-
-
-class OutcomeDataset(Dataset):
-    """Rows of equal-length tensors, served as dicts."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in self.tensors.items()}
 
 
 class DifficultyModule(pl.LightningModule):

@@ -1,8 +1,8 @@
 """``task=prm``: the process reward model and PRM-guided test-time search over multi-view inspection traces.
 
 1. **Views**: the calibrated Stage-1 (``prm.views_model``) runs once over every view of every query of the
-   meta, calib and test splits (:func:`train.data.views.view_outputs`); cached as ``views_<split>.safetensors``,
-   reused on a rerun with the same settings.
+   meta, calib and test splits (:func:`train.data.views.cached_view_outputs`: once per run, in ``<run>/views/``,
+   shared with the feature store and reused on a rerun with the same model and settings).
 2. **Traces and step labels** (Math-Shepherd): ``traces.per_query`` random traces of ``traces.budget`` views
    per query, each prefix labelled by ``traces.rollouts`` random continuations (``traces_<split>.safetensors``).
 3. **Training** on meta (Stage-1 never saw it), per-step BCE against the ``traces.label`` labels; model
@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 
@@ -24,20 +23,19 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc, binary_matthews_corrcoef
 
 from train.calibration.risk_control import ltt_from_counts, one_per_group
-from train.data.views import ViewSet, view_outputs
+from train.data.views import ViewSet, cached_view_outputs
 from train.metrics import paired_bootstrap_mcc
 from train.models.prm import ProcessRewardModel, save_prm
 from train.models.search import (TraceScorer, beam_search, best_of_n, greedy_view_order, pool_mean, pool_vote,
                                  view_pool)
 from train.models.traces import LABELS, margins, rollout_labels, running_belief, sample_traces
 from train.optim import with_schedule
-from train.runs import Run, atomic_write_json
+from train.runs import Run, atomic_write_json, cached_tensors
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
 from train.tasks.difficulty import split_by_image
@@ -109,33 +107,6 @@ class PRMModule(pl.LightningModule):
 
 # ------------------------------------------------------------------------------------------------ cached stages
 
-def _load_or_make(path, fingerprint: dict, make: Callable[[], dict]) -> dict:
-    """``make()``'s tensors, saved to ``path`` once; a rerun with the same ``fingerprint`` reads them back."""
-    key = json.dumps(fingerprint, sort_keys=True)
-    if path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("fingerprint") == key:
-                log.info("reusing %s", path.name)
-                return load_file(str(path))
-    tensors = make()
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fingerprint": key})
-    tmp.replace(path)
-    return tensors
-
-
-def split_views(cfg: DictConfig, run: Run, model, datamodule, view_set: ViewSet, split: str, source: str) -> dict:
-    pcfg = cfg.prm
-    every = split in pcfg.every_level
-    fingerprint = {"views": view_set.describe(), "levels": list(pcfg.levels), "every_level": every, "model": source,
-                   "split": split}
-    return _load_or_make(run.task_dir("prm") / f"views_{split}.safetensors", fingerprint,
-                         lambda: view_outputs(model, datamodule, split, view_set, pcfg.levels, every,
-                                              pcfg.batch_size_views))
-
-
 def split_traces(cfg: DictConfig, run: Run, views: dict, split: str, seed: int) -> dict:
     tcfg, rule = cfg.prm.traces, cfg.prm.belief
     fingerprint = {**OmegaConf.to_container(tcfg), "belief": rule, "seed": seed, "n": len(views["label"])}
@@ -146,7 +117,7 @@ def split_traces(cfg: DictConfig, run: Run, views: dict, split: str, seed: int) 
                                     tcfg.budget, rule, seed + 1)
         return {"traces": traces, "hard": hard, "soft": soft}
 
-    return _load_or_make(run.task_dir("prm") / f"traces_{split}.safetensors", fingerprint, make)
+    return cached_tensors(run.task_dir("prm") / f"traces_{split}.safetensors", fingerprint, make)
 
 
 def _flat(views: dict, traces: dict, queries: torch.Tensor, label: str, rule: str) -> TraceDataset:
@@ -329,8 +300,10 @@ def run_prm(cfg: DictConfig, run: Run) -> dict:
                          "query has (global, tiles, zooms; other cameras may be missing), see prm.views")
     model, config, _ = load_calibrated(run, pcfg.views_model)
     datamodule = build_datamodule(cfg, run, config["input"])
-    source = run.read()["tasks"].get("calibrate", {}).get("artifacts", {}).get(f"{pcfg.views_model}_model", "")
-    views = {s: split_views(cfg, run, model, datamodule, view_set, s, str(source)) for s in SPLITS}
+    views, view_files = {}, {}
+    for s in SPLITS:
+        views[s], view_files[s] = cached_view_outputs(run, model, datamodule, s, view_set, pcfg.levels,
+                                                      s in pcfg.every_level, pcfg.batch_size_views)
     traces = {s: split_traces(cfg, run, views[s], s, cfg.seed + k) for k, s in enumerate(SPLITS)}
     net = train_prm(cfg, run, views["meta"], traces["meta"], len(view_set.names))
     extra = {"views": view_set.describe(), "views_model": pcfg.views_model, "input": config["input"]}
@@ -363,8 +336,8 @@ def run_prm(cfg: DictConfig, run: Run) -> dict:
     run.record("prm", artifacts={"model": weights, "model_config": model_config, "report": task_dir / "report.json",
                                  "threshold": task_dir / "threshold.json",
                                  "search_curve": task_dir / "search_curve.png",
-                                 **{f"{kind}_{s}": task_dir / f"{kind}_{s}.safetensors" for kind in ("views", "traces")
-                                    for s in SPLITS}}, metrics=metrics)
+                                 **{f"views_{s}": view_files[s] for s in SPLITS},
+                                 **{f"traces_{s}": task_dir / f"traces_{s}.safetensors" for s in SPLITS}}, metrics=metrics)
     return metrics
 
 
