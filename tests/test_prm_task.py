@@ -160,3 +160,20 @@ def test_view_outputs_are_computed_once_per_run(prm_run):
     assert torch.equal(outputs["logits"], load_file(str(path))["logits"])
     _, other = cached_view_outputs(run, model, datamodule, "test", ViewSet(**cfg.prm.views), [0])  # other levels
     assert other != path
+
+
+def test_traces_follow_their_view_outputs(prm_run, tmp_path):
+    """Cached step labels are tied to the view outputs they came from: other views, labels made anew."""
+    from train.tasks.prm import split_traces
+
+    run, cfg = prm_run
+    run = copy_run(run, tmp_path)  # this test rewrites the labels file
+    views_file = run.artifact("prm", "views_test")
+    views, path = load_file(str(views_file)), run.artifact("prm", "traces_test")
+    stamp = path.stat().st_mtime_ns
+    again = split_traces(cfg, run, views, views_file, "test", cfg.seed + 2)  # what the task made: reused
+    assert path.stat().st_mtime_ns == stamp
+    assert torch.equal(again["hard"], load_file(str(path))["hard"])
+    flipped = {**views, "logits": -views["logits"]}  # e.g. a retrained Stage-1: the labels must be made anew
+    other = split_traces(cfg, run, flipped, tmp_path / "test-other.safetensors", "test", cfg.seed + 2)
+    assert not torch.equal(other["soft"], again["soft"]) and path.stat().st_mtime_ns != stamp

@@ -107,9 +107,11 @@ class PRMModule(pl.LightningModule):
 
 # ------------------------------------------------------------------------------------------------ cached stages
 
-def split_traces(cfg: DictConfig, run: Run, views: dict, split: str, seed: int) -> dict:
+def split_traces(cfg: DictConfig, run: Run, views: dict, views_file, split: str, seed: int) -> dict:
+    """Traces and step labels of a split, cached; ``views_file`` (the view cache, named by its fingerprint) ties them
+    to the exact view outputs they were computed from."""
     tcfg, rule = cfg.prm.traces, cfg.prm.belief
-    fingerprint = {**OmegaConf.to_container(tcfg), "belief": rule, "seed": seed, "n": len(views["label"])}
+    fingerprint = {**OmegaConf.to_container(tcfg), "belief": rule, "seed": seed, "views": views_file.name}
 
     def make() -> dict:
         traces = sample_traces(views["mask"], tcfg.per_query, tcfg.budget, seed)
@@ -304,7 +306,7 @@ def run_prm(cfg: DictConfig, run: Run) -> dict:
     for s in SPLITS:
         views[s], view_files[s] = cached_view_outputs(run, model, datamodule, s, view_set, pcfg.levels,
                                                       s in pcfg.every_level, pcfg.batch_size_views)
-    traces = {s: split_traces(cfg, run, views[s], s, cfg.seed + k) for k, s in enumerate(SPLITS)}
+    traces = {s: split_traces(cfg, run, views[s], view_files[s], s, cfg.seed + k) for k, s in enumerate(SPLITS)}
     net = train_prm(cfg, run, views["meta"], traces["meta"], len(view_set.names))
     extra = {"views": view_set.describe(), "views_model": pcfg.views_model, "input": config["input"]}
     save_prm(net, task_dir / "prm", extra)  # the trained weights are kept even if the evaluation below fails
