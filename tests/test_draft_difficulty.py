@@ -15,7 +15,8 @@ from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, load_router
 from train.tasks.calibrate import load_calibrated
 from train.predictions import OutcomeDataset
-from train.tasks.difficulty import DifficultyModule, per_image_mean, split_by_image
+from train.data.splits import split_by_image
+from train.tasks.difficulty import DifficultyModule, per_image_mean
 from train.tasks.lightning import build_datamodule
 
 

@@ -143,6 +143,11 @@ class Run:
         return self.path / SUMMARY
 
 
+def fingerprint(obj: Any, length: int = 16) -> str:
+    """A short stable hash of a JSON-able description (what produced a cache file or a feature column)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def cached_tensors(path: Path, fingerprint: dict, make) -> dict:
     """``make()``'s tensors, saved to ``path`` (safetensors, atomically) once; a rerun whose ``fingerprint`` (what the
     tensors depend on) is the same reads them back instead of recomputing."""

@@ -13,7 +13,6 @@ keyed by ``sample_id`` and joined by :func:`join_external`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from train.runs import atomic_write_json, sha256_file
+from train.runs import atomic_write_json, fingerprint, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "roadwork-feature-store"
@@ -33,11 +32,6 @@ FORBIDDEN_EXTERNAL = ("label", "split", "scene_id", "difficulty", "scene_descrip
 
 class FeatureStoreError(RuntimeError):
     """A feature store or an external modality file is missing, inconsistent or leaks the answer."""
-
-
-def fingerprint(obj) -> str:
-    """A short stable hash of a JSON-able description (what produced a modality)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def presence_column(modality: str) -> str:

@@ -1,9 +1,10 @@
-"""Split assignment by scene: views of one scene never straddle two splits."""
+"""Split assignment by scene (views of one scene never straddle two splits), and images held out within a split."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
 SPLITS = ("train", "meta", "val", "calib", "test")
 
@@ -38,3 +39,12 @@ def assign_splits(scene_ids: Sequence[str], fractions: Mapping[str, float], seed
     scene_split = np.empty(len(scenes), dtype=object)
     scene_split[order] = np.asarray(names, dtype=object)[bucket]
     return scene_split[inverse]
+
+
+def split_by_image(index: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (train, val) masks over rows, whole images (all their levels) on one side."""
+    images = index.unique()
+    generator = torch.Generator().manual_seed(seed)
+    val_images = images[torch.randperm(len(images), generator=generator)[:max(1, int(len(images) * val_fraction))]]
+    val = torch.isin(index, val_images)
+    return ~val, val

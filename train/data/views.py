@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from train.data.transforms import ModelInput, ValidatorQuery
 from train.models.backbones import pooled_features
+from train.models.saving import weights_sha256
+from train.runs import cached_tensors, fingerprint
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the query's side
 
@@ -190,17 +192,11 @@ def cached_view_outputs(run, model: torch.nn.Module, datamodule, split: str, vie
     """:func:`view_outputs`, computed once per run and shared by the tasks that read views (the PRM, the feature
     store): ``<run>/views/<split>-<fingerprint>.safetensors``, keyed by the model's weights and the view settings.
     Returns (the outputs, the file)."""
-    import hashlib
-    import json
-
-    from train.models.saving import weights_sha256
-    from train.runs import cached_tensors
-
-    fingerprint = {"model": weights_sha256(model), "views": view_set.describe(), "levels": [int(lv) for lv in levels],
-                   "every_level": bool(every_level), "split": split, "img_size": datamodule.img_size,
-                   "eval_seed": datamodule.eval_seed}
-    digest = hashlib.sha1(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
-    path = run.path / "views" / f"{split}-{digest}.safetensors"
-    return cached_tensors(path, fingerprint, lambda: view_outputs(model, datamodule, split, view_set, levels,
-                                                                  every_level, batch_size)), path
+    settings = {"model": weights_sha256(model), "views": view_set.describe(), "levels": [int(lv) for lv in levels],
+                "every_level": bool(every_level), "split": split, "img_size": datamodule.img_size,
+                "eval_seed": datamodule.eval_seed}
+    path = run.path / "views" / f"{split}-{fingerprint(settings, 12)}.safetensors"
+    outputs = cached_tensors(path, settings, lambda: view_outputs(model, datamodule, split, view_set, levels,
+                                                                  every_level, batch_size))
+    return outputs, path
 

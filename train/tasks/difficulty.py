@@ -26,6 +26,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from train.calibration import calibration_report, fit_calibrator
 from train.calibration.risk_control import aurc, one_per_group, routing_curve, select_threshold
+from train.data.splits import split_by_image
 from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, save_router
 from train.optim import with_schedule
@@ -87,15 +88,6 @@ def per_image_mean(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     sums = torch.zeros(int(inverse.max()) + 1, values.shape[1]).index_add_(0, inverse, values)
     counts = torch.bincount(inverse).unsqueeze(1).float()
     return (sums / counts)[inverse]
-
-
-def split_by_image(index: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boolean (train, val) masks over rows, whole images (all their levels) on one side."""
-    images = index.unique()
-    generator = torch.Generator().manual_seed(seed)
-    val_images = images[torch.randperm(len(images), generator=generator)[:max(1, int(len(images) * val_fraction))]]
-    val = torch.isin(index, val_images)
-    return ~val, val
 
 
 def _dataset(outcomes: dict, targets: torch.Tensor, wrong: torch.Tensor, rows: torch.Tensor) -> OutcomeDataset:

@@ -30,7 +30,7 @@ from train.models.fusion import FusionNet, modality_dropout, save_fusion
 from train.optim import with_schedule
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
-from train.tasks.difficulty import split_by_image
+from train.data.splits import split_by_image
 from train.tasks.lightning import build_trainer
 from train.utils.console import print_level_table
 

@@ -38,7 +38,7 @@ from train.optim import with_schedule
 from train.runs import Run, atomic_write_json, cached_tensors
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
-from train.tasks.difficulty import split_by_image
+from train.data.splits import split_by_image
 from train.tasks.lightning import build_datamodule, build_trainer
 from train.utils.console import print_level_table
 
