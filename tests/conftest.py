@@ -46,12 +46,14 @@ def tiny_config(tmp_path, data_dir):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, data_dir):
-    """The default pipeline (data -> stage1) once on tiny synthetic data; returns its Run."""
+    """The Stage-1 pipeline (data -> stage1 -> calibrate -> export -> evaluate) once on tiny synthetic data; returns
+    its Run."""
     from train.__main__ import run_task
     from train.runs import Run
 
     root = tmp_path_factory.mktemp("tiny_run")
-    cfg = compose_config(f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET)
+    cfg = compose_config(f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET,
+                         "pipeline=stage1")
     run_task(cfg)
     (run_path,) = list((root / "checkpoints").iterdir())
     return Run.open(run_path)
@@ -72,7 +74,8 @@ def cheap_tiers(tiny_run, data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cheap_tiers")
     run = copy_run(tiny_run, root)
     base = [f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET, f"run_dir={run.path}",
-            "trainer.limit_train_batches=null", "draft.epochs=6", "draft.teacher_outputs=cache",
+            "pipeline=stage1", "trainer.limit_train_batches=null", "draft.epochs=6",
+            "draft.teacher_outputs=cache",
             "draft.resamples=100", "difficulty.epochs=4"]
     run_task(compose_config(*base, "task=stage1", "trainer.max_epochs=4"))
     for task in ("calibrate", "draft", "difficulty"):
@@ -87,3 +90,20 @@ def copy_run(run, root: Path):
     from train.runs import Run
 
     return Run.open(shutil.copytree(run.path, root / run.path.name))
+
+
+@pytest.fixture(scope="session")
+def prm_tiers(cheap_tiers, data_dir, tmp_path_factory):
+    """The PRM stage (small traces, a few epochs) and an export with it, on a copy of the cheap-tiers run; returns
+    (run, cfg). Shared by the PRM's tests and the cascade's (which add stages on their own copy)."""
+    from train.__main__ import run_task
+
+    root = tmp_path_factory.mktemp("prm")
+    run = copy_run(cheap_tiers[0], root)
+    base = [f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET, f"run_dir={run.path}",
+            "pipeline=stage1", "prm.epochs=6", "prm.search.stop.min_accepted=10", "prm.search.budgets=[1,3,6]",
+            "prm.search.budget=6"]
+    cfg = compose_config(*base, "task=prm")
+    run_task(cfg)
+    run_task(compose_config(*base, "task=export", f"export.models=[{','.join(TIERS + ['prm'])}]"))
+    return run, cfg

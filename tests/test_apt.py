@@ -559,7 +559,7 @@ def test_cascade_full_experiment_orders_every_stage_after_what_it_reads():
     cfg = compose_config("+experiment=cascade_full")
     stages = list(cfg.pipeline.stages)
     assert stages == ["data", "stage1", "apt", "calibrate", "draft", "difficulty", "prm", "features", "fusion",
-                      "export", "evaluate"]
+                      "thresholds", "export", "evaluate"]
     assert "apt" in cfg.calibrate.tiers and "apt" in cfg.export.models and cfg.export.hf_model == "stage1"
     # the draft learns from the calibrated Stage-1; the router from the draft's and Stage-1's outcomes
     assert cfg.draft.teacher in cfg.calibrate.tiers and stages.index("calibrate") < stages.index("draft")
@@ -568,6 +568,9 @@ def test_cascade_full_experiment_orders_every_stage_after_what_it_reads():
     assert cfg.prm.views_model in cfg.calibrate.tiers and stages.index("calibrate") < stages.index("prm")
     assert stages.index("draft") < stages.index("features") < stages.index("fusion") < stages.index("export")
     assert list(cfg.export.models) == ["difficulty", "draft", "stage1", "apt", "prm", "fusion"]
+    # the thresholds stage reads every tier of the cascade, and the export writes them into the manifest
+    assert stages.index("fusion") < stages.index("thresholds") < stages.index("export")
+    assert set(cfg.cascade.tiers) <= set(cfg.export.models)
 
 
 def test_apt_is_calibrated_exported_and_served_from_the_bundle(apt_run, tmp_path):

@@ -16,7 +16,11 @@ def options(group: str) -> list[str]:
 
 def test_default_is_the_pipeline_on_synthetic_data():
     cfg = compose_config()
-    assert cfg.task.name == "pipeline" and list(cfg.pipeline.stages) == ["data", "stage1", "calibrate", "export", "evaluate"]
+    assert cfg.task.name == "pipeline" and list(cfg.pipeline.stages) == list(compose_config(
+        "+experiment=cascade_full").pipeline.stages)  # the default job is the whole cascade
+    assert list(compose_config("pipeline=stage1").pipeline.stages) == ["data", "stage1", "calibrate", "export",
+                                                                       "evaluate"]
+    assert compose_config("+experiment=stage1_vit_b16").calibrate.tiers == ["stage1"]
     assert cfg.data.source._target_.endswith("SyntheticSource") and "experiment" not in cfg
     assert cfg.data.img_size == cfg.model.img_size == cfg.model.backbone.img_size
 

@@ -74,10 +74,9 @@ def test_bundle_holds_the_cheap_tiers_with_thresholds(cheap_tiers):
     bundle = Bundle(run.artifact("export", "manifest").parent)
     manifest = bundle.manifest
     assert [t.name for t in manifest.tiers] == TIERS
-    tiers = {t.name: t for t in manifest.tiers}
-    draft_threshold = json.loads(run.artifact("draft", "threshold").read_text())
-    assert tiers["draft"].threshold == draft_threshold["threshold"]
-    assert tiers["draft"].guarantee["alpha"] == cfg.draft.alpha
+    # without the thresholds stage the tiers are listed by kind, their thresholds left to that stage
+    assert [(t.kind, t.threshold) for t in manifest.tiers] == [("router", None), ("classifier", None),
+                                                                ("classifier", None)]
     assert manifest.models["difficulty"].kind == "router" and manifest.models["draft"].kind == "classifier"
     # the router from the bundle (ONNX Runtime) scores like the saved router on real queries + draft logits
     router, config = load_router(run.artifact("difficulty", "model"))

@@ -6,17 +6,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from train.__main__ import run_task
 from train.calibration import TemperatureScaling, apply_isotonic_table, fold_into_head
-from train.export import Bundle, BundleError, ExportError, load_manifest
+from train.export import Bundle, BundleError, Calibration, ExportError, Manifest, ModelCard, load_manifest
+from train.export.bundle import export_classifier, export_fusion, export_prm, export_router, write_bundle
+from train.export.flops import count_flops
 from train.export.hf import save_hf_folder
+from train.export.manifest import SCHEMA
 from train.export.onnx import check_parity, export_onnx
 from train.metrics import roadwork_prob
 from train.models import create_backbone
 from train.models.saving import load_classifier
 from train.predictions import predict_split, read_predictions
-from train.runs import Run
+from train.runs import Run, sha256_file
 from train.tasks.export import model_card
 from train.tasks.lightning import build_datamodule
 
@@ -137,7 +141,8 @@ def test_evaluate_agrees_with_the_calibrated_pytorch_model(tiny_config, tiny_run
 @pytest.mark.parametrize("method", ["platt", "isotonic"])
 def test_other_calibrators_flow_through_the_bundle(method, tiny_config, tiny_run, tmp_path):
     run = Run.open(shutil.copytree(tiny_run.path, tmp_path / "run"))
-    run_task(tiny_config(f"run_dir={run.path}", "pipeline.stages=[calibrate,export,evaluate]", "pipeline.force=true",
+    run_task(tiny_config(f"run_dir={run.path}", "pipeline=stage1", "pipeline.stages=[calibrate,export,evaluate]",
+                         "pipeline.force=true",
                          f"calibrate.method={method}", "evaluate.levels=[0]"))
     entry = load_manifest(run.path / "export").models["stage1"]
     assert entry.calibration.method == method and entry.calibration.folded == (method == "platt")
@@ -177,3 +182,108 @@ def test_bad_export_inputs_fail_clearly(tiny_config, tmp_path):
         run_task(tiny_config("task=export", f"ckpt={tmp_path / 'none.ckpt'}"))
     with pytest.raises(BundleError, match="is not an export bundle"):
         run_task(tiny_config("task=evaluate", f"bundle={tmp_path}"))
+
+
+# --- FLOPs and the manifest's schema ------------------------------------------------------------------
+
+class Latents(torch.nn.Module):
+    """A view of a parameter fed to a submodule (as a fusion head's latents): trips the counter's module tracker
+    under no_grad unless the parameters are frozen while counting."""
+
+    def __init__(self):
+        super().__init__()
+        self.z, self.lin = torch.nn.Parameter(torch.randn(2, 8)), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(self.z.expand(len(x), -1, -1))
+
+
+def test_count_flops_matches_hand_counts(one_thread):
+    assert count_flops(torch.nn.Linear(8, 4), torch.randn(3, 8)) == 2 * 8 * 4 * 3 == 192  # 2 per multiply-add
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1, bias=False)
+    assert count_flops(conv, torch.randn(2, 3, 6, 6)) == 2 * (2 * 5 * 6 * 6) * (3 * 3 * 3) == 19440
+    latents = Latents()
+    assert count_flops(latents, torch.randn(3, 1)) == 2 * (3 * 2) * 8 * 4 == 384
+    assert all(p.requires_grad for p in latents.parameters())  # restored after counting
+
+
+def test_bundle_records_flops_and_carries_its_schema(tiny_run, tmp_path):
+    bundle = tiny_run.path / "export"
+    manifest = load_manifest(bundle)
+    assert manifest.models and all(m.flops is not None and m.flops.per_call > 0 for m in manifest.models.values())
+    flops = manifest.models["stage1"].flops
+    assert flops.unit == "FLOP per image at the input size" and flops.counted_with.endswith("FlopCounterMode")
+    model, config = load_classifier(tiny_run.artifact("calibrate", "stage1_model"))
+    one = count_flops(model.eval(), torch.randn(1, 3, config["input"]["img_size"], config["input"]["img_size"]))
+    assert flops.per_call == pytest.approx(one, rel=1e-6)
+    assert tiny_run.metrics("export")["stage1/flops"] == flops.per_call
+    # the schema: written from the pydantic model, listed with its sha256, covered by the verification
+    schema = json.loads((bundle / SCHEMA).read_text())
+    assert schema == Manifest.model_json_schema()
+    assert manifest.files["schema"].path == SCHEMA and manifest.files["schema"].sha256 == sha256_file(bundle / SCHEMA)
+    objects = [schema, *schema["$defs"].values()]
+    assert all(d.get("additionalProperties") is False for d in objects if "properties" in d)  # unknown fields fail
+    assert set(schema["$defs"]["Flops"]["required"]) == {"per_call", "unit"}
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw["models"]["stage1"]["flops"]["surprise"] = 1
+    with pytest.raises(ValidationError, match="surprise"):
+        Manifest.model_validate(raw)
+    copy = shutil.copytree(bundle, tmp_path / "bundle")
+    with open(copy / SCHEMA, "a") as f:
+        f.write(" ")
+    with pytest.raises(BundleError, match=r"sha256 mismatch\): .*manifest.schema.json"):
+        load_manifest(copy)
+
+
+def test_every_kind_of_model_gets_its_flops(one_thread, tmp_path):
+    """APT and the elastic draft: the mean over the parity images of what their batch-1 graphs cost; router and
+    fusion head per sample; the PRM per trace step."""
+    from train.models.apt.model import APTViT
+    from train.models.difficulty import DifficultyRouter
+    from train.models.draft import ElasticDraft
+    from train.models.elastic import elastic_vit
+    from train.models.fusion import FusionNet
+    from train.models.prm import ProcessRewardModel
+
+    torch.manual_seed(0)
+    pixels = torch.randn(6, 3, 32, 32)
+    pixels[::2] = 0  # flat images: the APT model merges them into one 4p patch
+    none = Calibration(method="none", folded=False)
+    apt = APTViT(tiny_timm(), [1.0, 1.0], SPEC["mean"], SPEC["std"]).eval()
+    draft = ElasticDraft(elastic_vit(tiny_timm(), budgets=(0.25, 0.5, 1.0), selector="gate")).eval()
+    with torch.no_grad():
+        for p in draft.elastic.gate.parameters():
+            p.copy_(torch.randn_like(p))  # as if trained: the gate picks different budgets
+    router, logits = DifficultyRouter(in_size=16, width=4, hidden=8).eval(), torch.randn(6, 2)
+    prm = ProcessRewardModel(embed_dim=8, n_slots=4, width=16, layers=1, heads=2, max_steps=4).eval()
+    traces = (torch.randn(5, 3, 8), torch.randn(5, 3), torch.randn(5, 3), torch.randint(0, 4, (5, 3)))
+    fusion = FusionNet({"a": 6, "b": 4}, width=8, hidden=16).eval()
+    features, present = [torch.randn(7, 6), torch.randn(7, 4)], torch.tensor([[1, 1], [1, 0], [0, 1]] * 2 + [[1, 1]])
+    search = dict(views_model="apt", views={}, belief="mean", method="beam", aggregation="min", n=4, beam=2, length=3,
+                  budget=4, stop_threshold=None, pool="ordered", order=[0, 1, 2, 3])
+
+    def build(folder):
+        return {"apt": export_classifier("apt", apt, SPEC, none, folder, pixels),
+                "draft": export_classifier("draft", draft, SPEC, none, folder, pixels),
+                "router": export_router("router", router, SPEC, none, folder, pixels, logits),
+                "prm": export_prm("prm", prm, SPEC, search, folder, traces),
+                "fusion": export_fusion("fusion", fusion, SPEC, none, folder, features, present.bool())}
+
+    card = ModelCard(model_name="m", description="d", version="1", submitted_by="", submission_time="now")
+    models = load_manifest(write_bundle(tmp_path / "bundle", build, card, {})).models
+    flops = {name: m.flops for name, m in models.items()}
+    assert all(f.per_call > 0 for f in flops.values())
+    a = flops["apt"]  # 3 flat images (one token) and 3 noisy ones (every base patch)
+    assert a.detail["images"] == 6 and a.detail["min"] < a.detail["max"] == a.detail["all_base_patches"]
+    assert a.per_call == pytest.approx((a.detail["min"] + a.detail["max"]) / 2, rel=1e-9)
+    d = flops["draft"]  # the mean over images = the budgets' FLOPs (the gate's own included) weighted by their shares
+    budgets = {b: d.detail[f"budget_{b}"] for b in (0.25, 0.5, 1.0)}
+    shares = {b: d.detail[f"share_{b}"] for b in budgets}
+    assert sum(share > 0 for share in shares.values()) >= 2 and sum(shares.values()) == pytest.approx(1)
+    assert budgets[0.25] < budgets[0.5] < budgets[1.0] and {d.detail["min"], d.detail["max"]} <= set(budgets.values())
+    assert d.per_call == pytest.approx(sum(budgets[b] * shares[b] for b in budgets), rel=1e-9)
+    assert flops["router"].per_call == pytest.approx(count_flops(router, pixels[:1], logits[:1]), rel=1e-6)
+    assert flops["prm"].unit == "FLOP per trace step scored" and flops["prm"].detail == {"traces": 5, "steps": 3}
+    assert flops["prm"].per_call == pytest.approx(count_flops(prm, *(x[:1] for x in traces)) / 3, rel=1e-6)
+    one = count_flops(fusion, [f[:1] for f in features], present[:1].bool())
+    assert flops["fusion"].unit == "FLOP per sample" and flops["fusion"].per_call == pytest.approx(one, rel=1e-6)

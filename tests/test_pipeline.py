@@ -16,13 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fast_dev_run_of_the_default_pipeline(tiny_config, tmp_path):
+    """The default job is the whole cascade: every stage completes (one batch per training step)."""
     cfg = tiny_config("debug=fast_dev_run", "data.source.n_scenes=150", "data.source.workers=1")
     run_task(cfg)
     (run_path,) = (tmp_path / "checkpoints").iterdir()
     registry = json.loads((run_path / "registry.json").read_text())
-    assert all(registry["tasks"][s]["status"] == "complete" for s in ("data", "stage1", "calibrate", "export",
-                                                                         "evaluate"))
+    assert list(registry["tasks"]) == list(cfg.pipeline.stages) == [
+        "data", "stage1", "apt", "calibrate", "draft", "difficulty", "prm", "features", "fusion", "thresholds",
+        "export", "evaluate"]
+    assert all(task["status"] == "complete" for task in registry["tasks"].values())
     assert run_path.name.startswith("pipeline-")
+    tiers = json.loads((run_path / "export" / "manifest.json").read_text())["tiers"]
+    assert [t["name"] for t in tiers] == list(cfg.cascade.tiers)
+    assert (run_path / "evaluate" / "cascade.json").is_file()
 
 
 def test_tiny_run_records_artifacts_and_metrics(tiny_run):
@@ -51,7 +57,7 @@ def test_tiny_run_splits_are_scene_disjoint(tiny_run):
 def test_rerun_skips_complete_stages(tiny_config, tiny_run, caplog):
     before = tiny_run.read()
     with caplog.at_level(logging.INFO):
-        run_task(tiny_config(f"run_dir={tiny_run.path}"))
+        run_task(tiny_config(f"run_dir={tiny_run.path}", "pipeline=stage1"))
     for stage in ("data", "stage1", "calibrate", "export", "evaluate"):
         assert f"stage '{stage}' already complete" in caplog.text
     assert tiny_run.read()["tasks"] == before["tasks"]
@@ -87,7 +93,8 @@ def test_tampered_artifact_is_detected(tiny_run, tmp_path):
 def test_cli_multirun_in_place(tmp_path, data_dir):
     """`python -m train -m` as users type it: two jobs, two run folders, cwd untouched."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "train", "-m", "seed=1,2", "debug=fast_dev_run", "data.source.n_scenes=150",
+    cmd = [sys.executable, "-m", "train", "-m", "seed=1,2", "pipeline=stage1", "debug=fast_dev_run",
+           "data.source.n_scenes=150",
            "data.source.workers=1", f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "print_config=false"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

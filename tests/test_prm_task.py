@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import QUIET, TIERS, compose_config, copy_run
+from conftest import copy_run
 from safetensors.torch import load_file
 from scipy.stats import binom
 
-from train.__main__ import run_task
 from train.data.views import ViewSet, view_dataset
 from train.export import Bundle, load_manifest
 from train.models.prm import load_prm
@@ -20,16 +19,8 @@ from train.tasks.lightning import build_datamodule
 
 
 @pytest.fixture(scope="module")
-def prm_run(cheap_tiers, data_dir, tmp_path_factory):
-    """The PRM stage (small traces, a few epochs) and an export with it, on a copy of the cheap-tiers run."""
-    root = tmp_path_factory.mktemp("prm")
-    run = copy_run(cheap_tiers[0], root)
-    base = [f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET, f"run_dir={run.path}",
-            "prm.epochs=6", "prm.search.stop.min_accepted=10", "prm.search.budgets=[1,3,6]", "prm.search.budget=6"]
-    cfg = compose_config(*base, "task=prm")
-    run_task(cfg)
-    run_task(compose_config(*base, "task=export", f"export.models=[{','.join(TIERS + ['prm'])}]"))
-    return run, cfg
+def prm_run(prm_tiers):
+    return prm_tiers
 
 
 def test_views_are_the_validator_queries(prm_run):
@@ -132,8 +123,7 @@ def test_prm_in_the_bundle(prm_run):
     entry = manifest.models["prm"]
     assert entry.kind == "prm" and entry.search.views["slots"] == ViewSet(**cfg.prm.views).names
     assert entry.search.method == cfg.prm.search.method and entry.search.budget == cfg.prm.search.budget
-    (tier,) = [t for t in manifest.tiers if t.name == "prm"]
-    assert tier.threshold == json.loads(run.artifact("prm", "threshold").read_text())["threshold"]
+    assert entry.search.stop_threshold == json.loads(run.artifact("prm", "threshold").read_text())["threshold"]
     assert entry.onnx.parity_max_abs_diff <= 1e-4
     # the ONNX file reproduces the PyTorch step scores on other real traces, at other lengths
     net, config = load_prm(run.artifact("prm", "model"))

@@ -60,6 +60,28 @@ def confusion_matrices(path: str | Path, per_level: dict[int | str, tuple[torch.
     return _save(fig, path, title)
 
 
+def cascade_curve(path: str | Path, sweep: list[dict], report: dict, title: str = "") -> Path:
+    """Test MCC against mean FLOPs per image (relative to the reference tier alone) over an alpha sweep, with the
+    deployed cascade and the reference marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.2), layout="constrained")
+    ax = fig.subplots()
+    xs, ys = [p["flops_fraction"] for p in sweep], [p["mcc"] for p in sweep]
+    ax.plot(xs, ys, marker="o", label="cascade, thresholds re-chosen at each alpha")
+    for p in sweep:
+        ax.annotate(f"a={p['alpha']:g}", (p["flops_fraction"], p["mcc"]), fontsize=7, textcoords="offset points",
+                    xytext=(4, 4))
+    ref = report["metrics"]["reference"]["all"]["mcc"]
+    ax.scatter([1.0], [ref], marker="s", c="k", label=f"{report['reference']} alone")
+    ax.scatter([1 / report["flops"]["ratio"]], [report["metrics"]["cascade"]["all"]["mcc"]], marker="*", s=140,
+               c="tab:red", label="deployed cascade (manifest)")
+    ax.set_xlabel(f"mean FLOPs per image / {report['reference']}'s")
+    ax.set_ylabel("MCC (all levels)")
+    ax.legend(fontsize=7)
+    return _save(fig, path, title)
+
+
 def _save(fig, path: str | Path, title: str) -> Path:
     if title:
         fig.suptitle(title)

@@ -82,7 +82,7 @@ class ThresholdChoice:
 
     threshold: float | None
     alpha: float
-    delta: float
+    delta: float | None
     method: str
     n_calibration: int
     n_accepted: int
@@ -109,6 +109,12 @@ class ThresholdChoice:
         return asdict(self)
 
     def _statement(self) -> str:
+        if self.method == CRC:
+            if self.threshold is None:
+                return "no threshold keeps the bound: the tier accepts nothing"
+            return (f"in expectation over the draw of the {self.n_calibration} calibration samples and a new sample, "
+                    f"P(the sample is accepted (confidence >= {self.threshold:g}) and wrong) <= alpha = {self.alpha:g} "
+                    "(conformal risk control: a joint, not a conditional, error rate)")
         if self.threshold is None:
             return (f"no threshold passed the test at delta={self.delta:g}: the tier accepts nothing, so the error "
                     f"rate among its accepted samples is vacuously <= alpha={self.alpha:g}")
@@ -173,6 +179,35 @@ def ltt_from_counts(grid, n_accepted, loss_total, n_calibration: int, alpha: flo
 
 
 _NOTHING = {"n_accepted": 0, "acceptance_rate": 0.0, "accepted_risk": None}
+CRC = "conformal_risk_control"
+
+
+def crc_from_counts(grid, n_accepted, loss_total, n_calibration: int, alpha: float) -> ThresholdChoice:
+    """Conformal risk control (Angelopoulos et al. 2022) of the loss ``error x accepted``, which only falls as the
+    threshold rises: the lowest ``t`` of ``grid`` (highest first) with (n R(t) + 1) / (n + 1) <= alpha, R(t) the
+    mean loss over all ``n`` samples. Then E[loss of a new sample] <= alpha: P(accepted and wrong) <= alpha."""
+    _check_level(alpha, "alpha")
+    grid, n_t, loss_t = (np.asarray(a, dtype=float) for a in (grid, n_accepted, loss_total))
+    if not (len(grid) == len(n_t) == len(loss_t)) or np.any(np.diff(grid) > 0) or np.any(np.diff(n_t) < 0):
+        raise ValueError("crc_from_counts needs equal-length grid (highest first) and non-decreasing counts")
+    ok = (loss_t + 1) / (n_calibration + 1) <= alpha
+    passed = len(ok) if ok.all() else int(np.argmin(ok))  # the bound only loosens as t falls: a prefix passes
+    common = {"alpha": alpha, "delta": None, "method": CRC, "n_calibration": n_calibration,
+              "candidates_tested": min(passed + 1, len(grid))}
+    if passed == 0:
+        return ThresholdChoice(None, **common, **_NOTHING, note="even the strictest threshold breaks the bound")
+    chosen = passed - 1
+    n_acc = int(n_t[chosen])
+    return ThresholdChoice(float(grid[chosen]), **common, n_accepted=n_acc, acceptance_rate=n_acc / n_calibration,
+                           accepted_risk=float(loss_t[chosen] / n_acc) if n_acc else None)
+
+
+def crc_threshold(confidence, errors, alpha: float, candidates=None) -> ThresholdChoice:
+    """:func:`crc_from_counts` from per-sample confidences and losses in [0, 1]."""
+    confidence, errors = _check_samples(confidence, errors)
+    grid = default_candidates(confidence) if candidates is None else _candidate_grid(candidates)
+    n_t, loss_t = _accepted_totals(confidence, errors, grid)
+    return crc_from_counts(grid, n_t, loss_t, len(confidence), alpha)
 
 
 def _fixed_sequence(p: np.ndarray, testable: np.ndarray, delta: float) -> tuple[int, int]:

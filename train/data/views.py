@@ -10,6 +10,7 @@ them once (logits and pooled embeddings per view), the cache that traces, the PR
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,18 @@ class ViewSet:
             x0, y0 = rng.uniform(0, 1 - side, size=2)
             out.append((float(x0), float(y0), float(x0 + side), float(y0 + side)))
         return out
+
+    @classmethod
+    def from_description(cls, described: dict) -> "ViewSet":
+        """The view set that :meth:`describe` gave ``described`` (e.g. a manifest's PRM ``views``)."""
+        names = described["slots"]
+        tiles = dict.fromkeys(int(n[4:].split("_")[0]) for n in names if n.startswith("tile"))
+        view_set = cls(tiles=tuple(tiles), zooms=tuple(float(n[4:]) for n in names if n.startswith("zoom")),
+                       random_zooms=described["random_zooms"], random_scale=tuple(described["random_scale"]),
+                       cameras=described["cameras"], seed=described["seed"])
+        if json.dumps(view_set.describe(), sort_keys=True) != json.dumps(described, sort_keys=True):
+            raise ValueError(f"not a view-set description this code makes: {described}")
+        return view_set
 
     def describe(self) -> dict:
         """For the manifest: how an inference stack rebuilds the slots."""

@@ -1,8 +1,8 @@
 """Writing an export bundle (always anew) and reading one back as the inference stack does.
 
 Writer: :func:`export_classifier` turns one calibrated classifier into its ONNX file (+ the HF folder
-for Stage-1) and a manifest entry; :func:`write_bundle` puts entries, model card and manifest into
-a fresh folder and swaps it in. Reader: :class:`Bundle` validates the manifest, checks every file's
+for Stage-1) and a manifest entry (with its FLOPs, :mod:`train.export.flops`); :func:`write_bundle` puts
+entries, model card, manifest and the manifest's JSON schema into a fresh folder and swaps it in. Reader: :class:`Bundle` validates the manifest, checks every file's
 sha256 and serves calibrated P(roadwork) from ONNX Runtime, applying what the manifest says the
 consumer must apply (an isotonic table).
 """
@@ -18,9 +18,10 @@ import torch.nn as nn
 
 from train.calibration import apply_isotonic_table
 from train.export.hf import check_hf_folder, save_hf_folder
-from train.export.manifest import (MODEL_CARD, AdaptivePatches, BundleError, Calibration, FusionInputs, InputSpec,
-                                   Manifest, ModelCard, ModelEntry, OnnxSpec, PRMSearch, Tier, code_version,
-                                   file_entry, load_manifest, now_utc, write_manifest)
+from train.export.flops import budget_flops, count_flops, each_image
+from train.export.manifest import (MODEL_CARD, SCHEMA, AdaptivePatches, BundleError, Calibration, Flops, FusionInputs,
+                                   InputSpec, Manifest, ModelCard, ModelEntry, OnnxSpec, PRMSearch, Tier,
+                                   code_version, file_entry, load_manifest, now_utc, write_manifest)
 from train.export.onnx import (DEFAULT_OPSET, INPUT, ExportError, OnnxAPTClassifier, OnnxClassifier, OnnxFusion,
                                OnnxOneByOne, OnnxPRM, OnnxRouter, check_parity, export_apt_onnx, export_fusion_onnx,
                                export_onnx, export_prm_onnx, export_router_onnx)
@@ -57,6 +58,7 @@ def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration
     else:
         signature, session = export_onnx(model, onnx_path, input_spec["img_size"], opset), None
     diff = check_parity(torch_probs, onnx_path, pixels, parity_atol, session)
+    flops = classifier_flops(model, pixels, session if apt is not None else None)
     files = {"onnx": file_entry(bundle, onnx_path)}
     checks = {}
     if queries is not None:
@@ -70,7 +72,41 @@ def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration
     onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(pixels), **signature)
     return ModelEntry(kind="classifier", score=_score_meaning(calibration), files=files, input=InputSpec(**input_spec),
                       calibration=calibration, onnx=onnx, metrics=metrics or {}, metrics_source=metrics_source,
-                      checks=checks, backbone=dict(getattr(model, "backbone_args", {})), apt=apt)
+                      checks=checks, backbone=dict(getattr(model, "backbone_args", {})), apt=apt, flops=flops)
+
+
+PER_IMAGE = "FLOP per image at the input size"
+PER_IMAGE_MEAN = f"{PER_IMAGE}, mean over the parity images (the work depends on the image)"
+
+
+def classifier_flops(model: nn.Module, pixels: torch.Tensor, apt_session: OnnxAPTClassifier | None = None) -> Flops:
+    """A classifier's FLOPs per image, counted as its ONNX graph runs: an APT model or the elastic draft one image at a
+    time with its own tokens (the mean over ``pixels``, with min/max and the base or per-budget figures)."""
+    model = model.eval()
+    if apt_session is not None:  # tokens chosen outside the graph, as the bundle reader chooses them
+        index = [torch.from_numpy(i) for i in apt_session.token_index(pixels.numpy())]
+        each = each_image(model.forward_tokens, pixels, index)
+        base = count_flops(model.forward_tokens, pixels[:1], torch.arange(model.base_tokens))
+        return Flops(per_call=float(np.mean(each)), unit=PER_IMAGE_MEAN,
+                     detail={**_spread(each), "all_base_patches": base})
+    if hasattr(model, "export_module"):  # the elastic draft: its selector picks a token budget per image
+        elastic, graph = getattr(model, "elastic", model), model.export_module()
+        each = each_image(graph, pixels)
+        gate = 0.0  # a forced budget skips the gate, which the graph runs to choose
+        if elastic.selector == "gate":
+            with torch.no_grad():
+                gate = count_flops(elastic.gate, elastic.vit.patch_embed(pixels[:1]))
+        per_budget = budget_flops(elastic, graph, pixels[:1])
+        with torch.no_grad():
+            chosen = elastic.select(pixels)
+        detail = {f"budget_{b}": f + gate for b, f in zip(elastic.budgets, per_budget)}
+        detail.update({f"share_{b}": int((chosen == i).sum()) / len(chosen) for i, b in enumerate(elastic.budgets)})
+        return Flops(per_call=float(np.mean(each)), unit=PER_IMAGE_MEAN, detail={**_spread(each), **detail})
+    return Flops(per_call=count_flops(model, pixels) / len(pixels), unit=PER_IMAGE)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "max": max(values), "images": float(len(values))}
 
 
 def export_router(name: str, router: nn.Module, input_spec: dict, calibration: Calibration, bundle: Path,
@@ -88,11 +124,12 @@ def export_router(name: str, router: nn.Module, input_spec: dict, calibration: C
         raise ExportError(f"{onnx_path.name}: ONNX Runtime disagrees with PyTorch by up to {diff:.2e} in the router's "
                           f"scores (limit {parity_atol:.0e})")
     onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(pixels), **signature)
+    flops = Flops(per_call=count_flops(router, pixels, draft_logits) / len(pixels), unit=PER_IMAGE)
     score = (f"calibrated P(wrong answer) of each of {router.targets} (output columns in that order); route the "
              "sample past a tier when its score >= the tier threshold")
     return ModelEntry(kind="router", score=score, files={"onnx": file_entry(bundle, onnx_path)},
                       input=InputSpec(**input_spec), calibration=calibration, onnx=onnx, metrics=metrics or {},
-                      backbone={"router": router.router_args})
+                      backbone={"router": router.router_args}, flops=flops)
 
 
 FUSION_PRESENCE = ("present[b, m] is True where modality m (input order) was computed for sample b; an absent "
@@ -115,12 +152,13 @@ def export_fusion(name: str, net: nn.Module, input_spec: dict, calibration: Cali
         raise ExportError(f"{onnx_path.name}: ONNX Runtime disagrees with PyTorch by up to {diff:.2e} in the fusion "
                           f"head's P(roadwork) (limit {parity_atol:.0e})")
     onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=len(present), **signature)
+    flops = Flops(per_call=count_flops(net, features, present) / len(present), unit="FLOP per sample")
     fusion = FusionInputs(modalities=net.modalities, dims=net.fusion_args["dims"], presence=FUSION_PRESENCE,
                           producers=producers or {})
     return ModelEntry(kind="classifier", score=_score_meaning(calibration),
                       files={"onnx": file_entry(bundle, onnx_path)}, input=InputSpec(**input_spec),
                       calibration=calibration, onnx=onnx, metrics=metrics or {}, backbone={"fusion": net.fusion_args},
-                      fusion=fusion)
+                      fusion=fusion, flops=flops)
 
 
 PRM_PROCEDURE = ("a trace starts with the global view (slot 0); step t adds one view: its embedding and logit margin "
@@ -128,7 +166,7 @@ PRM_PROCEDURE = ("a trace starts with the global view (slot 0); step t adds one 
                  "scores every step (P(continuing ends right)). The pool: the global view + budget-1 others, the first "
                  "available ones in `order` (pool=ordered) or random ones. beam: the pool is evaluated "
                  "a few views per step over `length` steps, every beam is extended by each evaluated view it lacks, the "
-                 "`beam` best by aggregated score are kept; stop early when the best beam's last step scores >= "
+                 "`beam` best by aggregated score are kept (ties: the earlier candidate, in beam then view order); stop early when the best beam's last step scores >= "
                  "stop_threshold; answer roadwork when the best beam's belief > 0. best_of_n: n random traces of "
                  "`length` views from the pool, the best aggregated score answers (weighted: the answer with the larger "
                  "score sum)")
@@ -150,10 +188,13 @@ def export_prm(name: str, prm: nn.Module, input_spec: dict, search: dict, bundle
                           f"step scores (limit {parity_atol:.0e})")
     onnx = OnnxSpec(file="onnx", opset=opset, parity_max_abs_diff=diff, parity_n=int(np.prod(expected.shape)),
                     **signature)
+    traces, steps = expected.shape
+    flops = Flops(per_call=count_flops(prm, *example) / (traces * steps), unit="FLOP per trace step scored",
+                  detail={"traces": traces, "steps": steps})
     return ModelEntry(kind="prm", score="per step: P(continuing this trace to the budget ends with the right answer)",
                       files={"onnx": file_entry(bundle, onnx_path)}, input=InputSpec(**input_spec),
                       calibration=Calibration(method="none", folded=False), onnx=onnx, metrics=metrics or {},
-                      backbone={"prm": prm.config}, search=PRMSearch(**search, procedure=PRM_PROCEDURE))
+                      backbone={"prm": prm.config}, search=PRMSearch(**search, procedure=PRM_PROCEDURE), flops=flops)
 
 
 APT_PROCEDURE = ("per image: gray = gray_weights . RGB on 0-255; for k = len(thresholds) .. 1, a patch_sizes[k] patch "
@@ -183,11 +224,12 @@ def _score_meaning(calibration: Calibration) -> str:
 
 
 def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str | None = None,
-                 thresholds: dict[str, dict] | None = None) -> Path:
+                 tiers: list[dict] | None = None) -> Path:
     """Build a bundle in a fresh sibling folder, then swap it in for ``out_dir`` (never edited in place).
 
-    ``build(folder) -> dict[name, ModelEntry]`` writes the models' files into ``folder``; ``thresholds[name]``
-    (``{"threshold": ..., "guarantee": {...}}``) fills that tier's threshold.
+    ``build(folder) -> dict[name, ModelEntry]`` writes the models' files into ``folder``; ``tiers`` (the thresholds
+    stage's cascade, in order: :class:`Tier` fields) become the manifest's tiers; without them every model except
+    a fusion head is listed as a tier with no threshold.
     """
     out_dir = Path(out_dir)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -196,11 +238,15 @@ def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str |
     try:
         models = build(staging)
         atomic_write_json(staging / MODEL_CARD, card.model_dump())
+        atomic_write_json(staging / SCHEMA, Manifest.model_json_schema())  # the manifest's contract, machine-readable
         for path in staging.rglob("*"):  # readable by the inference stack's user, whoever wrote them
             path.chmod(0o755 if path.is_dir() else 0o644)
         manifest = Manifest(created=now_utc(), run=run, code_version=code_version(), models=models,
-                            tiers=[Tier(name=name, model=name, **(thresholds or {}).get(name, {})) for name in models],
-                            files={"model_card": file_entry(staging, staging / MODEL_CARD)}, config=config)
+                            tiers=[Tier(**t) for t in tiers] if tiers is not None else
+                            [Tier(name=name, model=name, kind=entry.kind) for name, entry in models.items()
+                             if entry.fusion is None],
+                            files={"model_card": file_entry(staging, staging / MODEL_CARD),
+                                   "schema": file_entry(staging, staging / SCHEMA)}, config=config)
         write_manifest(staging, manifest)
         load_manifest(staging)  # what we wrote reads back and verifies
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

@@ -20,6 +20,7 @@ from train.runs import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 MODEL_CARD = "model_card.json"
+SCHEMA = "manifest.schema.json"                 # Manifest.model_json_schema(), written into every bundle
 SCHEMA_VERSION = 1
 
 
@@ -112,6 +113,15 @@ class PRMSearch(Strict):
     procedure: str                              # the search in words (train.models.search implements it)
 
 
+class Flops(Strict):
+    """A model's compute, counted on its PyTorch twin at export time."""
+
+    per_call: float                             # FLOPs of one call as `unit` defines it
+    unit: str                                   # e.g. "FLOP per image at the input size"
+    counted_with: str = "torch.utils.flop_counter.FlopCounterMode"
+    detail: dict[str, float] = {}               # e.g. min / max over images, per token budget
+
+
 class ModelEntry(Strict):
     kind: Literal["classifier", "router", "prm"]
     score: str                                  # what the model's score means
@@ -126,15 +136,34 @@ class ModelEntry(Strict):
     apt: AdaptivePatches | None = None          # set for APT models: the ONNX graph takes token_index too
     fusion: FusionInputs | None = None          # set for fusion heads: the ONNX graph takes features + presence
     search: PRMSearch | None = None             # set for the PRM: how the inference stack searches with it
+    flops: Flops | None = None                  # compute per call (train.export.flops)
+
+
+class Guarantee(Strict):
+    """What a tier's threshold promises, and what it did on the calibration split."""
+
+    method: str                                 # learn_then_test/<p-value> | conformal_risk_control
+    alpha: float                                # the risk level
+    delta: float | None = None                  # LTT: the promise holds with probability >= 1 - delta (CRC: none)
+    n_calibration: int                          # calibration samples the tier was tested on (those reaching it)
+    risk: str                                   # what counts as an error (against the label or a reference tier)
+    n_accepted: int | None = None
+    acceptance_rate: float | None = None        # on calib
+    empirical_risk: float | None = None         # error rate among the accepted calib samples
+    p_value: float | None = None
+    statement: str                              # the promise in words
+    note: str = ""
 
 
 class Tier(Strict):
-    """One step of the cascade; later stages fill the thresholds and their guarantee."""
+    """One step of the cascade, in order; the thresholds stage fills kind, threshold, rule and guarantee."""
 
     name: str
     model: str                                  # key in ``models``
+    kind: Literal["router", "classifier", "prm"] | None = None
     threshold: float | None = None
-    guarantee: dict[str, Any] | None = None
+    rule: str | None = None                     # the decision rule in words (also: train/export/cascade.py)
+    guarantee: Guarantee | None = None
 
 
 class CodeVersion(Strict):
@@ -150,7 +179,7 @@ class Manifest(Strict):
     code_version: CodeVersion
     models: dict[str, ModelEntry]
     tiers: list[Tier] = []
-    files: dict[str, FileEntry] = {}            # bundle-level files (model_card.json)
+    files: dict[str, FileEntry] = {}            # bundle-level files (model_card.json, manifest.schema.json)
     config: dict[str, Any] = {}                 # the resolved config that produced the bundle
 
 

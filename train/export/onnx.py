@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 
 from train.export.manifest import AdaptivePatches, BundleError, TensorSpec
+from train.models.backbones import pooled_features
 
 log = logging.getLogger(__name__)
-INPUT, OUTPUTS = "pixel_values", ("logits", "probs")
+INPUT, OUTPUTS, EMBEDDINGS = "pixel_values", ("logits", "probs"), "embeddings"
 TOKEN_INDEX = "token_index"
 DEFAULT_OPSET = 18
 
@@ -22,13 +23,18 @@ class ExportError(RuntimeError):
 
 
 class WithProbabilities(nn.Module):
-    """``images -> (logits, softmax probabilities)``: the ONNX file's two outputs."""
+    """``images -> (logits, softmax probabilities)``, and for a timm model also its pooled pre-logits ``embeddings``
+    (what the PRM reads of every view it inspects)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.embeds = hasattr(model, "forward_head") and hasattr(model, "get_classifier")
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.embeds:
+            logits, pooled = pooled_features(self.model, pixel_values)
+            return logits.float(), logits.float().softmax(-1), pooled.float()
         logits = self.model(pixel_values).float()
         return logits, logits.softmax(-1)
 
@@ -42,14 +48,16 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = DEFAUL
     model = WithProbabilities(model).eval()
     example = torch.randn(batch or 2, 3, img_size, img_size)
     dynamic = ({0: torch.export.Dim("batch")},) if batch is None else None
+    names = list(OUTPUTS) + ([EMBEDDINGS] if model.embeds else [])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        dims = [o.shape[-1] for o in model(example)]
         torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False, opset_version=opset,
-                          input_names=[INPUT], output_names=list(OUTPUTS), external_data=False,
+                          input_names=[INPUT], output_names=names, external_data=False,
                           dynamic_shapes=dynamic)
-    classes, axis = 2, "batch" if batch is None else batch
+    axis = "batch" if batch is None else batch
     return {"inputs": {INPUT: TensorSpec(dtype="float32", shape=[axis, 3, img_size, img_size])},
-            "outputs": {name: TensorSpec(dtype="float32", shape=[axis, classes]) for name in OUTPUTS}}
+            "outputs": {name: TensorSpec(dtype="float32", shape=[axis, d]) for name, d in zip(names, dims)}}
 
 
 ROUTER_INPUTS, ROUTER_OUTPUTS = ("pixel_values", "draft_logits"), ("logits", "scores")
@@ -211,6 +219,14 @@ class OnnxClassifier:
 
     def probs(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.logits_and_probs(pixel_values)[1][:, 1]
+
+    def logits_and_embeddings(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and pooled embeddings (graphs of timm models have the ``embeddings`` output)."""
+        if EMBEDDINGS not in {o.name for o in self.session.get_outputs()}:
+            raise BundleError("this classifier's ONNX graph has no `embeddings` output (only timm models export one)")
+        logits, embeddings = self.session.run(["logits", EMBEDDINGS],
+                                              {INPUT: np.ascontiguousarray(pixel_values, np.float32)})
+        return logits, embeddings
 
 
 class OnnxOneByOne(OnnxClassifier):

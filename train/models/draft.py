@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from train.models.backbones import feature_dim, pooled_features
 
@@ -128,12 +127,3 @@ def fold_teacher_head(student_head: nn.Linear, projection: nn.Linear, teacher_he
     bias = teacher_head.weight.double() @ projection.bias.double() + teacher_head.bias.double()
     student_head.weight.copy_(weight.to(student_head.weight.dtype))
     student_head.bias.copy_(bias.to(student_head.bias.dtype))
-
-
-def model_flops(model: nn.Module, img_size: int, images: torch.Tensor | None = None) -> float:
-    """Forward FLOPs per image (PyTorch's counter), on ``images`` or one random image."""
-    images = torch.randn(1, 3, img_size, img_size) if images is None else images
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model.eval()(images)
-    return counter.get_total_flops() / len(images)

@@ -189,7 +189,9 @@ def beam_search(scorer: TraceScorer, pool: torch.Tensor, beam: int, length: int,
         scores = scorer(rows, flat.reshape(-1, t + 1)).reshape(q, k * e, t + 1)
         total = aggregate(scores, aggregation).masked_fill(~valid.reshape(q, k * e), -1.0)
         # duplicates (the same view set reached in another order) are kept: they are rare with few beams
-        top = total.topk(min(beam, k * e), dim=1).indices
+        # ties (common with `min`: the first step often bounds every extension) go to the earlier candidate (beam,
+        # then view order): a stable sort, so the inference stack's search (train/export/replay.py) picks the same
+        top = total.sort(dim=1, descending=True, stable=True).indices[:, :min(beam, k * e)]
         top = torch.where(total.gather(1, top) < 0, top[:, :1], top)  # fewer valid extensions than beams: repeat
         beams = flat.gather(1, top[..., None].expand(-1, -1, t + 1))
         steps = scores.gather(1, top[..., None].expand(-1, -1, t + 1))

@@ -190,7 +190,8 @@ def run_apt(cfg: DictConfig, run: Run) -> dict:
     net = module.net
     datamodule.sample_fields = net.selector()  # patch selection in the loader workers, off the training loop
     # no inference mode: metric states made while evaluating before fit() must stay writable during it
-    trainer = build_trainer(cfg, task_dir, max_epochs=acfg.epochs, inference_mode=False)
+    limit = {} if acfg.get("limit_train_batches") is None else {"limit_train_batches": acfg.limit_train_batches}
+    trainer = build_trainer(cfg, task_dir, max_epochs=acfg.epochs, inference_mode=False, **limit)
 
     with net.base_only():  # base patches only: exactly the Stage-1 model
         val_original = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))

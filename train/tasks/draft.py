@@ -26,10 +26,11 @@ from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
 from torchmetrics.functional.classification import binary_matthews_corrcoef
 
 from train.calibration.risk_control import evaluate_threshold, one_per_group, resampled_violations, select_threshold
+from train.export.flops import budget_flops, model_flops
 from train.metrics import roadwork_prob
 from train.models.backbones import feature_dim, pooled_features
 from train.models.draft import (ElasticStudent, StudentOutput, build_student, draft_classifier,
-                                fold_teacher_head, forced_budget, model_flops)
+                                fold_teacher_head, forced_budget)
 from train.models.draft import init_from_teacher as init_student
 from train.models.distill import DistillationLoss, FeatureProjection
 from train.models.saving import load_classifier, save_classifier
@@ -263,10 +264,7 @@ def draft_flops(draft: nn.Module, teacher: nn.Module, img_size: int, budgets: di
     if budgets is None:
         flops["draft"] = model_flops(draft, img_size)
     else:
-        per_budget = []
-        for i in range(len(budgets["budgets"])):
-            with forced_budget(draft.elastic, i):
-                per_budget.append(model_flops(draft, img_size))
+        per_budget = budget_flops(draft.elastic, draft.eval(), torch.randn(1, 3, img_size, img_size))
         shares = [budgets["chosen"][str(b)]["share"] for b in budgets["budgets"]]
         flops.update(per_budget=dict(zip(map(str, budgets["budgets"]), per_budget)),
                      draft=float(np.dot(per_budget, shares)))

@@ -51,6 +51,13 @@ def run_evaluate(cfg: DictConfig, run: Run) -> dict:
     metrics = {f"{ecfg.split}/{lv}/{k}": v for lv, m in per_level.items() if lv != "mean" for k, v in m.items()}
     print_level_table(metrics, f"evaluate: {ecfg.model} from the bundle (ONNX Runtime), {ecfg.split} split",
                       split=ecfg.split, columns=("mcc", "acc", "reward", "auroc", "ece", "brier"))
-    run.record("evaluate", artifacts={"report": task_dir / "report.json", "confusion": task_dir / "confusion.png",
-                                      "predictions": task_dir / "predictions.parquet"}, metrics=metrics)
+    artifacts = {"report": task_dir / "report.json", "confusion": task_dir / "confusion.png",
+                 "predictions": task_dir / "predictions.parquet"}
+    if ecfg.cascade and any(t.rule for t in bundle.manifest.tiers):  # tiers from the thresholds stage
+        from train.tasks.replay import replay_cascade
+
+        cascade_metrics, cascade_artifacts = replay_cascade(cfg, run, bundle, task_dir)
+        metrics.update(cascade_metrics)
+        artifacts.update(cascade_artifacts)
+    run.record("evaluate", artifacts=artifacts, metrics=metrics)
     return metrics

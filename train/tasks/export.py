@@ -1,8 +1,9 @@
 """The ``export`` stage: write ``<run>/export/`` anew from the registry (or from ``ckpt=PATH``).
 
 Each model in ``export.models`` comes from the calibrate stage (calibration folded into its head);
-it gets an ONNX file checked in ONNX Runtime on real validator queries, ``export.hf_model`` also the
-HF folder the NATIX miner loads, and the bundle gets ``model_card.json`` and ``manifest.json``.
+it gets an ONNX file checked in ONNX Runtime on real validator queries and its FLOPs counted on the same
+inputs, ``export.hf_model`` also the HF folder the NATIX miner loads, and the bundle gets ``model_card.json``,
+``manifest.json`` and the manifest's JSON schema ``manifest.schema.json``.
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.export import Calibration, ExportError, ModelCard, export_classifier, write_bundle
 from train.export.bundle import export_fusion, export_prm, export_router
-from train.export.manifest import MANIFEST, MODEL_CARD, load_manifest, now_utc
+from train.export.manifest import MANIFEST, MODEL_CARD, SCHEMA, load_manifest, now_utc
 from train.metrics import with_mean
 from train.models.difficulty import load_router
 from train.models.fusion import load_fusion
 from train.models.prm import load_prm
-from train.runs import Run
+from train.runs import Run, net_kind
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
 from train.tasks.lightning import build_datamodule, ensure_data
@@ -79,7 +80,7 @@ def _calibrated_models(cfg: DictConfig, run: Run) -> dict[str, tuple[nn.Module, 
         return {cfg.export.hf_model: (model, spec, Calibration(method="none", folded=False), {})}
     out = {}
     for name in cfg.export.models:
-        if _net_kind(run, name):
+        if net_kind(run, name):
             continue
         try:
             model, config, report = load_calibrated(run, name)
@@ -88,18 +89,6 @@ def _calibrated_models(cfg: DictConfig, run: Run) -> dict[str, tuple[nn.Module, 
         calibration = Calibration(**{k: v for k, v in report.items() if k != "test"})
         out[name] = (model, config["input"], calibration, metrics_per_level(report))
     return out
-
-
-NET_KINDS = ("router", "fusion", "prm")  # tiers saved as small networks (save_net), by their config's key
-
-
-def _net_kind(run: Run, name: str) -> str | None:
-    """Which of :data:`NET_KINDS` the model ``name`` recorded in the run is; None for a plain classifier."""
-    path = run.read()["tasks"].get(name, {}).get("artifacts", {}).get("model_config")
-    if not path:
-        return None
-    config = json.loads(run.artifact(name, "model_config").read_text())
-    return next((kind for kind in NET_KINDS if kind in config), None)
 
 
 def _fusion_entry(cfg: DictConfig, run: Run, name: str, folder: Path):
@@ -138,14 +127,29 @@ def _prm_entry(cfg: DictConfig, run: Run, name: str, folder: Path):
                       cfg.export.onnx.parity_atol)
 
 
-def _thresholds(run: Run, names) -> dict[str, dict]:
-    """Each tier's recorded threshold and guarantee (tasks that choose one write ``threshold.json``)."""
-    out = {}
-    for name in names:
-        if "threshold" in run.read()["tasks"].get(name, {}).get("artifacts", {}):
-            recorded = json.loads(run.artifact(name, "threshold").read_text())
-            out[name] = {"threshold": recorded["threshold"], "guarantee": recorded["guarantee"]}
-    return out
+RULES = {
+    "router": "route the sample straight to the first prm tier (the last tier when there is none) when its score "
+              "(the router's `draft` column) > threshold; the router reads the draft's logits, so the draft runs first",
+    "classifier": "answer (roadwork when P(roadwork) > 0.5) when max(p, 1 - p) >= threshold, else pass the sample on; "
+                  "threshold null: accepts nothing",
+    "prm": "inspect views as `search` says; stop at the first step whose best beam scores >= threshold (null: never "
+           "early); a stop before the last step answers, otherwise the sample passes on",
+    "last": "answers every sample that reaches it (a prm: at its stop step)",
+}
+
+
+def _tiers(cfg: DictConfig, run: Run) -> list[dict] | None:
+    """The cascade the thresholds stage chose (order, kinds, thresholds, guarantees), or None without that stage."""
+    if not run.is_complete("thresholds"):
+        return None
+    chosen = json.loads(run.artifact("thresholds", "thresholds").read_text())
+    missing = [n for n in chosen["order"] if n not in cfg.export.models]
+    if missing:
+        raise ExportError(f"the cascade's tiers {missing} are not exported: add them to export.models")
+    last = chosen["order"][-1]
+    return [{"name": n, "model": n, "kind": t["kind"], "threshold": t["threshold"],
+             "rule": RULES["last" if n == last and t["kind"] != "prm" else t["kind"]], "guarantee": t["guarantee"]}
+            for n, t in ((n, chosen["tiers"][n]) for n in chosen["order"])]
 
 
 def _router_entry(cfg: DictConfig, run: Run, name: str, folder: Path):
@@ -178,7 +182,7 @@ def run_export(cfg: DictConfig, run: Run) -> dict:
     ecfg = cfg.export
     card = model_card(cfg, run)
     models = _calibrated_models(cfg, run)
-    kinds = {} if cfg.get("ckpt") else {name: _net_kind(run, name) for name in ecfg.models}
+    kinds = {} if cfg.get("ckpt") else {name: net_kind(run, name) for name in ecfg.models}
     routers, prms, fusions = ([n for n, k in kinds.items() if k == kind] for kind in ("router", "prm", "fusion"))
     ensure_data(cfg, run)
 
@@ -194,13 +198,14 @@ def run_export(cfg: DictConfig, run: Run) -> dict:
         entries.update({name: _fusion_entry(cfg, run, name, folder) for name in fusions})  # the deepest tier last
         return entries
 
-    thresholds = {} if cfg.get("ckpt") else _thresholds(run, ecfg.models)
+    tiers = None if cfg.get("ckpt") else _tiers(cfg, run)
     bundle = write_bundle(run.path / BUNDLE_DIR, build, card, OmegaConf.to_container(cfg, resolve=True),
-                          run=run.path.name, thresholds=thresholds)
+                          run=run.path.name, tiers=tiers)
     manifest = load_manifest(bundle)
     metrics = {f"{n}/onnx_parity_max_abs_diff": m.onnx.parity_max_abs_diff for n, m in manifest.models.items()}
     metrics.update({f"{n}/{k}": v for n, m in manifest.models.items() for k, v in m.checks.items()})
-    run.record("export", artifacts={"manifest": bundle / MANIFEST, "model_card": bundle / MODEL_CARD},
-               metrics=metrics, bundle=str(bundle))
+    metrics.update({f"{n}/flops": m.flops.per_call for n, m in manifest.models.items() if m.flops is not None})
+    run.record("export", artifacts={"manifest": bundle / MANIFEST, "model_card": bundle / MODEL_CARD,
+                                    "schema": bundle / SCHEMA}, metrics=metrics, bundle=str(bundle))
     console.print(f"[bold]export[/]: bundle written to {bundle}")
     return metrics

@@ -1,0 +1,158 @@
+"""The cascade replay of ``task=evaluate``: every query of calib and test through the bundle's tiers in ONNX Runtime
+(:class:`train.export.replay.BundleCascade`), as the manifest says; reported against Stage-1 alone.
+
+Queries are one validator level per image, in turn (``cascade.levels``), with every view the PRM may inspect (what
+``ViewDataset`` serves: the data side only). Reports per-tier exit fractions, MCC / accuracy / NATIX reward per
+level, mean FLOPs (every model run for a sample, from the manifest's counts) and mean latency per image, the paired
+bootstrap of MCC(cascade) - MCC(Stage-1), and the cost-vs-MCC curve over ``cascade.sweep`` (thresholds re-chosen
+on calib at each alpha by the same risk-control code).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from safetensors.numpy import save_file
+from torch.utils.data import DataLoader
+
+from train.calibration.cascade import select_cascade
+from train.calibration.plots import cascade_curve
+from train.calibration.risk_control import one_per_group
+from train.data.views import ViewSet, view_dataset
+from train.export import Bundle
+from train.export.cascade import TierOutput
+from train.export.replay import BundleCascade
+from train.metrics import paired_bootstrap_mcc, score_probs
+from train.runs import Run, atomic_write_json
+from train.tasks.lightning import build_datamodule
+from train.tasks.thresholds import GLOBAL_ONLY, tier_rules
+from train.utils.console import print_level_table
+
+log = logging.getLogger(__name__)
+FIELDS = ("prob", "score", "answer", "views", "prm_flops")
+
+
+def _concat(parts: list[dict[str, TierOutput]]) -> dict[str, TierOutput]:
+    out = {}
+    for name, first in parts[0].items():
+        fields = {f: np.concatenate([p[name].__dict__[f] for p in parts]) for f in FIELDS
+                  if first.__dict__[f] is not None}
+        out[name] = TierOutput(first.kind, **fields)
+    return out
+
+
+def replay_split(cascade: BundleCascade, datamodule, split: str, view_set: ViewSet, levels, batch_size: int,
+                 workers: int) -> tuple[dict[str, TierOutput], dict[str, np.ndarray]]:
+    """Every tier's ONNX Runtime outputs on ``split``'s queries, and their label / index / level."""
+    loader = DataLoader(view_dataset(datamodule, split, view_set, levels), batch_size=batch_size, num_workers=workers)
+    parts, meta = [], []
+    for batch in loader:
+        parts.append(cascade.outputs(batch["views"].numpy(), batch["mask"].numpy()))
+        meta.append(torch.stack([batch["label"], batch["index"], batch["level"]], 1).numpy())
+    label, index, level = np.concatenate(meta).T
+    return _concat(parts), {"label": label, "index": index, "level": level}
+
+
+def per_level(answer: np.ndarray, meta: dict) -> dict[str, dict[str, float]]:
+    out = {}
+    for lv in np.unique(meta["level"]):
+        rows = meta["level"] == lv
+        m = score_probs(torch.from_numpy(answer[rows]).float(), torch.from_numpy(meta["label"][rows]))
+        out[f"L{lv}"] = {k: m[k] for k in ("mcc", "acc", "reward")}
+    m = score_probs(torch.from_numpy(answer).float(), torch.from_numpy(meta["label"]))
+    out["all"] = {k: m[k] for k in ("mcc", "acc", "reward")}
+    return out
+
+
+def mean_latency(cascade: BundleCascade, routed, n_queries: int) -> float:
+    """Seconds per image: each model's measured time per image (batched, ONNX Runtime CPU) over the samples it ran
+    for, the PRM's views at the views model's rate, and the PRM's own time per query that reached it."""
+    per_image = cascade.latency_per_image()
+    total = sum(float(rows.mean()) * per_image.get(name, 0.0) for name, rows in routed.evaluated.items())
+    prm = [n for n, k in cascade.order if k == "prm"]
+    if prm:
+        views_model = cascade.costs.views_model
+        total += float(np.maximum(routed.views - 1, 0).mean()) * per_image.get(views_model, 0.0)
+        prm_seconds = sum(t for t, _ in cascade.latency.get(prm[0], []))
+        total += float((routed.views > 0).mean()) * prm_seconds / n_queries
+    return total
+
+
+def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path) -> tuple[dict, dict]:
+    ecfg, ccfg = cfg.evaluate, cfg.cascade
+    cascade = BundleCascade(bundle, ecfg.threads)
+    prm = [n for n, k in cascade.order if k == "prm"]
+    view_set = ViewSet.from_description(cascade.search.views) if prm else GLOBAL_ONLY
+    reference = ecfg.model
+    spec = bundle.manifest.models[reference].input.model_dump()
+    datamodule = build_datamodule(cfg, run, spec)
+    outputs, meta = {}, {}
+    for split in ("calib", ecfg.split):
+        outputs[split], meta[split] = replay_split(cascade, datamodule, split, view_set, ccfg.levels, ccfg.batch_size,
+                                                   cfg.data.num_workers)
+    test, test_meta = outputs[ecfg.split], meta[ecfg.split]
+    routed = cascade.route(test)
+    if reference not in test:
+        raise ValueError(f"evaluate.model={reference!r} is not a tier of the cascade {[n for n, _ in cascade.order]}")
+    alone = test[reference].decision
+    label, groups = torch.from_numpy(test_meta["label"]), torch.from_numpy(test_meta["index"])
+    diff = paired_bootstrap_mcc(torch.from_numpy(alone).float(), torch.from_numpy(routed.answer).float(), label,
+                                groups=groups)
+    ref_flops = cascade.costs.per_call[reference]
+    latency = {"cascade": mean_latency(cascade, routed, len(label)),
+               "reference": cascade.latency_per_image()[reference]}
+    sweep = alpha_sweep(cfg, run, cascade, outputs["calib"], meta["calib"], test, test_meta, ref_flops)
+    report = {
+        "bundle": str(bundle.path), "split": ecfg.split, "n": int(len(label)), "reference": reference,
+        "tiers": [{"name": n, "kind": k, "threshold": cascade.thresholds[n]} for n, k in cascade.order],
+        "exit_fraction": {n: float((routed.exit == i).mean()) for i, (n, _) in enumerate(cascade.order)},
+        "metrics": {"cascade": per_level(routed.answer, test_meta), "reference": per_level(alone, test_meta)},
+        "mcc_difference": {k: diff[k] for k in ("delta", "low", "high")},
+        "flops": {"cascade_mean": float(routed.flops.mean()), "reference": ref_flops,
+                  "ratio": ref_flops / float(routed.flops.mean()),
+                  "evaluated_fraction": {n: float(r.mean()) for n, r in routed.evaluated.items()},
+                  "mean_views": float(routed.views.mean())},
+        "latency_s_per_image": latency, "latency_per_model": cascade.latency_per_image(),
+        "latency_note": "ONNX Runtime CPU, batches of cascade.batch_size; a model's time counts for the samples it "
+                        "ran for", "sweep": sweep}
+    atomic_write_json(task_dir / "cascade.json", report)
+    save_file({"answer": routed.answer, "exit": routed.exit, "flops": routed.flops, "views": routed.views,
+               **{k: np.ascontiguousarray(v) for k, v in test_meta.items()}}, str(task_dir / "cascade_test.safetensors"))
+    cascade_curve(task_dir / "cascade_curve.png", sweep, report, f"the cascade from the bundle, {ecfg.split} split")
+    _print(report)
+    metrics = {f"cascade/{ecfg.split}/{lv}/{k}": v for lv, m in report["metrics"]["cascade"].items() for k, v in m.items()}
+    metrics.update({"cascade/flops_ratio": report["flops"]["ratio"], "cascade/mcc_delta": diff["delta"],
+                    "cascade/mcc_delta_low": diff["low"], "cascade/mcc_delta_high": diff["high"]})
+    return metrics, {"cascade": task_dir / "cascade.json", "cascade_curve": task_dir / "cascade_curve.png",
+                     "cascade_test": task_dir / "cascade_test.safetensors"}
+
+
+def alpha_sweep(cfg, run, cascade: BundleCascade, calib, calib_meta, test, test_meta, ref_flops: float) -> list[dict]:
+    """At each alpha of ``cascade.sweep`` (the tiers without their own ``tier_alpha``): thresholds on calib (one query
+    per scene), then the test cascade's mean FLOPs relative to the reference and its MCC."""
+    scenes = np.unique(build_datamodule(cfg, run).split("calib").column("scene_id").to_pylist(), return_inverse=True)[1]
+    rows = one_per_group(scenes[calib_meta["index"]], cfg.seed)
+    out = []
+    for alpha in cfg.cascade.sweep:
+        chosen = select_cascade(cascade.order, calib, calib_meta["label"], tier_rules(cfg, cascade.order, alpha),
+                                cfg.cascade.reference, rows)
+        routed = cascade.route(test, {c.name: c.threshold for c in chosen})
+        mcc = per_level(routed.answer, test_meta)["all"]["mcc"]
+        out.append({"alpha": float(alpha), "mcc": mcc, "flops_fraction": float(routed.flops.mean()) / ref_flops})
+    return out
+
+
+def _print(report: dict) -> None:
+    f, d = report["flops"], report["mcc_difference"]
+    log.info("cascade from the bundle: exits %s; mean FLOPs %.3g vs %s alone %.3g (%.2fx fewer), %.2f views; "
+             "MCC difference %+.3f [%+.3f, %+.3f]; latency %.2f ms vs %.2f ms per image",
+             {k: round(v, 3) for k, v in report["exit_fraction"].items()}, f["cascade_mean"], report["reference"],
+             f["reference"], f["ratio"], f["mean_views"], d["delta"], d["low"], d["high"],
+             1e3 * report["latency_s_per_image"]["cascade"], 1e3 * report["latency_s_per_image"]["reference"])
+    rows = {f"cascade/{who} {lv}/{k}": v for who, per in report["metrics"].items() for lv, m in per.items()
+            for k, v in m.items()}
+    print_level_table(rows, f"cascade vs {report['reference']} alone ({report['split']}, one level per image)",
+                      split="cascade", columns=("mcc", "acc", "reward"))

@@ -1,0 +1,210 @@
+"""``task=thresholds``: every cascade tier's threshold, chosen together on the calib split.
+
+The tiers of ``cascade.tiers`` (models of the run: the router, the draft, Stage-1/APT, the PRM) are evaluated in
+PyTorch on the same validator queries as the view cache holds (calib and test, one level per image, in turn); the
+thresholds are chosen tier by tier in order on calib (:func:`train.calibration.cascade.select_cascade`, one query
+per scene so the samples are independent), then the cascade is previewed on test against the reference tier alone.
+Writes ``thresholds.json`` (what the export stage puts into the manifest's tiers), ``report.json`` and the tier
+outputs (``outputs_<split>.safetensors``) that the replay evaluator's test compares against.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from safetensors.numpy import save_file
+from torch.utils.data import DataLoader
+
+from train.calibration.cascade import TierRule, select_cascade
+from train.calibration.risk_control import one_per_group
+from train.data.views import ViewSet, view_dataset
+from train.export.cascade import Costs, TierOutput, beam_calls, route
+from train.export.flops import count_flops
+from train.metrics import paired_bootstrap_mcc
+from train.models.difficulty import load_router
+from train.models.prm import load_prm
+from train.models.search import TraceScorer, beam_search, view_pool
+from train.models.traces import margins
+from train.runs import Run, atomic_write_json, net_kind
+from train.tasks import register_task
+from train.tasks.calibrate import load_calibrated
+from train.tasks.lightning import build_datamodule
+
+log = logging.getLogger(__name__)
+SPLITS = ("calib", "test")
+GLOBAL_ONLY = ViewSet(tiles=(), zooms=(), random_zooms=0, cameras=0)  # slot 0 only: the validator query itself
+KIND_OF_NET = {"router": "router", "prm": "prm"}
+
+
+def cascade_order(cfg: DictConfig, run: Run) -> list[tuple[str, str]]:
+    """``cascade.tiers`` as (name, kind) pairs, each a model the run recorded."""
+    order = []
+    for name in cfg.cascade.tiers:
+        if not run.is_complete(name) and not (run.is_complete("calibrate") and name in cfg.calibrate.tiers):
+            raise ValueError(f"cascade.tiers has {name!r}, which run {run.path.name} has not trained (add its stage, "
+                             f"or remove it from cascade.tiers)")
+        kind = net_kind(run, name)
+        if kind == "fusion":
+            raise ValueError(f"cascade.tiers has the fusion head {name!r}: the thresholds stage and the replay do not "
+                             "route to a fusion tier (it needs every view of a sample and the feature store); remove it")
+        order.append((name, KIND_OF_NET.get(kind, "classifier")))
+    if cfg.cascade.reference is not None and cfg.cascade.reference not in cfg.cascade.tiers:
+        raise ValueError(f"cascade.reference={cfg.cascade.reference!r} is not in cascade.tiers {list(cfg.cascade.tiers)}")
+    return order
+
+
+def tier_rules(cfg: DictConfig, order, alpha: float | None = None) -> dict[str, TierRule]:
+    """Each tier's rule: ``cascade.tier_alpha`` or else ``alpha`` (default ``cascade.alpha``)."""
+    c = cfg.cascade
+    alpha = c.alpha if alpha is None else alpha
+    return {name: TierRule(alpha=float(c.tier_alpha.get(name, alpha)), delta=float(c.delta), method=c.method,
+                           p_value=c.p_value, min_accepted=int(c.min_accepted)) for name, _ in order}
+
+
+def _prm_output(run: Run, name: str, split: str, index: np.ndarray, levels: np.ndarray) -> tuple[TierOutput, float]:
+    """The deployed search on ``split``'s cached views: a :class:`TierOutput` per step, and the PRM's FLOPs per step."""
+    from safetensors.torch import load_file
+
+    net, config = load_prm(run.artifact(name, "model"))
+    s = config["search"]
+    if s["method"] != "beam" or s["pool"] != "ordered":
+        raise ValueError(f"the cascade routes through a PRM with method=beam and pool=ordered (the replay rebuilds "
+                         f"that search exactly); {name} has method={s['method']}, pool={s['pool']}")
+    views = load_file(str(run.artifact(name, f"views_{split}")))
+    if not (np.array_equal(views["index"].numpy(), index) and np.array_equal(views["level"].numpy(), levels)):
+        raise ValueError(f"the {name} view cache of {split} holds other queries than cascade.levels make: set "
+                         "cascade.levels to prm.levels")
+    scorer = TraceScorer(net, views["embeddings"], margins(views["logits"]), s["belief"])
+    pool = view_pool(views["mask"], s["budget"], 0, s["order"])
+    trace = beam_search(scorer, pool, s["beam"], s["length"], s["aggregation"])
+    example = scorer.inputs(torch.arange(4), pool[:4, :s["length"]])
+    per_step = count_flops(net, *example) / example[1].numel()
+    calls = beam_calls(s["budget"], s["beam"], s["length"])
+    out = TierOutput("prm", score=trace.best_score.numpy(), answer=trace.answer.numpy(), views=trace.views.numpy(),
+                     prm_flops=np.tile(calls * per_step, (len(index), 1)))
+    return out, per_step
+
+
+@torch.no_grad()
+def tier_outputs(cfg: DictConfig, run: Run, order, split: str) -> tuple[dict[str, TierOutput], dict, dict]:
+    """Every tier's PyTorch outputs on ``split``'s queries; (outputs, {"label", "index", "level"}, FLOPs per call)."""
+    classifiers = {n: load_calibrated(run, n) for n, k in order if k == "classifier"}
+    routers = {n: load_router(run.artifact(n, "model")) for n, k in order if k == "router"}
+    if routers and "draft" not in classifiers:
+        classifiers["draft"] = load_calibrated(run, "draft")
+    specs = {json.dumps(c[1]["input"], sort_keys=True) for c in classifiers.values()}
+    if len(specs) > 1:
+        raise ValueError(f"the cascade's classifiers take different inputs ({sorted(specs)}); they must share one")
+    spec = next(iter(classifiers.values()))[1]["input"]
+    dataset = view_dataset(build_datamodule(cfg, run, spec), split, GLOBAL_ONLY, cfg.cascade.levels)
+    loader = DataLoader(dataset, batch_size=cfg.cascade.batch_size, num_workers=cfg.data.num_workers)
+    probs, logits_of, scores, meta = {n: [] for n in classifiers}, {}, {n: [] for n in routers}, []
+    for batch in loader:
+        pixels = batch["views"][:, 0]
+        for n, (model, _, _) in classifiers.items():
+            logits_of[n] = model.eval()(pixels).float()
+            probs[n].append(logits_of[n].softmax(-1)[:, 1])
+        for n, (router, _) in routers.items():
+            scores[n].append(router.eval()(pixels, logits_of["draft"])[:, router.targets.index("draft")].sigmoid())
+        meta.append(torch.stack([batch["label"], batch["index"], batch["level"]], 1))
+    label, index, level = torch.cat(meta).numpy().T
+    outputs = {n: TierOutput("classifier", prob=torch.cat(p).numpy()) for n, p in probs.items()}
+    outputs.update({n: TierOutput("router", score=torch.cat(s).numpy()) for n, s in scores.items()})
+    b = len(pixels)  # per image, the mean over the last batch (an elastic draft's tokens vary per image)
+    flops = {n: count_flops(m, pixels) / b for n, (m, _, _) in classifiers.items()}
+    flops.update({n: count_flops(r, pixels, logits_of["draft"]) / b for n, (r, _) in routers.items()})
+    for n, k in order:
+        if k == "prm":
+            outputs[n], flops[n] = _prm_output(run, n, split, index, level)
+    return outputs, {"label": label, "index": index, "level": level}, flops
+
+
+def costs_of(order, flops: dict[str, float], prm_views_model: str = "stage1") -> Costs:
+    needs = {n: ["draft"] for n, k in order if k == "router"}
+    return Costs({n: f for n, f in flops.items() if n not in {m for m, k in order if k == "prm"}}, needs,
+                 prm_views_model)
+
+
+def save_outputs(path, outputs: dict[str, TierOutput], meta: dict) -> None:
+    tensors = {f"{n}/{field}": np.ascontiguousarray(getattr(o, field)) for n, o in outputs.items()
+               for field in ("prob", "score", "answer", "views", "prm_flops") if getattr(o, field) is not None}
+    save_file({**tensors, **{k: np.ascontiguousarray(v) for k, v in meta.items()}}, str(path))
+
+
+def _scene_groups(cfg: DictConfig, run: Run, index: np.ndarray) -> np.ndarray:
+    datamodule = build_datamodule(cfg, run)
+    scenes = np.unique(datamodule.split("calib").column("scene_id").to_pylist(), return_inverse=True)[1]
+    return scenes[index]
+
+
+def tier_record(c) -> dict:
+    """A chosen tier as ``thresholds.json`` (and the manifest) states it."""
+    if c.choice is None:
+        return {"kind": c.kind, "threshold": c.threshold, "risk": c.risk, "n_reaching": c.n_reaching,
+                "guarantee": None}
+    ch = c.choice
+    statement = ch.guarantee()["statement"]
+    if c.kind == "router" and ch.threshold is not None:  # its test ran on -score: say it on the score itself
+        bound = (f"with probability >= {1 - ch.delta:g} over the draw of the {ch.n_calibration} calibration samples"
+                 if ch.delta is not None else "in expectation")
+        statement = (f"{bound}, the {c.risk} (kept: router score <= {c.threshold:g}) is <= alpha = {ch.alpha:g}"
+                     + ("" if ch.delta is not None else " (joint rate: kept and wrong)"))
+    return {"kind": c.kind, "threshold": c.threshold, "risk": c.risk, "n_reaching": c.n_reaching,
+            "guarantee": {"method": ch.method, "alpha": ch.alpha, "delta": ch.delta, "n_calibration": ch.n_calibration,
+                          "n_accepted": ch.n_accepted, "acceptance_rate": ch.acceptance_rate,
+                          "empirical_risk": ch.accepted_risk, "p_value": ch.p_value, "risk": c.risk,
+                          "statement": statement, "note": ch.note}}
+
+
+def preview(order, outputs, meta, thresholds, costs: Costs, reference: str) -> dict:
+    """The cascade on test against the reference tier alone: exits, MCC (paired bootstrap), mean FLOPs."""
+    routed = route(order, outputs, thresholds, costs)
+    label = torch.from_numpy(meta["label"])
+    ref = outputs[reference]
+    diff = paired_bootstrap_mcc(torch.from_numpy(ref.decision).float(), torch.from_numpy(routed.answer).float(), label,
+                                groups=torch.from_numpy(meta["index"]))
+    ref_flops = costs.per_call[reference]
+    return {"exit_fraction": {n: float((routed.exit == k).mean()) for k, (n, _) in enumerate(order)},
+            "mcc_cascade": diff["mcc_b"], "mcc_reference": diff["mcc_a"],
+            "mcc_difference": {k: diff[k] for k in ("delta", "low", "high")},
+            "mean_flops": float(routed.flops.mean()), "reference_flops": ref_flops,
+            "flops_ratio": ref_flops / float(routed.flops.mean()), "mean_views": float(routed.views.mean())}
+
+
+@register_task("thresholds")
+def run_thresholds(cfg: DictConfig, run: Run) -> dict:
+    task_dir, c = run.task_dir("thresholds"), cfg.cascade
+    order = cascade_order(cfg, run)
+    rules = tier_rules(cfg, order)
+    outputs, meta, flops = {}, {}, {}
+    for split in SPLITS:
+        outputs[split], meta[split], flops = tier_outputs(cfg, run, order, split)
+        save_outputs(task_dir / f"outputs_{split}.safetensors", outputs[split], meta[split])
+    rows = one_per_group(_scene_groups(cfg, run, meta["calib"]["index"]), cfg.seed)
+    chosen = select_cascade(order, outputs["calib"], meta["calib"]["label"], rules, c.reference, rows)
+    names = [n for n, _ in order]
+    tiers = {ch.name: tier_record(ch) for ch in chosen}
+    thresholds = {n: t["threshold"] for n, t in tiers.items()}
+    costs = costs_of(order, flops)
+    report = {"order": names, "reference": c.reference, "n_calibration_independent": int(len(rows)),
+              "tiers": tiers, "flops_per_call": flops,
+              "test": preview(order, outputs["test"], meta["test"], thresholds, costs, c.reference or names[-1])}
+    atomic_write_json(task_dir / "thresholds.json", {"order": names, "kinds": dict(order), "reference": c.reference,
+                                                     "tiers": tiers})
+    atomic_write_json(task_dir / "report.json", report)
+    t = report["test"]
+    log.info("cascade on test (PyTorch): MCC %.3f vs %s alone %.3f (difference %+.3f [%+.3f, %+.3f]); mean FLOPs "
+             "%.3g = %.2fx fewer; exits %s", t["mcc_cascade"], c.reference, t["mcc_reference"],
+             t["mcc_difference"]["delta"], t["mcc_difference"]["low"], t["mcc_difference"]["high"], t["mean_flops"],
+             t["flops_ratio"], {k: round(v, 3) for k, v in t["exit_fraction"].items()})
+    for n, tier in tiers.items():
+        log.info("tier %-10s threshold %s (%s)", n, tier["threshold"], tier["risk"])
+    metrics = {"test/mcc_cascade": t["mcc_cascade"], "test/mcc_reference": t["mcc_reference"],
+               "test/flops_ratio": t["flops_ratio"], **{f"test/exit/{k}": v for k, v in t["exit_fraction"].items()}}
+    run.record("thresholds", artifacts={"thresholds": task_dir / "thresholds.json", "report": task_dir / "report.json",
+                                        **{f"outputs_{s}": task_dir / f"outputs_{s}.safetensors" for s in SPLITS}},
+               metrics=metrics)
+    return metrics
