@@ -157,9 +157,7 @@ def ltt_from_counts(grid, n_accepted, loss_total, n_calibration: int, alpha: flo
     """
     if method not in P_VALUES:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(P_VALUES)}")
-    grid, n_t, loss_t = (np.asarray(a, dtype=float) for a in (grid, n_accepted, loss_total))
-    if not (len(grid) == len(n_t) == len(loss_t)) or np.any(np.diff(grid) > 0) or np.any(np.diff(n_t) < 0):
-        raise ValueError("ltt_from_counts needs equal-length grid (highest first) and non-decreasing counts")
+    grid, n_t, loss_t = _counts(grid, n_accepted, loss_total, "ltt_from_counts")
     p = P_VALUES[method](loss_t, n_t, alpha)
     floor = P_VALUES[method](np.zeros_like(loss_t), n_t, alpha)  # the smallest p-value n_t samples can give
     start, n_rejected = _fixed_sequence(p, (n_t >= min_accepted) & (floor <= delta), delta)
@@ -187,9 +185,7 @@ def crc_from_counts(grid, n_accepted, loss_total, n_calibration: int, alpha: flo
     threshold rises: the lowest ``t`` of ``grid`` (highest first) with (n R(t) + 1) / (n + 1) <= alpha, R(t) the
     mean loss over all ``n`` samples. Then E[loss of a new sample] <= alpha: P(accepted and wrong) <= alpha."""
     _check_level(alpha, "alpha")
-    grid, n_t, loss_t = (np.asarray(a, dtype=float) for a in (grid, n_accepted, loss_total))
-    if not (len(grid) == len(n_t) == len(loss_t)) or np.any(np.diff(grid) > 0) or np.any(np.diff(n_t) < 0):
-        raise ValueError("crc_from_counts needs equal-length grid (highest first) and non-decreasing counts")
+    grid, n_t, loss_t = _counts(grid, n_accepted, loss_total, "crc_from_counts")
     ok = (loss_t + 1) / (n_calibration + 1) <= alpha
     passed = len(ok) if ok.all() else int(np.argmin(ok))  # the bound only loosens as t falls: a prefix passes
     common = {"alpha": alpha, "delta": None, "method": CRC, "n_calibration": n_calibration,
@@ -208,6 +204,14 @@ def crc_threshold(confidence, errors, alpha: float, candidates=None) -> Threshol
     grid = default_candidates(confidence) if candidates is None else _candidate_grid(candidates)
     n_t, loss_t = _accepted_totals(confidence, errors, grid)
     return crc_from_counts(grid, n_t, loss_t, len(confidence), alpha)
+
+
+def _counts(grid, n_accepted, loss_total, caller: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-candidate counts as float arrays, checked: equal lengths, grid highest first, counts non-decreasing."""
+    grid, n_t, loss_t = (np.asarray(a, dtype=float) for a in (grid, n_accepted, loss_total))
+    if not (len(grid) == len(n_t) == len(loss_t)) or np.any(np.diff(grid) > 0) or np.any(np.diff(n_t) < 0):
+        raise ValueError(f"{caller} needs equal-length grid (highest first) and non-decreasing counts")
+    return grid, n_t, loss_t
 
 
 def _fixed_sequence(p: np.ndarray, testable: np.ndarray, delta: float) -> tuple[int, int]:

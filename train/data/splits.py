@@ -48,3 +48,8 @@ def split_by_image(index: torch.Tensor, val_fraction: float, seed: int) -> tuple
     val_images = images[torch.randperm(len(images), generator=generator)[:max(1, int(len(images) * val_fraction))]]
     val = torch.isin(index, val_images)
     return ~val, val
+
+
+def scene_groups(table) -> np.ndarray:
+    """An integer per row of an index table: its scene (rows of one scene are not independent samples)."""
+    return np.unique(table.column("scene_id").to_pylist(), return_inverse=True)[1]

@@ -38,7 +38,7 @@ from train.optim import with_schedule
 from train.runs import Run, atomic_write_json, cached_tensors
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
-from train.data.splits import split_by_image
+from train.data.splits import scene_groups, split_by_image
 from train.tasks.lightning import build_datamodule, build_trainer
 from train.utils.console import print_level_table
 
@@ -311,8 +311,8 @@ def run_prm(cfg: DictConfig, run: Run) -> dict:
     extra = {"views": view_set.describe(), "views_model": pcfg.views_model, "input": config["input"]}
     save_prm(net, task_dir / "prm", extra)  # the trained weights are kept even if the evaluation below fails
 
-    scenes = np.unique(datamodule.split("calib").column("scene_id").to_pylist(), return_inverse=True)[1]
-    report = evaluate_prm(cfg, net, views, traces, scenes[views["calib"]["index"].numpy()])
+    calib_groups = scene_groups(datamodule.split("calib"))[views["calib"]["index"].numpy()]
+    report = evaluate_prm(cfg, net, views, traces, calib_groups)
     choice, settings = report.pop("stop_choice"), report.pop("settings")
     guarantee = {**choice.guarantee(), "rule": "stop inspecting when the best beam's last step scores >= threshold; "
                  "the guarantee bounds the error rate among the queries answered before the view budget"}

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader
 
 from train.calibration.cascade import select_cascade
 from train.calibration.plots import cascade_curve
-from train.calibration.risk_control import one_per_group
 from train.data.views import ViewSet, view_dataset
 from train.export import Bundle
 from train.export.cascade import TierOutput
@@ -28,7 +27,7 @@ from train.export.replay import BundleCascade
 from train.metrics import paired_bootstrap_mcc, score_probs
 from train.runs import Run, atomic_write_json
 from train.tasks.lightning import build_datamodule
-from train.tasks.thresholds import GLOBAL_ONLY, tier_rules
+from train.tasks.thresholds import GLOBAL_ONLY, one_per_scene, tier_rules
 from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
@@ -133,8 +132,7 @@ def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path) ->
 def alpha_sweep(cfg, run, cascade: BundleCascade, calib, calib_meta, test, test_meta, ref_flops: float) -> list[dict]:
     """At each alpha of ``cascade.sweep`` (the tiers without their own ``tier_alpha``): thresholds on calib (one query
     per scene), then the test cascade's mean FLOPs relative to the reference and its MCC."""
-    scenes = np.unique(build_datamodule(cfg, run).split("calib").column("scene_id").to_pylist(), return_inverse=True)[1]
-    rows = one_per_group(scenes[calib_meta["index"]], cfg.seed)
+    rows = one_per_scene(cfg, run, "calib", calib_meta["index"])
     out = []
     for alpha in cfg.cascade.sweep:
         chosen = select_cascade(cascade.order, calib, calib_meta["label"], tier_rules(cfg, cascade.order, alpha),

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from train.calibration.cascade import TierRule, select_cascade
 from train.calibration.risk_control import one_per_group
+from train.data.splits import scene_groups
 from train.data.views import ViewSet, view_dataset
 from train.export.cascade import Costs, TierOutput, beam_calls, route
 from train.export.flops import count_flops
@@ -64,11 +65,11 @@ def tier_rules(cfg: DictConfig, order, alpha: float | None = None) -> dict[str, 
                            p_value=c.p_value, min_accepted=int(c.min_accepted)) for name, _ in order}
 
 
-def _prm_output(run: Run, name: str, split: str, index: np.ndarray, levels: np.ndarray) -> tuple[TierOutput, float]:
+def _prm_output(run: Run, name: str, net, config: dict, split: str, index: np.ndarray,
+                levels: np.ndarray) -> tuple[TierOutput, float]:
     """The deployed search on ``split``'s cached views: a :class:`TierOutput` per step, and the PRM's FLOPs per step."""
     from safetensors.torch import load_file
 
-    net, config = load_prm(run.artifact(name, "model"))
     s = config["search"]
     if s["method"] != "beam" or s["pool"] != "ordered":
         raise ValueError(f"the cascade routes through a PRM with method=beam and pool=ordered (the replay rebuilds "
@@ -89,37 +90,41 @@ def _prm_output(run: Run, name: str, split: str, index: np.ndarray, levels: np.n
 
 
 @torch.no_grad()
-def tier_outputs(cfg: DictConfig, run: Run, order, split: str) -> tuple[dict[str, TierOutput], dict, dict]:
-    """Every tier's PyTorch outputs on ``split``'s queries; (outputs, {"label", "index", "level"}, FLOPs per call)."""
+def tier_outputs(cfg: DictConfig, run: Run, order, splits) -> tuple[dict, dict, dict]:
+    """Every tier's PyTorch outputs on each split's queries, the models loaded once: ({split: {tier: TierOutput}},
+    {split: {"label", "index", "level"}}, FLOPs per call)."""
     classifiers = {n: load_calibrated(run, n) for n, k in order if k == "classifier"}
     routers = {n: load_router(run.artifact(n, "model")) for n, k in order if k == "router"}
+    prms = {n: load_prm(run.artifact(n, "model")) for n, k in order if k == "prm"}
     if routers and "draft" not in classifiers:
         classifiers["draft"] = load_calibrated(run, "draft")
     specs = {json.dumps(c[1]["input"], sort_keys=True) for c in classifiers.values()}
     if len(specs) > 1:
         raise ValueError(f"the cascade's classifiers take different inputs ({sorted(specs)}); they must share one")
-    spec = next(iter(classifiers.values()))[1]["input"]
-    dataset = view_dataset(build_datamodule(cfg, run, spec), split, GLOBAL_ONLY, cfg.cascade.levels)
-    loader = DataLoader(dataset, batch_size=cfg.cascade.batch_size, num_workers=cfg.data.num_workers)
-    probs, logits_of, scores, meta = {n: [] for n in classifiers}, {}, {n: [] for n in routers}, []
-    for batch in loader:
-        pixels = batch["views"][:, 0]
-        for n, (model, _, _) in classifiers.items():
-            logits_of[n] = model.eval()(pixels).float()
-            probs[n].append(logits_of[n].softmax(-1)[:, 1])
-        for n, (router, _) in routers.items():
-            scores[n].append(router.eval()(pixels, logits_of["draft"])[:, router.targets.index("draft")].sigmoid())
-        meta.append(torch.stack([batch["label"], batch["index"], batch["level"]], 1))
-    label, index, level = torch.cat(meta).numpy().T
-    outputs = {n: TierOutput("classifier", prob=torch.cat(p).numpy()) for n, p in probs.items()}
-    outputs.update({n: TierOutput("router", score=torch.cat(s).numpy()) for n, s in scores.items()})
+    datamodule = build_datamodule(cfg, run, next(iter(classifiers.values()))[1]["input"])
+    outputs, meta, flops = {}, {}, {}
+    for split in splits:
+        loader = DataLoader(view_dataset(datamodule, split, GLOBAL_ONLY, cfg.cascade.levels),
+                            batch_size=cfg.cascade.batch_size, num_workers=cfg.data.num_workers)
+        probs, logits_of, scores, rows = {n: [] for n in classifiers}, {}, {n: [] for n in routers}, []
+        for batch in loader:
+            pixels = batch["views"][:, 0]
+            for n, (model, _, _) in classifiers.items():
+                logits_of[n] = model.eval()(pixels).float()
+                probs[n].append(logits_of[n].softmax(-1)[:, 1])
+            for n, (router, _) in routers.items():
+                scores[n].append(router.eval()(pixels, logits_of["draft"])[:, router.targets.index("draft")].sigmoid())
+            rows.append(torch.stack([batch["label"], batch["index"], batch["level"]], 1))
+        label, index, level = torch.cat(rows).numpy().T
+        meta[split] = {"label": label, "index": index, "level": level}
+        outputs[split] = {n: TierOutput("classifier", prob=torch.cat(p).numpy()) for n, p in probs.items()}
+        outputs[split].update({n: TierOutput("router", score=torch.cat(p).numpy()) for n, p in scores.items()})
+        for n, (net, config) in prms.items():
+            outputs[split][n], flops[n] = _prm_output(run, n, net, config, split, index, level)
     b = len(pixels)  # per image, the mean over the last batch (an elastic draft's tokens vary per image)
-    flops = {n: count_flops(m, pixels) / b for n, (m, _, _) in classifiers.items()}
+    flops.update({n: count_flops(m, pixels) / b for n, (m, _, _) in classifiers.items()})
     flops.update({n: count_flops(r, pixels, logits_of["draft"]) / b for n, (r, _) in routers.items()})
-    for n, k in order:
-        if k == "prm":
-            outputs[n], flops[n] = _prm_output(run, n, split, index, level)
-    return outputs, {"label": label, "index": index, "level": level}, flops
+    return outputs, meta, flops
 
 
 def costs_of(order, flops: dict[str, float], prm_views_model: str = "stage1") -> Costs:
@@ -134,10 +139,10 @@ def save_outputs(path, outputs: dict[str, TierOutput], meta: dict) -> None:
     save_file({**tensors, **{k: np.ascontiguousarray(v) for k, v in meta.items()}}, str(path))
 
 
-def _scene_groups(cfg: DictConfig, run: Run, index: np.ndarray) -> np.ndarray:
-    datamodule = build_datamodule(cfg, run)
-    scenes = np.unique(datamodule.split("calib").column("scene_id").to_pylist(), return_inverse=True)[1]
-    return scenes[index]
+def one_per_scene(cfg: DictConfig, run: Run, split: str, index: np.ndarray) -> np.ndarray:
+    """Row positions of ``split``'s queries (sample positions ``index``) keeping one query per scene: independent
+    samples for the threshold tests."""
+    return one_per_group(scene_groups(build_datamodule(cfg, run).split(split))[index], cfg.seed)
 
 
 def tier_record(c) -> dict:
@@ -179,11 +184,10 @@ def run_thresholds(cfg: DictConfig, run: Run) -> dict:
     task_dir, c = run.task_dir("thresholds"), cfg.cascade
     order = cascade_order(cfg, run)
     rules = tier_rules(cfg, order)
-    outputs, meta, flops = {}, {}, {}
+    outputs, meta, flops = tier_outputs(cfg, run, order, SPLITS)
     for split in SPLITS:
-        outputs[split], meta[split], flops = tier_outputs(cfg, run, order, split)
         save_outputs(task_dir / f"outputs_{split}.safetensors", outputs[split], meta[split])
-    rows = one_per_group(_scene_groups(cfg, run, meta["calib"]["index"]), cfg.seed)
+    rows = one_per_scene(cfg, run, "calib", meta["calib"]["index"])
     chosen = select_cascade(order, outputs["calib"], meta["calib"]["label"], rules, c.reference, rows)
     names = [n for n, _ in order]
     tiers = {ch.name: tier_record(ch) for ch in chosen}
