@@ -57,3 +57,26 @@ def test_a_bad_image_at_load_time_names_file_and_row(tiny_run, tiny_config, tmp_
     dm = instantiate(tiny_config().data, index_path=str(tmp_path / "index.parquet"))
     with pytest.raises(BadImageError, match="broken.jpg: cannot decode"):
         dm.dataset("test", 0)[0]
+
+
+def test_validator_queries_are_rendered_once_per_run_and_read_back_pixel_for_pixel(tiny_run, tiny_config, tmp_path):
+    (tmp_path / "index.parquet").write_bytes(tiny_run.artifact("data", "index").read_bytes())
+    index = str(tmp_path / "index.parquet")
+    cached = instantiate(tiny_config().data, index_path=index)
+    rendered = instantiate(tiny_config("data.query_cache=false").data, index_path=index)
+    images = cached.queries("test", [0, 2])
+    files = sorted((tmp_path / "queries").glob("test-L*.parquet"))
+    assert [f.name[:7] for f in files] == ["test-L0", "test-L2"]
+    assert pq.read_metadata(files[0]).num_rows == len(images)
+    direct = rendered.queries("test", [0, 2])
+    for i in (0, len(images) // 2, len(images) - 1):
+        for level in (0, 2):
+            assert np.array_equal(images.query(i, level), direct.query(i, level))
+    assert torch.equal(cached.dataset("test", 2)[3]["image"], rendered.dataset("test", 2)[3]["image"])
+    stamps = [f.stat().st_mtime_ns for f in files]
+    cached.queries("test", [0, 2])
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # read back, not rendered again
+    reseeded = instantiate(tiny_config("data.eval_seed=1").data, index_path=index).queries("test", [2])
+    assert len(list((tmp_path / "queries").glob("test-L2-*.parquet"))) == 2
+    assert not np.array_equal(reseeded.query(0, 2), images.query(0, 2))
+    assert not list(tmp_path.glob("queries/.*.tmp"))

@@ -16,10 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from train.data.images import ImageReader, decode_rgb
 from train.data.index import build_index, where
+from train.data.queries import query_store
 from train.data.sampling import EpochSampler
 from train.data.sources import DataError
 from train.data.splits import SPLITS
-from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from train.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, ModelInput, TrainTransform, ValidatorQuery,
+                                   decode_query)
 from train.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -29,15 +31,23 @@ EVAL_DECODE_SIDE = 512
 
 class ImageDataset(Dataset):
     """Samples of one split: ``{"image": tensor, "label": int, "index": position}``, plus whatever
-    ``fields(image)`` adds (per-sample work a task moves into the loader workers, e.g. APT's patch selection)."""
+    ``fields(image)`` adds (per-sample work a task moves into the loader workers, e.g. APT's patch selection).
 
-    def __init__(self, index: pa.Table, transform, decode_side: int = 256, fields=None):
+    ``level=None``: ``transform(source image, position, seed)`` (training). A validator ``level``:
+    ``transform(query image)``, the query as :meth:`query` gives it.
+    """
+
+    def __init__(self, index: pa.Table, transform, decode_side: int = 256, fields=None, level: int | None = None,
+                 eval_seed: int = 0, queries: dict | None = None):
         self.files = index.column("file").to_pylist()
         self.rows = index.column("row").to_numpy()
         self.columns = index.column("column").to_pylist()
         self.labels = index.column("label").to_numpy()
         self.transform, self.decode_side, self.fields = transform, decode_side, fields
+        self.level, self.eval_seed = level, eval_seed
+        self.queries = dict(queries or {})  # level -> QueryStore (the run's rendered queries)
         self.reader = ImageReader()
+        self._validator: dict[int, ValidatorQuery] = {}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -45,7 +55,10 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """``key`` is a position, or ``(position, augmentation seed)`` from :class:`EpochSampler`."""
         i, seed = key if isinstance(key, tuple) else (key, None)
-        image = self.transform(self.image(i), i, seed)
+        if self.level is None:
+            image = self.transform(self.image(i), i, seed)
+        else:
+            image = self.transform(self.query(i, self.level))
         extra = self.fields(image) if self.fields is not None else {}
         return {"image": image, "label": int(self.labels[i]), "index": i, **extra}
 
@@ -54,6 +67,16 @@ class ImageDataset(Dataset):
         file, row = self.files[i], int(self.rows[i])
         data = self.reader.read(file, row, self.columns[i])
         return decode_rgb(data, max_side=self.decode_side, where=where(file, row))
+
+    def query(self, i: int, level: int) -> np.ndarray:
+        """Sample ``i`` as the validator's 224 px query at ``level`` (RGB): read from the run's rendered queries when
+        they hold this level, rendered here otherwise (the same pixels either way)."""
+        store = self.queries.get(level)
+        if store is not None:
+            return decode_query(store[i], i)
+        if level not in self._validator:
+            self._validator[level] = ValidatorQuery(level, self.eval_seed)
+        return self._validator[level](self.image(i), i)
 
 
 def _init_worker(worker_id: int) -> None:
@@ -73,8 +96,8 @@ class RoadworkDataModule(pl.LightningDataModule):
                  num_workers: int = 2, balance: str = "none", img_size: int = 224,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  train_transforms: Sequence = (), val_levels: Sequence[int] = (0,),
-                 test_levels: Sequence[int] = (0, 1, 2, 3), eval_seed: int = 0, index_path: str | None = None,
-                 root: str | None = None, seed: int = 0):
+                 test_levels: Sequence[int] = (0, 1, 2, 3), eval_seed: int = 0, query_cache: bool = True,
+                 index_path: str | None = None, root: str | None = None, seed: int = 0):
         super().__init__()
         if balance not in BALANCE:
             raise ValueError(f"data.balance={balance!r}; allowed: {list(BALANCE)}")
@@ -84,6 +107,7 @@ class RoadworkDataModule(pl.LightningDataModule):
         self.num_workers, self.balance, self.img_size = num_workers, balance, img_size
         self.mean, self.std, self.train_transforms = tuple(mean), tuple(std), list(train_transforms)
         self.val_levels, self.test_levels, self.eval_seed = list(val_levels), list(test_levels), eval_seed
+        self.query_cache = query_cache  # render each split's validator queries once per run (train/data/queries.py)
         self.seed = seed  # training order and augmentation draws, per epoch (see EpochSampler)
         self.index_path = Path(index_path) if index_path else None
         self.index: pa.Table | None = None
@@ -139,10 +163,21 @@ class RoadworkDataModule(pl.LightningDataModule):
     def dataset(self, name: str, level: int | None = None) -> ImageDataset:
         """Split ``name`` with training augmentation (``level=None``) or as validator ``level`` queries."""
         if level is None:  # training crops end at img_size: decoding at 2x that is enough (JPEG draft mode)
-            transform, side = TrainTransform(self.train_transforms, self.img_size, self.mean, self.std), 2 * self.img_size
-        else:  # the validator sees the full image; only huge ones are reduced
-            transform, side = EvalTransform(level, self.img_size, self.mean, self.std, self.eval_seed), EVAL_DECODE_SIDE
-        return ImageDataset(self.split(name), transform, decode_side=side, fields=self.sample_fields)
+            transform = TrainTransform(self.train_transforms, self.img_size, self.mean, self.std)
+            return ImageDataset(self.split(name), transform, decode_side=2 * self.img_size, fields=self.sample_fields)
+        return self.queries(name, [level], level=level)
+
+    def queries(self, name: str, levels: Sequence[int], level: int | None = None) -> ImageDataset:
+        """Split ``name`` whose :meth:`ImageDataset.query` serves each of ``levels`` (rendered once per run when
+        ``query_cache``); its items are the model inputs of the ``level`` queries (default: the first of ``levels``)."""
+        level = levels[0] if level is None else level
+        images = ImageDataset(self.split(name), ModelInput(self.img_size, self.mean, self.std),
+                              decode_side=EVAL_DECODE_SIDE, fields=self.sample_fields, level=level,
+                              eval_seed=self.eval_seed)  # the validator sees the full image; only huge ones shrink
+        if self.query_cache and self.index_path is not None:
+            images.queries = {int(lv): query_store(images, self.index_path.parent / "queries", name, int(lv),
+                                                   self.eval_seed, self.num_workers) for lv in dict.fromkeys(levels)}
+        return images
 
     def loader(self, dataset: ImageDataset, sampler=None, batch_size: int | None = None):
         """In order (evaluation), or in the sampler's order (training)."""

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from train.data.feature_store import FeatureStore
-from train.data.transforms import ModelInput, ValidatorQuery
+from train.data.transforms import ModelInput
 from train.data.views import ViewSet, cached_view_outputs, query_plan
 from train.models.backbones import pooled_features
 from train.models.saving import weights_sha256
@@ -33,17 +33,16 @@ log = logging.getLogger(__name__)
 class QueryDataset(Dataset):
     """A split's planned queries (sample, level): ``{"x": fn(validator query), "index", "level"}``."""
 
-    def __init__(self, images, levels: Sequence[int], every_level: bool, eval_seed: int, fn):
-        self.images, self.fn = images, fn
-        self.samples, self.levels = query_plan(len(images), levels, every_level)
-        self.queries = {int(lv): ValidatorQuery(int(lv), eval_seed) for lv in set(self.levels.tolist())}
+    def __init__(self, datamodule, split: str, levels: Sequence[int], every_level: bool, fn):
+        self.images, self.fn = datamodule.queries(split, levels), fn
+        self.samples, self.levels = query_plan(len(self.images), levels, every_level)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, k: int) -> dict:
         i, level = int(self.samples[k]), int(self.levels[k])
-        return {"x": self.fn(self.queries[level](self.images.image(i), i)), "index": i, "level": level}
+        return {"x": self.fn(self.images.query(i, level)), "index": i, "level": level}
 
 
 def embedding_and_logits(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +76,7 @@ class ClassifierModality:
 
     def dataset(self, datamodule, split: str, levels: Sequence[int], every_level: bool) -> Dataset:
         fn = ModelInput(datamodule.img_size, datamodule.mean, datamodule.std)
-        return QueryDataset(datamodule.dataset(split, 0), levels, every_level, datamodule.eval_seed, fn)
+        return QueryDataset(datamodule, split, levels, every_level, fn)
 
     @torch.no_grad()
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +155,7 @@ class ImageStatsModality:
                 "histogram (fractions of pixels), Canny edge density of the whole query, then per grid cell"}
 
     def dataset(self, datamodule, split: str, levels: Sequence[int], every_level: bool) -> Dataset:
-        return QueryDataset(datamodule.dataset(split, 0), levels, every_level, datamodule.eval_seed, self.stats)
+        return QueryDataset(datamodule, split, levels, every_level, self.stats)
 
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return batch["x"].float(), torch.ones(len(batch["x"]), dtype=torch.bool)

@@ -57,10 +57,18 @@ class ValidatorQuery:
         self.level, self.seed = level, seed
         self.transform = validator_level(level)
 
-    def __call__(self, image: np.ndarray, i: int) -> np.ndarray:
+    def render(self, image: np.ndarray, i: int) -> bytes:
+        """The JPEG bytes the validator would send for sample ``i``."""
         self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.level, i]).generate_state(1)[0]))
-        query = self.transform(image=image)["image"]
-        return decode_rgb(encode_jpeg(query, QUERY_JPEG_QUALITY), where=f"validator query {i}")
+        return encode_jpeg(self.transform(image=image)["image"], QUERY_JPEG_QUALITY)
+
+    def __call__(self, image: np.ndarray, i: int) -> np.ndarray:
+        return decode_query(self.render(image, i), i)
+
+
+def decode_query(data: bytes, i: int) -> np.ndarray:
+    """A rendered query's JPEG bytes -> RGB (the same decode whether it was just rendered or read from a cache)."""
+    return decode_rgb(data, where=f"validator query {i}")
 
 
 class ModelInput:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from train.data.transforms import ModelInput, ValidatorQuery
+from train.data.transforms import ModelInput
 from train.models.backbones import pooled_features
 from train.models.saving import weights_sha256
 from train.runs import cached_tensors, fingerprint
@@ -122,10 +122,9 @@ class ViewDataset(Dataset):
     """
 
     def __init__(self, images, table: pa.Table, view_set: ViewSet, levels: Sequence[int], img_size: int,
-                 mean, std, eval_seed: int = 0, every_level: bool = False):
+                 mean, std, every_level: bool = False):
         self.images, self.view_set = images, view_set
         self.samples, self.levels = query_plan(len(images), levels, every_level)
-        self.queries = {int(lv): ValidatorQuery(int(lv), eval_seed) for lv in set(self.levels.tolist())}
         self.model_input = ModelInput(img_size, mean, std)
         self.img_size = img_size
         self.others = _other_cameras(table, view_set.cameras)
@@ -135,7 +134,7 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         i, level = int(self.samples[k]), int(self.levels[k])
-        query = self.queries[level](self.images.image(i), i)
+        query = self.images.query(i, level)
         views = [self.model_input(crop(query, box)) for box in self.view_set.boxes(i)]
         mask = [True] * len(views)
         for j in self.others[i]:
@@ -143,7 +142,7 @@ class ViewDataset(Dataset):
                 views.append(torch.zeros_like(views[0]))
                 mask.append(False)
             else:
-                views.append(self.model_input(self.queries[level](self.images.image(j), j)))
+                views.append(self.model_input(self.images.query(j, level)))
                 mask.append(True)
         return {"views": torch.stack(views), "mask": torch.tensor(mask), "label": int(self.images.labels[i]),
                 "index": i, "level": level}
@@ -168,9 +167,8 @@ def _other_cameras(table: pa.Table, cameras: int) -> np.ndarray:
 def view_dataset(datamodule, split: str, view_set: ViewSet, levels: Sequence[int],
                  every_level: bool = False) -> ViewDataset:
     """The views of ``split``'s queries as the datamodule's images, transforms and evaluation seed make them."""
-    images = datamodule.dataset(split, 0)
-    return ViewDataset(images, datamodule.split(split), view_set, levels, datamodule.img_size, datamodule.mean,
-                       datamodule.std, datamodule.eval_seed, every_level)
+    return ViewDataset(datamodule.queries(split, levels), datamodule.split(split), view_set, levels,
+                       datamodule.img_size, datamodule.mean, datamodule.std, every_level)
 
 
 @torch.no_grad()

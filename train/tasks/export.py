@@ -44,8 +44,8 @@ def model_card(cfg: DictConfig, run: Run) -> ModelCard:
 def parity_samples(datamodule, n: int, split: str = "calib") -> tuple[torch.Tensor, list[np.ndarray]]:
     """``n`` real validator queries (level 0) from ``split``: (model input tensors, the uint8 query images)."""
     dataset = datamodule.dataset(split, 0)
-    queries = [dataset.transform.query(dataset.image(i), i) for i in range(min(n, len(dataset)))]
-    return torch.stack([dataset.transform.model_input(q) for q in queries]), queries
+    queries = [dataset.query(i, 0) for i in range(min(n, len(dataset)))]
+    return torch.stack([dataset.transform(q) for q in queries]), queries
 
 
 def metrics_per_level(report: dict) -> dict[str, dict[str, float]]:

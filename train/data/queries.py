@@ -1,0 +1,86 @@
+"""The validator's queries, rendered once per run: each (split, level) stored as the JPEG bytes the validator sends.
+
+Rendering a query (decode the source image, apply the level's augmentation, re-encode as the 224 px JPEG) costs a
+CPU more than a small model's forward pass, and every stage after Stage-1 reads the same calib, test and meta
+queries: calibration, the draft's acceptance, the router, the views, the thresholds, the replay. The first reader
+of a split at a level renders all its queries with the loader workers and stores them next to the run's index
+(``<run>/data/queries/<split>-L<level>-<fingerprint>.parquet``). Later readers decode the stored JPEG. The query
+*is* that JPEG, so a stored query decodes to exactly what rendering it again would give.
+``data.query_cache=false`` renders on every read instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import albumentations as A
+import pyarrow as pa
+import pyarrow.parquet as pq
+from torch.utils.data import DataLoader, Dataset
+
+from train.data.transforms import QUERY_JPEG_QUALITY, QUERY_SIZE, ValidatorQuery
+from train.runs import fingerprint
+
+log = logging.getLogger(__name__)
+FORMAT = 1  # bump when what a stored query holds changes
+
+
+class QueryStore:
+    """The rendered queries of one split at one level, read by position; each loader worker opens the file itself."""
+
+    def __init__(self, path: Path):
+        self.path, self._jpeg = Path(path), None
+
+    def __len__(self) -> int:
+        return pq.read_metadata(self.path).num_rows
+
+    def __getitem__(self, i: int) -> bytes:
+        if self._jpeg is None:
+            self._jpeg = pq.read_table(self.path, columns=["jpeg"], memory_map=True).column("jpeg")
+        return self._jpeg[i].as_py()
+
+    def __getstate__(self):  # an open table does not travel to loader workers
+        return {"path": self.path, "_jpeg": None}
+
+
+class _Rendering(Dataset):
+    def __init__(self, images, level: int, seed: int):
+        self.images, self.query = images, ValidatorQuery(level, seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.query.render(self.images.image(i), i)
+
+
+def _worker_init(worker_id: int) -> None:
+    import cv2
+    cv2.setNumThreads(1)
+
+
+def query_store(images, directory: Path, split: str, level: int, seed: int, num_workers: int) -> QueryStore:
+    """The store of ``split``'s queries at ``level`` (``images``: the split's ImageDataset), rendered if missing.
+
+    The file name's fingerprint covers the split's samples, the level, the evaluation seed and what renders them
+    (query size, JPEG quality, the albumentations version), so a changed setting renders anew.
+    """
+    key = {"samples": fingerprint([images.files, images.rows.tolist(), images.columns]), "split": split,
+           "level": int(level), "seed": int(seed), "size": QUERY_SIZE, "quality": QUERY_JPEG_QUALITY,
+           "albumentations": A.__version__, "format": FORMAT}
+    path = Path(directory) / f"{split}-L{level}-{fingerprint(key, 12)}.parquet"
+    if path.is_file() and pq.read_metadata(path).num_rows == len(images):
+        return QueryStore(path)
+    start = time.perf_counter()
+    loader = DataLoader(_Rendering(images, level, seed), batch_size=64, num_workers=num_workers,
+                        collate_fn=list, worker_init_fn=_worker_init)
+    jpegs = [jpeg for batch in loader for jpeg in batch]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes may render the same split at once
+    pq.write_table(pa.table({"jpeg": pa.array(jpegs, pa.binary())}), tmp, row_group_size=1024)
+    tmp.replace(path)
+    log.info("validator queries of %s at level %d rendered once for this run: %d in %.1f s (%.1f MB)", split, level,
+             len(jpegs), time.perf_counter() - start, path.stat().st_size / 1e6)
+    return QueryStore(path)
