@@ -18,6 +18,7 @@ from train.export.replay import beam_search as numpy_beam_search
 from train.export.replay import ordered_pool
 from train.models.prm import ProcessRewardModel
 from train.models.search import TraceScorer, beam_search, view_pool
+from train.tasks.thresholds import choose_alpha
 
 
 # ------------------------------------------------------------------------------------ guarantees with known risk
@@ -134,6 +135,36 @@ def test_numpy_beam_search_matches_the_pytorch_one():
     assert np.array_equal(got.answer, expected.answer.numpy()) and np.array_equal(got.views, expected.views.numpy())
 
 
+def test_the_operating_point_is_the_cheapest_alpha_that_keeps_the_baselines_mcc_on_the_held_out_split():
+    """Easy samples: the draft is sure and agrees with Stage-1. Hard ones: it is unsure and answers at random. A strict
+    alpha lets it answer the easy ones only (the cascade's MCC = Stage-1's); a loose one lets it answer all (cheaper,
+    worse). The choice keeps the MCC unless the allowed drop is large."""
+    rng = np.random.default_rng(0)
+
+    def split(n: int):
+        label = rng.integers(0, 2, n)
+        stage1 = np.where(rng.uniform(size=n) < 0.9, label, 1 - label)
+        hard = rng.uniform(size=n) < 0.3
+        draft_answer = np.where(hard, rng.integers(0, 2, n), stage1)
+        draft_conf = np.where(hard, rng.uniform(0.5, 0.6, n), rng.uniform(0.9, 1.0, n))
+        draft = np.where(draft_answer == 1, draft_conf, 1 - draft_conf)
+        return ({"draft": TierOutput("classifier", prob=draft),
+                 "stage1": TierOutput("classifier", prob=np.where(stage1 == 1, 0.8, 0.2))}, {"label": label})
+
+    (calib, calib_meta), (val, val_meta) = split(2000), split(2000)
+    order = [("draft", "classifier"), ("stage1", "classifier")]
+    costs = Costs({"draft": 1.0, "stage1": 10.0})
+    outputs, meta = {"calib": calib, "val": val}, {"calib": calib_meta, "val": val_meta}
+    for drop, expected in ((0.0, 0.01), (1.0, 0.4)):
+        cfg = compose_config("cascade.sweep=[0.01,0.4]", "cascade.tier_alpha={}", "cascade.min_accepted=20",
+                             f"cascade.operating_point.max_mcc_drop={drop}")
+        alpha, rows = choose_alpha(cfg, order, outputs, meta, np.arange(2000), costs)
+        assert alpha == expected, rows
+        strict, loose = rows
+        assert loose["flops_ratio"] > 1.5 * strict["flops_ratio"] > 1.5  # the draft answers more at the loose alpha
+        assert abs(strict["mcc"] - strict["mcc_baseline"]) < 0.02 and loose["mcc"] < loose["mcc_baseline"] - 0.1
+
+
 # ----------------------------------------------------------------------------- thresholds -> export -> replay
 
 @pytest.fixture(scope="module")
@@ -160,10 +191,13 @@ def test_thresholds_reach_the_manifest_with_their_guarantee(cascade_run):
                                                           ("stage1", "classifier"), ("prm", "prm")]
     reached = [t for t in manifest.tiers[:-1] if chosen["tiers"][t.name]["n_reaching"] > 0]
     assert [t.name for t in reached][:2] == ["difficulty", "draft"]
+    # the draft's alpha is the operating point chosen on val among cascade.sweep (tiers with their own alpha keep it)
+    op = chosen["operating_point"]
+    assert op["split"] == "val" and [c["alpha"] for c in op["candidates"]] == [0.2, 0.4] and op["alpha"] == chosen["alpha"]
     for tier in reached:
         g = tier.guarantee
         assert tier.threshold == chosen["tiers"][tier.name]["threshold"] and g.method == "conformal_risk_control"
-        assert g.alpha == (0.4 if tier.name == "stage1" else 0.3) and g.delta is None
+        assert g.alpha == {"stage1": 0.4, "difficulty": 0.3}.get(tier.name, chosen["alpha"]) and g.delta is None
         assert g.n_calibration == chosen["tiers"][tier.name]["n_reaching"] and g.empirical_risk <= 1 and tier.rule
     # the router's guarantee is stated on its own score, and CRC's bound holds on calib: (loss + 1) / (n + 1) <= alpha
     assert "router score <=" in reached[0].guarantee.statement

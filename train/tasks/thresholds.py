@@ -17,11 +17,12 @@ import torch
 from omegaconf import DictConfig
 from safetensors.numpy import save_file
 from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import binary_matthews_corrcoef
 
 from train.calibration.cascade import TierRule, select_cascade
 from train.calibration.risk_control import one_per_group
 from train.data.splits import scene_groups
-from train.data.views import ViewSet, view_dataset
+from train.data.views import ViewSet, cached_view_outputs, view_dataset
 from train.export.cascade import Costs, TierOutput, beam_calls, route
 from train.export.flops import count_flops
 from train.metrics import paired_bootstrap_mcc
@@ -52,8 +53,10 @@ def cascade_order(cfg: DictConfig, run: Run) -> list[tuple[str, str]]:
             raise ValueError(f"cascade.tiers has the fusion head {name!r}: the thresholds stage and the replay do not "
                              "route to a fusion tier (it needs every view of a sample and the feature store); remove it")
         order.append((name, KIND_OF_NET.get(kind, "classifier")))
-    if cfg.cascade.reference is not None and cfg.cascade.reference not in cfg.cascade.tiers:
-        raise ValueError(f"cascade.reference={cfg.cascade.reference!r} is not in cascade.tiers {list(cfg.cascade.tiers)}")
+    for key in ("reference", "baseline"):
+        value = cfg.cascade.get(key)
+        if value is not None and value not in cfg.cascade.tiers:
+            raise ValueError(f"cascade.{key}={value!r} is not in cascade.tiers {list(cfg.cascade.tiers)}")
     return order
 
 
@@ -65,19 +68,15 @@ def tier_rules(cfg: DictConfig, order, alpha: float | None = None) -> dict[str, 
                            p_value=c.p_value, min_accepted=int(c.min_accepted)) for name, _ in order}
 
 
-def _prm_output(run: Run, name: str, net, config: dict, split: str, index: np.ndarray,
-                levels: np.ndarray) -> tuple[TierOutput, float]:
-    """The deployed search on ``split``'s cached views: a :class:`TierOutput` per step, and the PRM's FLOPs per step."""
-    from safetensors.torch import load_file
-
+def _prm_output(net, config: dict, views: dict, index: np.ndarray, levels: np.ndarray) -> tuple[TierOutput, float]:
+    """The deployed search on a split's view outputs: a :class:`TierOutput` per step, and the PRM's FLOPs per step."""
     s = config["search"]
     if s["method"] != "beam" or s["pool"] != "ordered":
         raise ValueError(f"the cascade routes through a PRM with method=beam and pool=ordered (the replay rebuilds "
-                         f"that search exactly); {name} has method={s['method']}, pool={s['pool']}")
-    views = load_file(str(run.artifact(name, f"views_{split}")))
+                         f"that search exactly); the PRM has method={s['method']}, pool={s['pool']}")
     if not (np.array_equal(views["index"].numpy(), index) and np.array_equal(views["level"].numpy(), levels)):
-        raise ValueError(f"the {name} view cache of {split} holds other queries than cascade.levels make: set "
-                         "cascade.levels to prm.levels")
+        raise ValueError("the PRM's view outputs hold other queries than cascade.levels make: set cascade.levels to "
+                         "prm.levels")
     scorer = TraceScorer(net, views["embeddings"], margins(views["logits"]), s["belief"])
     pool = view_pool(views["mask"], s["budget"], 0, s["order"])
     trace = beam_search(scorer, pool, s["beam"], s["length"], s["aggregation"])
@@ -119,8 +118,11 @@ def tier_outputs(cfg: DictConfig, run: Run, order, splits) -> tuple[dict, dict, 
         meta[split] = {"label": label, "index": index, "level": level}
         outputs[split] = {n: TierOutput("classifier", prob=torch.cat(p).numpy()) for n, p in probs.items()}
         outputs[split].update({n: TierOutput("router", score=torch.cat(p).numpy()) for n, p in scores.items()})
-        for n, (net, config) in prms.items():
-            outputs[split][n], flops[n] = _prm_output(run, n, net, config, split, index, level)
+        for n, (net, config) in prms.items():  # the views the PRM stage computed (calib, test), else computed here
+            views_model = classifiers.get(config["views_model"]) or load_calibrated(run, config["views_model"])
+            views, _ = cached_view_outputs(run, views_model[0], datamodule, split,
+                                           ViewSet.from_description(config["views"]), cfg.cascade.levels)
+            outputs[split][n], flops[n] = _prm_output(net, config, views, index, level)
     b = len(pixels)  # per image, the mean over the last batch (an elastic draft's tokens vary per image)
     flops.update({n: count_flops(m, pixels) / b for n, (m, _, _) in classifiers.items()})
     flops.update({n: count_flops(r, pixels, logits_of["draft"]) / b for n, (r, _) in routers.items()})
@@ -143,6 +145,30 @@ def one_per_scene(cfg: DictConfig, run: Run, split: str, index: np.ndarray) -> n
     """Row positions of ``split``'s queries (sample positions ``index``) keeping one query per scene: independent
     samples for the threshold tests."""
     return one_per_group(scene_groups(build_datamodule(cfg, run).split(split))[index], cfg.seed)
+
+
+def choose_alpha(cfg: DictConfig, order, outputs: dict, meta: dict, rows: np.ndarray,
+                 costs: Costs) -> tuple[float, list[dict]]:
+    """The operating point (``cascade.operating_point``): at each alpha of ``cascade.sweep``, every threshold chosen
+    on calib, then the cascade run on the held-out split. Returns the cheapest alpha whose MCC there is at least the
+    baseline's minus ``max_mcc_drop`` (the strictest alpha when none is), and the rows of that comparison."""
+    op, c = cfg.cascade.operating_point, cfg.cascade
+    held, baseline = meta[op.split], c.baseline
+    label = held["label"]
+    rows_out = []
+    for alpha in sorted(float(a) for a in c.sweep):
+        chosen = select_cascade(order, outputs["calib"], meta["calib"]["label"], tier_rules(cfg, order, alpha),
+                                c.reference, rows)
+        routed = route(order, outputs[op.split], {ch.name: ch.threshold for ch in chosen}, costs)
+        mcc_cascade = float(binary_matthews_corrcoef(torch.from_numpy(routed.answer), torch.from_numpy(label)))
+        mcc_base = float(binary_matthews_corrcoef(torch.from_numpy(outputs[op.split][baseline].decision),
+                                                  torch.from_numpy(label)))
+        rows_out.append({"alpha": alpha, "mcc": mcc_cascade, "mcc_baseline": mcc_base,
+                         "flops_ratio": costs.per_call[baseline] / float(routed.flops.mean()),
+                         "eligible": mcc_cascade >= mcc_base - float(op.max_mcc_drop)})
+    eligible = [r for r in rows_out if r["eligible"]]
+    best = max(eligible, key=lambda r: (r["flops_ratio"], r["mcc"])) if eligible else rows_out[0]
+    return best["alpha"], rows_out
 
 
 def tier_record(c) -> dict:
@@ -183,30 +209,41 @@ def preview(order, outputs, meta, thresholds, costs: Costs, reference: str) -> d
 def run_thresholds(cfg: DictConfig, run: Run) -> dict:
     task_dir, c = run.task_dir("thresholds"), cfg.cascade
     order = cascade_order(cfg, run)
-    rules = tier_rules(cfg, order)
-    outputs, meta, flops = tier_outputs(cfg, run, order, SPLITS)
+    op = c.get("operating_point")
+    if op is not None and op.split in SPLITS:
+        raise ValueError(f"cascade.operating_point.split={op.split!r} must be a split the thresholds and the report do "
+                         f"not use (not {list(SPLITS)}): e.g. val")
+    splits = SPLITS + ((op.split,) if op is not None else ())
+    outputs, meta, flops = tier_outputs(cfg, run, order, splits)
     for split in SPLITS:
         save_outputs(task_dir / f"outputs_{split}.safetensors", outputs[split], meta[split])
     rows = one_per_scene(cfg, run, "calib", meta["calib"]["index"])
+    costs = costs_of(order, flops)
+    alpha, candidates = choose_alpha(cfg, order, outputs, meta, rows, costs) if op is not None else (c.alpha, None)
+    rules = tier_rules(cfg, order, alpha)
     chosen = select_cascade(order, outputs["calib"], meta["calib"]["label"], rules, c.reference, rows)
     names = [n for n, _ in order]
     tiers = {ch.name: tier_record(ch) for ch in chosen}
     thresholds = {n: t["threshold"] for n, t in tiers.items()}
-    costs = costs_of(order, flops)
-    report = {"order": names, "reference": c.reference, "n_calibration_independent": int(len(rows)),
-              "tiers": tiers, "flops_per_call": flops,
-              "test": preview(order, outputs["test"], meta["test"], thresholds, costs, c.reference or names[-1])}
+    operating = None if op is None else {"split": op.split, "max_mcc_drop": float(op.max_mcc_drop), "alpha": alpha,
+                                         "baseline": c.baseline, "candidates": candidates}
+    report = {"order": names, "reference": c.reference, "alpha": alpha, "operating_point": operating,
+              "n_calibration_independent": int(len(rows)), "tiers": tiers, "flops_per_call": flops,
+              "test": preview(order, outputs["test"], meta["test"], thresholds, costs, c.baseline)}
     atomic_write_json(task_dir / "thresholds.json", {"order": names, "kinds": dict(order), "reference": c.reference,
-                                                     "tiers": tiers})
+                                                     "alpha": alpha, "operating_point": operating, "tiers": tiers})
     atomic_write_json(task_dir / "report.json", report)
+    if operating is not None:
+        log.info("operating point on %s: alpha %g (the cheapest of %s whose %s MCC is >= %s's - %g)", op.split, alpha,
+                 [r["alpha"] for r in candidates], op.split, c.baseline, op.max_mcc_drop)
     t = report["test"]
     log.info("cascade on test (PyTorch): MCC %.3f vs %s alone %.3f (difference %+.3f [%+.3f, %+.3f]); mean FLOPs "
-             "%.3g = %.2fx fewer; exits %s", t["mcc_cascade"], c.reference, t["mcc_reference"],
+             "%.3g = %.2fx fewer; exits %s", t["mcc_cascade"], c.baseline, t["mcc_reference"],
              t["mcc_difference"]["delta"], t["mcc_difference"]["low"], t["mcc_difference"]["high"], t["mean_flops"],
              t["flops_ratio"], {k: round(v, 3) for k, v in t["exit_fraction"].items()})
     for n, tier in tiers.items():
         log.info("tier %-10s threshold %s (%s)", n, tier["threshold"], tier["risk"])
-    metrics = {"test/mcc_cascade": t["mcc_cascade"], "test/mcc_reference": t["mcc_reference"],
+    metrics = {"alpha": alpha, "test/mcc_cascade": t["mcc_cascade"], "test/mcc_reference": t["mcc_reference"],
                "test/flops_ratio": t["flops_ratio"], **{f"test/exit/{k}": v for k, v in t["exit_fraction"].items()}}
     run.record("thresholds", artifacts={"thresholds": task_dir / "thresholds.json", "report": task_dir / "report.json",
                                         **{f"outputs_{s}": task_dir / f"outputs_{s}.safetensors" for s in SPLITS}},
