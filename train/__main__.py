@@ -10,29 +10,36 @@ from omegaconf import DictConfig
 from train.data import BadImageError, DataError
 from train.export import BundleError, ExportError
 from train.runs import Run, RunError
-from train.tasks import get_task
+from train.tasks import get_task, runs_here
 from train.utils.console import log_to_file, print_config, save_config, setup_logging
+from train.utils.distributed import is_rank_zero
 
 log = logging.getLogger("train")
 USER_ERRORS = (DataError, BadImageError, RunError, BundleError, ExportError, FileNotFoundError)
 
 
 def run_task(cfg: DictConfig) -> float | None:
-    """Run ``cfg.task.name`` in the run named by ``run_dir`` (or a new one); returns the optimised metric."""
-    setup_logging()
+    """Run ``cfg.task.name`` in the run named by ``run_dir`` (or a new one); returns the optimised metric.
+
+    With several processes (DDP, DeepSpeed) they share rank 0's run; rank 0 alone logs to ``train.log``, saves
+    the config and runs what does not train (:func:`~train.tasks.runs_here`); the others print warnings only.
+    """
+    rank_zero = is_rank_zero()
+    setup_logging("INFO" if rank_zero else "WARNING")
     task = cfg.task.name
     fn = get_task(task)
-    run = Run.open(cfg.run_dir) if cfg.get("run_dir") else \
-        Run.create(cfg.paths.checkpoints_dir, cfg.get("run_name") or cfg.get("experiment_name") or task)
-    log_to_file(run.path / "train.log")
-    save_config(cfg, run.path / task / "config.yaml")
-    if cfg.get("print_config", True):
-        print_config(cfg)
+    run = Run.for_process(cfg.get("run_dir"), cfg.paths.checkpoints_dir,
+                          cfg.get("run_name") or cfg.get("experiment_name") or task)
+    if rank_zero:
+        log_to_file(run.path / "train.log")
+        save_config(cfg, run.path / task / "config.yaml")
+        if cfg.get("print_config", True):
+            print_config(cfg)
     log.info("run %s: task '%s'", run.path, task)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    metrics = fn(cfg, run)
+    metrics = fn(cfg, run) if runs_here(task) else {}
     log.info("run %s: task '%s' finished", run.path, task)
-    optimized = cfg.get("optimized_metric")
+    optimized = cfg.get("optimized_metric") if rank_zero else None  # sweeps read rank 0's
     return _lookup(metrics, optimized) if optimized else None
 
 

@@ -29,7 +29,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
 
 def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Module,
                     layer_decay: float | None = None) -> torch.optim.Optimizer:
-    """``factory(params=groups)`` over the trainable parameters, grouped the timm way.
+    """``factory(groups)`` over the trainable parameters, grouped the timm way.
 
     Biases, norms and ``model.no_weight_decay()`` names get no weight decay. ``layer_decay``
     (e.g. 0.75) scales each block's LR by ``layer_decay ** depth_from_the_head`` (timm's
@@ -45,7 +45,7 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Mod
     else:
         raise ValueError("model.layer_decay needs a timm backbone fine-tuned in full or linear_probe mode "
                          f"(no group_matcher on {type(model).__name__})")
-    optimizer = factory(params=groups)
+    optimizer = factory(groups)  # positional: torch's `params`, DeepSpeed's CPU Adam's `model_params`
     for group in optimizer.param_groups:  # torch optimizers ignore lr_scale: fold it into the LR once
         group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
     return optimizer

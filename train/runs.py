@@ -14,8 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from train.utils.distributed import is_rank_zero, launched_processes
+
 log = logging.getLogger(__name__)
 REGISTRY = "registry.json"
+RUN_ENV = "ROADWORK_RUN_DIR"  # rank 0's new run folder, inherited by the ranks Lightning's DDP launcher starts
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 SUMMARY = "summary.json"
@@ -88,6 +91,27 @@ class Run:
             raise RunError(f"run_dir={path} does not exist")
         return cls(path)
 
+    @classmethod
+    def for_process(cls, run_dir: str | Path | None, checkpoints_dir: str | Path, name: str) -> "Run":
+        """The run this process works in: ``run_dir``, or a new one that rank 0 makes.
+
+        The ranks Lightning's DDP launcher starts re-run the command line: they find rank 0's new folder in
+        ``ROADWORK_RUN_DIR``, which rank 0 exports before its first Trainer starts them. Processes started by
+        torchrun or srun (or on another node) cannot learn it, so there every rank needs the same ``run_dir``.
+        """
+        if run_dir:
+            return cls.open(run_dir)
+        inherited = os.environ.get(RUN_ENV)
+        if not is_rank_zero() and inherited:
+            return cls.open(inherited)
+        if not is_rank_zero() or (launched_processes() > 1 and not inherited):
+            raise RunError("several processes started by torchrun / srun (or on several nodes) must share one run: "
+                           "pass run_dir=PATH of an existing run to every rank (make one first, e.g. "
+                           "`python -m train task=data run_name=NAME`)")
+        run = cls.create(checkpoints_dir, name)
+        os.environ[RUN_ENV] = str(run.path)
+        return run
+
     # --- registry -------------------------------------------------------------------------
     def read(self) -> dict:
         return json.loads(self.registry_path.read_text())
@@ -102,7 +126,9 @@ class Run:
 
     def record(self, task: str, artifacts: dict[str, Path] | None = None,
                metrics: dict[str, Any] | None = None, **info: Any) -> None:
-        """Mark ``task`` complete with its artifacts (hashed) and metrics."""
+        """Mark ``task`` complete with its artifacts (hashed) and metrics (rank 0 alone: one registry)."""
+        if not is_rank_zero():
+            return
         reg = self.read()
         reg["tasks"][task] = {
             "status": "complete",

@@ -167,7 +167,7 @@ def _paired(before: dict, after: dict, n_boot: int) -> dict:
     return out
 
 
-@register_task("apt")
+@register_task("apt", ranks="one")
 def run_apt(cfg: DictConfig, run: Run) -> dict:
     acfg, task_dir = cfg.apt, run.task_dir("apt")
     if acfg.bootstrap < 100:  # checked before any work: the paired interval is the task's verdict

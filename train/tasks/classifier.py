@@ -71,7 +71,7 @@ class ClassifierModule(pl.LightningModule):
         logits = self.logits(batch)
         level = self.levels[split][dataloader_idx]
         self.log(f"{split}/L{level}/loss", self.criterion(logits, batch["label"]), add_dataloader_idx=False,
-                 batch_size=len(batch["label"]))
+                 batch_size=len(batch["label"]), sync_dist=True)  # several devices: the mean over all of them
         self.eval_metrics[split][dataloader_idx].update(roadwork_prob(logits.float()), batch["label"])
         return logits
 
@@ -92,7 +92,7 @@ class ClassifierModule(pl.LightningModule):
         out = {f"{split}/L{lv}/{k}": v for lv, m in per_level.items() for k, v in m.items()}
         for k in next(iter(per_level.values())):
             out[f"{split}/{k}"] = torch.stack([m[k] for m in per_level.values()]).mean()
-        self.log_dict(out, prog_bar=False)
+        self.log_dict(out, prog_bar=False, sync_dist=True)  # already the same on every device (torchmetrics syncs)
 
     def on_validation_epoch_end(self) -> None:
         self._log_levels("val")

@@ -150,7 +150,7 @@ def plot_routing(path, curves: dict[str, tuple[torch.Tensor, torch.Tensor]], tit
     plt.close(fig)
 
 
-@register_task("difficulty")
+@register_task("difficulty", ranks="one")
 def run_difficulty(cfg: DictConfig, run: Run) -> dict:
     dcfg, task_dir = cfg.difficulty, run.task_dir("difficulty")
     if dcfg.target not in TARGET_KINDS:

@@ -272,7 +272,7 @@ def draft_flops(draft: nn.Module, teacher: nn.Module, img_size: int, budgets: di
     return flops
 
 
-@register_task("draft")
+@register_task("draft", ranks="one")
 def run_draft(cfg: DictConfig, run: Run) -> dict:
     dcfg, task_dir = cfg.draft, run.task_dir("draft")
     if dcfg.teacher_outputs not in TEACHER_OUTPUTS:

@@ -26,7 +26,7 @@ from train.models.prm import load_prm
 from train.runs import Run, net_kind
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
-from train.tasks.lightning import build_datamodule, ensure_data
+from train.tasks.lightning import build_datamodule, consolidated_checkpoint, ensure_data
 from train.utils.console import console
 
 log = logging.getLogger(__name__)
@@ -54,17 +54,15 @@ def metrics_per_level(report: dict) -> dict[str, dict[str, float]]:
 
 
 def from_checkpoint(path: str) -> tuple[nn.Module, dict]:
-    """A Stage-1 Lightning checkpoint's plain model and input spec (no run registry needed)."""
+    """A Stage-1 Lightning checkpoint's plain model and input spec (no run registry needed); the checkpoint is a file
+    or the folder Lightning saves under DeepSpeed."""
     from train.tasks.stage1 import Stage1Module
 
-    ckpt = Path(path)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt={path}: no such checkpoint file")
+    ckpt = consolidated_checkpoint(path)  # a DeepSpeed checkpoint folder: one fp32 file inside it
     hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
     if "backbone" not in hparams:
         raise ExportError(f"ckpt={path} is not a Stage-1 Lightning checkpoint (its hyper_parameters have no backbone)")
-    module = Stage1Module.load_from_checkpoint(ckpt, map_location="cpu", optimizer=None, compile=False,
-                                               weights_only=True)
+    module = Stage1Module.from_checkpoint(ckpt)
     return module.plain_model().eval(), module.input_spec
 
 

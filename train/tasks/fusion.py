@@ -226,7 +226,7 @@ def single_modality_heads(cfg: DictConfig, data: dict, modalities: list[str], ta
     return out
 
 
-@register_task("fusion")
+@register_task("fusion", ranks="one")
 def run_fusion(cfg: DictConfig, run: Run) -> dict:
     fcfg, task_dir = cfg.fusion, run.task_dir("fusion")
     store = FeatureStore(run.artifact("features", "manifest").parent)

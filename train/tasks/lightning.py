@@ -60,13 +60,40 @@ def checkpoint_paths(trainer: pl.Trainer) -> tuple[str | None, str | None]:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, task_dir: Path) -> str | None:
-    """``ckpt_path=last`` means the task's own ``last.ckpt``; any other value must be a file."""
+    """``ckpt_path=last`` means the task's own ``last.ckpt``; any value must be a checkpoint file or, under
+    DeepSpeed, the checkpoint folder Lightning saved (both resume exactly)."""
     if not ckpt_path:
         return None
     path = task_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
+    if not (path.is_file() or is_deepspeed_checkpoint(path)):
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no checkpoint at {path}")
     return str(path)
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is the folder Lightning saves a checkpoint as under DeepSpeed (its ``latest`` names the tag)."""
+    return (Path(path) / "latest").is_file()
+
+
+def consolidated_checkpoint(path: str | Path) -> Path:
+    """``path`` as one Lightning checkpoint file: a file as it is; a DeepSpeed checkpoint folder (sharded, maybe in
+    low precision) converted by Lightning's zero-to-fp32 utility into ``<folder>/fp32.ckpt``, which holds the fp32
+    weights and what Lightning's own checkpoints hold. Made again only when the folder was saved anew since; kept
+    inside the folder, so it goes when the folder goes."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not is_deepspeed_checkpoint(path):
+        raise FileNotFoundError(f"no such checkpoint: {path} (a file, or the folder Lightning saves under DeepSpeed)")
+    out = path / "fp32.ckpt"
+    if not out.is_file() or out.stat().st_mtime < (path / "latest").stat().st_mtime:
+        from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        log.info("converting the DeepSpeed checkpoint %s to one fp32 file", path)
+        tmp = path / "fp32.ckpt.tmp"
+        convert_zero_checkpoint_to_fp32_state_dict(path, tmp)
+        tmp.replace(out)
+    return out
 
 
 def batch_size(batch: dict) -> int:

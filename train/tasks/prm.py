@@ -287,7 +287,7 @@ def evaluate_prm(cfg: DictConfig, net: ProcessRewardModel, views: dict, traces: 
             "stop_choice": choice}
 
 
-@register_task("prm")
+@register_task("prm", ranks="one")
 def run_prm(cfg: DictConfig, run: Run) -> dict:
     pcfg, task_dir = cfg.prm, run.task_dir("prm")
     if pcfg.traces.label not in LABELS:

@@ -3,19 +3,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.strategies import DeepSpeedStrategy
 
 from train.models import apply_finetune, count_parameters, create_backbone, merge_finetune
 from train.models.saving import save_classifier
 from train.predictions import write_predictions
-from train.runs import Run
+from train.runs import Run, RunError
 from train.tasks import register_task
 from train.tasks.classifier import ClassifierModule, fit_and_test
-from train.tasks.lightning import build_datamodule, build_trainer, resolve_ckpt_path
+from train.tasks.lightning import build_datamodule, build_trainer, consolidated_checkpoint, resolve_ckpt_path
 from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,13 @@ class Stage1Module(ClassifierModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> "Stage1Module":
+        """The module saved in a Stage-1 checkpoint (a file, or a DeepSpeed folder: converted to fp32 first), on the
+        CPU and uncompiled, for its weights."""
+        return cls.load_from_checkpoint(consolidated_checkpoint(path), map_location="cpu", optimizer=None,
+                                        compile=False, weights_only=True)
+
     def plain_model(self) -> nn.Module:
         """The backbone with any LoRA/DoRA merged in: what later tasks and export load."""
         return merge_finetune(self.net)
@@ -70,22 +79,30 @@ class Stage1Module(ClassifierModule):
                 "interpolation": "area", "channel_order": "RGB", "layout": "NCHW"}
 
 
-@register_task("stage1")
+@register_task("stage1", ranks="all")
 def run_stage1(cfg: DictConfig, run: Run) -> dict:
     task_dir = run.task_dir("stage1")
     datamodule = build_datamodule(cfg, run)
     model = instantiate(cfg.model, class_weights=datamodule.class_weights)
     trainer = build_trainer(cfg, task_dir)
     best, last, metrics = fit_and_test(trainer, model, datamodule, resolve_ckpt_path(cfg.get("ckpt_path"), task_dir))
+    if not trainer.is_global_zero:
+        return metrics  # the other ranks of a multi-process run: rank 0 writes the results
     print_level_table(metrics, "stage1 test metrics per validator level (MCC with bootstrap 95% interval)")
-    weights, config = save_classifier(model.plain_model(), task_dir / "stage1", model.input_spec,
+    source = model
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        # the live model is sharded (ZeRO-3) or in bf16: the fp32 weights are in the best checkpoint's shards
+        if not best:
+            raise RunError("stage1 under DeepSpeed saves its model from the best checkpoint: keep "
+                           "callbacks.model_checkpoint")
+        best = str(consolidated_checkpoint(best))
+        source = Stage1Module.from_checkpoint(best)
+    weights, config = save_classifier(source.plain_model(), task_dir / "stage1", model.input_spec,
                                       finetune=model.finetune_mode,
                                       source_checkpoint=best)
     predictions = write_predictions(task_dir / "test_predictions.parquet", model.test_predictions)
     artifacts = {"model": weights, "model_config": config, "test_predictions": predictions}
-    if best:
-        artifacts["best"] = best
-    if last:
-        artifacts["last"] = last
+    # checkpoint files (a DeepSpeed last.ckpt is a folder: it resumes with ckpt_path=last, the registry skips it)
+    artifacts.update({k: v for k, v in (("best", best), ("last", last)) if v and Path(v).is_file()})
     run.record("stage1", artifacts=artifacts, metrics=metrics)
     return metrics
