@@ -59,6 +59,18 @@ def tiny_run(tmp_path_factory, data_dir):
     return Run.open(run_path)
 
 
+@pytest.fixture(scope="session")
+def data_run(tmp_path_factory, data_dir):
+    """A run with only its data stage done (debug=tiny), for tests that add stages on a copy (:func:`copy_run`)."""
+    from train.__main__ import run_task
+    from train.runs import Run
+
+    root = tmp_path_factory.mktemp("data_run")
+    run_task(compose_config(f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET, "task=data"))
+    (path,) = list((root / "checkpoints").iterdir())
+    return Run.open(path)
+
+
 TIERS = ["difficulty", "draft", "stage1"]
 
 

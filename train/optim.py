@@ -1,6 +1,7 @@
 """Optimiser parameter groups (weight decay, layer-wise LR decay) and step-based LR schedules."""
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -28,12 +29,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
 
 
 def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Module,
-                    layer_decay: float | None = None) -> torch.optim.Optimizer:
+                    layer_decay: float | None = None, fuse: bool = True) -> torch.optim.Optimizer:
     """``factory(groups)`` over the trainable parameters, grouped the timm way.
 
     Biases, norms and ``model.no_weight_decay()`` names get no weight decay. ``layer_decay``
     (e.g. 0.75) scales each block's LR by ``layer_decay ** depth_from_the_head`` (timm's
-    ``param_groups_layer_decay``; needs a timm model with ``group_matcher``).
+    ``param_groups_layer_decay``; needs a timm model with ``group_matcher``). Torch optimizers with a ``fused``
+    option get ``fused=True`` on CUDA unless the config sets it or ``fuse`` is false (:func:`fused_default`).
     """
     weight_decay = getattr(factory, "keywords", {}).get("weight_decay", 0.0)
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
@@ -45,10 +47,26 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], model: nn.Mod
     else:
         raise ValueError("model.layer_decay needs a timm backbone fine-tuned in full or linear_probe mode "
                          f"(no group_matcher on {type(model).__name__})")
-    optimizer = factory(groups)  # positional: torch's `params`, DeepSpeed's CPU Adam's `model_params`
+    # positional: torch's `params`, DeepSpeed's CPU Adam's `model_params`
+    optimizer = factory(groups, **(fused_default(factory, model) if fuse else {}))
     for group in optimizer.param_groups:  # torch optimizers ignore lr_scale: fold it into the LR once
         group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
     return optimizer
+
+
+def fused_default(factory: Callable[..., torch.optim.Optimizer], model: nn.Module) -> dict:
+    """``{"fused": True}`` when ``factory`` (a partial of a torch optimizer) has a ``fused`` option the config leaves
+    unset (null) and every trainable parameter is on CUDA: one kernel for the whole update instead of a loop."""
+    keywords = getattr(factory, "keywords", {})
+    cls = getattr(factory, "func", factory)
+    try:
+        has_option = "fused" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return {}
+    if not has_option or keywords.get("fused") is not None or keywords.get("foreach"):
+        return {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return {"fused": True} if params and all(p.is_cuda and p.is_floating_point() for p in params) else {}
 
 
 def with_schedule(module, optimizer: torch.optim.Optimizer, scheduler: Callable | None):

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import json
 
-BENCHMARKS = {"synthetic": "train.bench.synthetic", "apt": "train.bench.apt"}
+BENCHMARKS = {"synthetic": "train.bench.synthetic", "apt": "train.bench.apt", "stage1": "train.bench.stage1"}
 
 
 def main() -> None:

@@ -12,12 +12,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset
 
+from train.data.gpu_augment import GpuAugment
 from train.data.images import ImageReader, decode_rgb
 from train.data.index import build_index, where
 from train.data.queries import query_store
 from train.data.sampling import EpochSampler
+from train.data.shards import ShardDataset, as_batch
 from train.data.sources import DataError
 from train.data.splits import SPLITS
 from train.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, ModelInput, TrainTransform, ValidatorQuery,
@@ -26,6 +28,7 @@ from train.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
 BALANCE = ("none", "sampler", "class_weights")
+TRAIN_SOURCES = ("jpeg", "shards")
 EVAL_DECODE_SIDE = 512
 
 
@@ -89,6 +92,8 @@ class RoadworkDataModule(pl.LightningDataModule):
     ``val_levels`` / ``test_levels`` are validator augmentation levels: each gets its own
     dataloader, so every metric is reported per level. ``sample_fields``, when a task sets it, is a
     picklable ``image -> dict`` whose entries are added to every sample (in the loader workers).
+    ``train_source=shards`` trains from the run's decode-once shards (``shards_path``, written by ``task=prepare``)
+    with ``gpu_augment`` (a partial of :class:`GpuAugment`) applied on the device.
     """
 
     def __init__(self, source, splits: dict, split_seed: int = 0, verify_images: bool = True,
@@ -97,10 +102,13 @@ class RoadworkDataModule(pl.LightningDataModule):
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  train_transforms: Sequence = (), val_levels: Sequence[int] = (0,),
                  test_levels: Sequence[int] = (0, 1, 2, 3), eval_seed: int = 0, query_cache: bool = True,
-                 index_path: str | None = None, root: str | None = None, seed: int = 0):
+                 index_path: str | None = None, root: str | None = None, seed: int = 0, train_source: str = "jpeg",
+                 gpu_augment=None, pin_memory: bool = True, shards_path: str | None = None):
         super().__init__()
         if balance not in BALANCE:
             raise ValueError(f"data.balance={balance!r}; allowed: {list(BALANCE)}")
+        if train_source not in TRAIN_SOURCES:
+            raise ValueError(f"data.train_source={train_source!r}; allowed: {list(TRAIN_SOURCES)}")
         self.source, self.splits, self.split_seed = source, dict(splits), split_seed
         self.verify_images, self.max_bad_fraction = verify_images, max_bad_fraction
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -112,6 +120,9 @@ class RoadworkDataModule(pl.LightningDataModule):
         self.index_path = Path(index_path) if index_path else None
         self.index: pa.Table | None = None
         self.sample_fields = None
+        self.train_source, self.pin_memory, self.shards_path = train_source, pin_memory, shards_path
+        self.resume_epoch = 0  # set from a checkpoint (load_state_dict)
+        self.gpu_augment = (gpu_augment or GpuAugment)(img_size=self.img_size, mean=self.mean, std=self.std)
 
     # --- building the index (the `data` stage) ---------------------------------------------
     def prepare_data(self) -> None:
@@ -187,12 +198,53 @@ class RoadworkDataModule(pl.LightningDataModule):
                           generator=torch.Generator().manual_seed(self.seed), drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_source == "shards":
+            if self.sample_fields is None:
+                return self.shard_loader()
+            log.warning("data.train_source=shards: this task adds per-sample fields to the final image, so it "
+                        "trains from the JPEG path")
         ds = self.dataset("train")
-        weights = (1.0 / np.maximum(self.class_counts(), 1))[ds.labels] if self.balance == "sampler" else None
-        return self.loader(ds, sampler=EpochSampler(len(ds), self.seed, weights), batch_size=self.batch_size)
+        return self.loader(ds, sampler=self.train_sampler(ds.labels), batch_size=self.batch_size)
+
+    def train_sampler(self, labels: np.ndarray) -> EpochSampler:
+        """The training order (class-balanced draws with ``balance=sampler``), from the resumed epoch on resume."""
+        weights = (1.0 / np.maximum(self.class_counts(), 1))[labels] if self.balance == "sampler" else None
+        return EpochSampler(len(labels), self.seed, weights, epoch=self.resume_epoch)
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: the epoch whose order the training sampler draws next. A resumed fit makes its train
+        loader's iterator (the workers prefetch from it) before Lightning calls ``set_epoch``, so the sampler must
+        start there."""
+        return {"sampler_epoch": self.trainer.fit_loop.epoch_progress.current.processed} if self.trainer else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.resume_epoch = int(state_dict.get("sampler_epoch", 0))
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.loader(self.dataset("val", level)) for level in self.val_levels]
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self.loader(self.dataset("test", level)) for level in self.test_levels]
+
+    # --- training from decode-once shards (data.train_source=shards) -------------------------
+    def shard_loader(self) -> DataLoader:
+        """uint8 batches of the train split's shard in :class:`EpochSampler`'s order, with each sample's augmentation
+        drawn from its seed in the workers; :meth:`on_after_batch_transfer` applies it on the device."""
+        if self.shards_path is None:
+            raise DataError("data.train_source=shards: this run has no shards; run "
+                            "`python -m train task=prepare run_dir=<run>` first")
+        ds = ShardDataset(self.shards_path, "train", self.gpu_augment)
+        labels = self.split("train").column("label").to_numpy()
+        if not np.array_equal(ds.labels, labels):
+            raise DataError(f"the shards in {Path(self.shards_path).parent} do not match the run's train split: "
+                            "rerun task=prepare")
+        batches = BatchSampler(self.train_sampler(labels), self.batch_size, drop_last=False)
+        return DataLoader(ds, batch_sampler=batches, collate_fn=as_batch, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Shard batches (uint8 + augmentation parameters) are augmented and normalised here, on the device."""
+        if isinstance(batch, dict) and "augment" in batch:
+            batch["image"] = self.gpu_augment(batch["image"], batch.pop("augment"))
+        return batch

@@ -15,11 +15,12 @@ class EpochSampler(Sampler):
     """Yields ``(index, augmentation_seed)``; Lightning calls :meth:`set_epoch` before each epoch.
 
     ``weights`` (one per sample) draws with replacement in proportion to them (class balancing);
-    without weights each epoch is a permutation.
+    without weights each epoch is a permutation. ``epoch`` is where it starts: a resumed fit iterates the loader
+    (and its workers prefetch) before Lightning calls :meth:`set_epoch`, so the loader's maker passes the epoch.
     """
 
-    def __init__(self, n: int, seed: int = 0, weights: np.ndarray | None = None):
-        self.n, self.seed, self.epoch = n, int(seed), 0
+    def __init__(self, n: int, seed: int = 0, weights: np.ndarray | None = None, epoch: int = 0):
+        self.n, self.seed, self.epoch = n, int(seed), int(epoch)
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
 
     def set_epoch(self, epoch: int) -> None:

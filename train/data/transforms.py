@@ -105,3 +105,16 @@ class TrainTransform:
         if seed is not None:
             self.augment.set_random_seed(seed)
         return self.model_input(self.augment(image=image)["image"])
+
+
+class ShardImage:
+    """RGB array -> the uint8 square a decode-once shard stores (``task=prepare``): shorter side resized to
+    ``size`` (area interpolation when shrinking), then centre-cropped square, as the validator's level 0 frames
+    a query."""
+
+    def __init__(self, size: int):
+        self.transform = A.Compose([A.SmallestMaxSize(max_size=size, interpolation=1, area_for_downscale="image"),
+                                    A.CenterCrop(size, size)])
+
+    def __call__(self, image: np.ndarray, i: int = 0, seed: int | None = None) -> np.ndarray:
+        return self.transform(image=image)["image"]

@@ -1,7 +1,8 @@
 """FLOP counting in one place: PyTorch's counter (``torch.utils.flop_counter``) on a model's PyTorch twin.
 
-Used by the draft's report and the export manifest (``ModelEntry.flops``). The counter counts matmuls and
-convolutions (2 FLOPs per multiply-add) and nothing elementwise.
+Used by the draft's report, the export manifest (``ModelEntry.flops``) and the Stage-1 benchmark's MFU (a training
+step: forward + backward). The counter counts matmuls and convolutions (2 FLOPs per multiply-add) and nothing
+elementwise.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from train.models.draft import forced_budget
 
@@ -19,13 +20,25 @@ def _cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _cpu_attention_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                            **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 # PyTorch counts SDPA's CUDA kernels but not the CPU one: without this, a ViT's attention would count as 0 on CPU
-CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention}
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
 
 
-def count_flops(fn: Callable, *inputs) -> float:
-    """Total FLOPs of ``fn(*inputs)`` (a module or a module's method), without gradients."""
+def count_flops(fn: Callable, *inputs, backward: bool = False) -> float:
+    """Total FLOPs of ``fn(*inputs)`` (a module or a module's method), without gradients; ``backward=True`` adds
+    the backward pass of the (summed) output: what a training step computes, the optimizer's update aside."""
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+    if backward:
+        with counter:
+            out = fn(*inputs)
+            (out if isinstance(out, torch.Tensor) else out[0]).float().sum().backward()
+        return float(counter.get_total_flops())
     with _frozen(fn), counter, torch.no_grad():
         fn(*inputs)
     return float(counter.get_total_flops())

@@ -112,8 +112,22 @@ class ClassifierModule(pl.LightningModule):
                 self.log_dict({f"test/L{level}/mcc_low": low, f"test/L{level}/mcc_high": high})
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optimizer_factory, self.net, self.layer_decay)
+        # a gradient scaler (16-mixed) unscales before clipping, which a fused optimizer's own step cannot allow
+        fuse = self._trainer is None or self.trainer.precision != "16-mixed"
+        optimizer = build_optimizer(self.optimizer_factory, self.net, self.layer_decay, fuse=fuse)
         return with_schedule(self, optimizer, self.scheduler_factory)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, also for a fused optimizer: Lightning refuses those under any mixed precision for
+        fear of a gradient scaler, but bf16 has none (and :meth:`configure_optimizers` does not fuse under 16-mixed)."""
+        scaled = self._trainer is not None and self.trainer.precision == "16-mixed"  # then Lightning's error stands
+        if not gradient_clip_val or not optimizer.defaults.get("fused") or scaled:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng"] = capture_rng()  # dropout, drop path and mixup draws continue exactly on resume

@@ -16,10 +16,12 @@ log = logging.getLogger(__name__)
 def build_datamodule(cfg: DictConfig, run: Run, input_spec: dict | None = None) -> pl.LightningDataModule:
     """The configured DataModule over the index written by the run's ``data`` stage.
 
-    ``input_spec`` (a saved model's ``img_size`` / ``mean`` / ``std``) replaces the configured model input.
+    ``input_spec`` (a saved model's ``img_size`` / ``mean`` / ``std``) replaces the configured model input; the
+    run's shards (``task=prepare``), when it has them, serve ``data.train_source=shards``.
     """
     spec = {k: input_spec[k] for k in ("img_size", "mean", "std")} if input_spec else {}
-    return instantiate(cfg.data, index_path=str(run.artifact("data", "index")), **spec)
+    shards = {"shards_path": str(run.artifact("prepare", "shards"))} if run.is_complete("prepare") else {}
+    return instantiate(cfg.data, index_path=str(run.artifact("data", "index")), **spec, **shards)
 
 
 def ensure_data(cfg: DictConfig, run: Run) -> None:
@@ -29,6 +31,14 @@ def ensure_data(cfg: DictConfig, run: Run) -> None:
 
         log.info("run %s has no data stage yet: indexing the configured data first", run.path.name)
         get_task("data")(cfg, run)
+
+
+def ensure_shards(cfg: DictConfig, run: Run) -> None:
+    """With ``data.train_source=shards``, run ``task=prepare`` in ``run`` (it skips when the shards are up to date)."""
+    if cfg.data.get("train_source", "jpeg") == "shards":
+        from train.tasks import get_task
+
+        get_task("prepare")(cfg, run)
 
 
 def build_trainer(cfg: DictConfig, task_dir: Path, monitor: tuple[str, str] | None = None, **overrides) -> pl.Trainer:

@@ -17,7 +17,8 @@ from train.predictions import write_predictions
 from train.runs import Run, RunError
 from train.tasks import register_task
 from train.tasks.classifier import ClassifierModule, fit_and_test
-from train.tasks.lightning import build_datamodule, build_trainer, consolidated_checkpoint, resolve_ckpt_path
+from train.tasks.lightning import (build_datamodule, build_trainer, consolidated_checkpoint, ensure_shards,
+                                   resolve_ckpt_path)
 from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Stage1Module(ClassifierModule):
 @register_task("stage1", ranks="all")
 def run_stage1(cfg: DictConfig, run: Run) -> dict:
     task_dir = run.task_dir("stage1")
+    ensure_shards(cfg, run)
     datamodule = build_datamodule(cfg, run)
     model = instantiate(cfg.model, class_weights=datamodule.class_weights)
     trainer = build_trainer(cfg, task_dir)
