@@ -157,7 +157,7 @@ def test_the_operating_point_is_the_cheapest_alpha_that_keeps_the_baselines_mcc_
     outputs, meta = {"calib": calib, "val": val}, {"calib": calib_meta, "val": val_meta}
     for drop, expected in ((0.0, 0.01), (1.0, 0.4)):
         cfg = compose_config("cascade.sweep=[0.01,0.4]", "cascade.tier_alpha={}", "cascade.min_accepted=20",
-                             f"cascade.operating_point.max_mcc_drop={drop}")
+                             f"cascade.operating_point={{split:val,max_mcc_drop:{drop}}}")
         alpha, rows = choose_alpha(cfg, order, outputs, meta, np.arange(2000), costs)
         assert alpha == expected, rows
         strict, loose = rows
@@ -176,7 +176,8 @@ def cascade_run(prm_tiers, data_dir, tmp_path_factory):
     base = [f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET, f"run_dir={run.path}",
             "cascade.tiers=[difficulty,draft,stage1,prm]", "cascade.method=crc", "cascade.alpha=0.3",
             "cascade.tier_alpha.stage1=0.4",
-            "cascade.tier_alpha.difficulty=0.3", "cascade.sweep=[0.2,0.4]"]
+            "cascade.tier_alpha.difficulty=0.3", "cascade.tier_alpha.draft=0.05", "cascade.sweep=[0.3]",
+            "cascade.operating_point={split:val,max_mcc_drop:0.0}"]  # one candidate: the val path runs, alpha stays
     for task in ("thresholds", "export", "evaluate"):
         extra = ["export.models=[difficulty,draft,stage1,prm]"] if task in ("export", "evaluate") else []
         run_task(compose_config(*base, f"task={task}", *extra))
@@ -193,11 +194,12 @@ def test_thresholds_reach_the_manifest_with_their_guarantee(cascade_run):
     assert [t.name for t in reached][:2] == ["difficulty", "draft"]
     # the draft's alpha is the operating point chosen on val among cascade.sweep (tiers with their own alpha keep it)
     op = chosen["operating_point"]
-    assert op["split"] == "val" and [c["alpha"] for c in op["candidates"]] == [0.2, 0.4] and op["alpha"] == chosen["alpha"]
+    assert op["split"] == "val" and [c["alpha"] for c in op["candidates"]] == [0.3] == [chosen["alpha"]]
+    assert 0 < op["candidates"][0]["flops_ratio"] and -1 <= op["candidates"][0]["mcc"] <= 1
     for tier in reached:
         g = tier.guarantee
         assert tier.threshold == chosen["tiers"][tier.name]["threshold"] and g.method == "conformal_risk_control"
-        assert g.alpha == {"stage1": 0.4, "difficulty": 0.3}.get(tier.name, chosen["alpha"]) and g.delta is None
+        assert g.alpha == {"stage1": 0.4, "difficulty": 0.3, "draft": 0.05}[tier.name] and g.delta is None
         assert g.n_calibration == chosen["tiers"][tier.name]["n_reaching"] and g.empirical_risk <= 1 and tier.rule
     # the router's guarantee is stated on its own score, and CRC's bound holds on calib: (loss + 1) / (n + 1) <= alpha
     assert "router score <=" in reached[0].guarantee.statement
@@ -236,4 +238,4 @@ def test_replay_decisions_equal_the_pytorch_tiers(cascade_run):
     assert np.allclose(replay["flops"], want, rtol=1e-9)
     report = json.loads(run.artifact("evaluate", "cascade").read_text())
     assert report["flops"]["ratio"] == pytest.approx(flops["stage1"] / replay["flops"].mean())
-    assert {p["alpha"] for p in report["sweep"]} == {0.2, 0.4} and (run.path / "evaluate" / "cascade_curve.png").is_file()
+    assert {p["alpha"] for p in report["sweep"]} == {0.3} and (run.path / "evaluate" / "cascade_curve.png").is_file()

@@ -30,7 +30,8 @@ TINY = ["model.img_size=32", "model.backbone.patch_size=8", "model.backbone.dept
 def cli(tmp_path: Path, data_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m train`` as users type it, in ``tmp_path`` with its own checkpoints folder."""
     env = {k: v for k, v in os.environ.items() if k != RUN_ENV}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+               OMP_NUM_THREADS="1")  # keeps the caller's path (the GPU machine's packages live in .site)
     cmd = [sys.executable, "-m", "train", f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "debug=tiny",
            *QUIET, *TINY, *overrides]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)

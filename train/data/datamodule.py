@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from train.data.gpu_augment import GpuAugment
 from train.data.images import ImageReader, decode_rgb
@@ -238,9 +238,10 @@ class RoadworkDataModule(pl.LightningDataModule):
         if not np.array_equal(ds.labels, labels):
             raise DataError(f"the shards in {Path(self.shards_path).parent} do not match the run's train split: "
                             "rerun task=prepare")
-        batches = BatchSampler(self.train_sampler(labels), self.batch_size, drop_last=False)
-        return DataLoader(ds, batch_sampler=batches, collate_fn=as_batch, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory and torch.cuda.is_available(),
+        # sampler + batch_size (not a batch_sampler): under DDP Lightning wraps the sampler and keeps the batch size;
+        # the fetcher hands each batch's keys to ShardDataset.__getitems__ at once
+        return DataLoader(ds, sampler=self.train_sampler(labels), batch_size=self.batch_size, collate_fn=as_batch,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
