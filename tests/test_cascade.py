@@ -176,7 +176,7 @@ def cascade_run(prm_tiers, data_dir, tmp_path_factory):
     base = [f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET, f"run_dir={run.path}",
             "cascade.tiers=[difficulty,draft,stage1,prm]", "cascade.method=crc", "cascade.alpha=0.3",
             "cascade.tier_alpha.stage1=0.4",
-            "cascade.tier_alpha.difficulty=0.3", "cascade.tier_alpha.draft=0.05", "cascade.sweep=[0.3]",
+            "cascade.tier_alpha.difficulty=0.3", "+cascade.tier_alpha.draft=0.05", "cascade.sweep=[0.3]",
             "cascade.operating_point={split:val,max_mcc_drop:0.0}"]  # one candidate: the val path runs, alpha stays
     for task in ("thresholds", "export", "evaluate"):
         extra = ["export.models=[difficulty,draft,stage1,prm]"] if task in ("export", "evaluate") else []
