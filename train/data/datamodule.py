@@ -5,7 +5,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from train.data.gpu_augment import GpuAugment
-from train.data.images import ImageReader, decode_rgb
+from train.data.images import ImageReader, decode_rgb, loader_worker_init
 from train.data.index import build_index, where
 from train.data.queries import query_store
 from train.data.sampling import EpochSampler
@@ -80,10 +79,6 @@ class ImageDataset(Dataset):
         if level not in self._validator:
             self._validator[level] = ValidatorQuery(level, self.eval_seed)
         return self._validator[level](self.image(i), i)
-
-
-def _init_worker(worker_id: int) -> None:
-    cv2.setNumThreads(1)  # each loader worker is one process on one core: no oversubscription
 
 
 class RoadworkDataModule(pl.LightningDataModule):
@@ -194,7 +189,7 @@ class RoadworkDataModule(pl.LightningDataModule):
         """In order (evaluation), or in the sampler's order (training)."""
         return DataLoader(dataset, batch_size=batch_size or self.eval_batch_size,
                           sampler=sampler, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0, worker_init_fn=_init_worker,
+                          persistent_workers=self.num_workers > 0, worker_init_fn=loader_worker_init,
                           generator=torch.Generator().manual_seed(self.seed), drop_last=False)
 
     def train_dataloader(self) -> DataLoader:

@@ -110,3 +110,10 @@ class ImageReader:
 
     def __getstate__(self):  # open tables do not travel to DataLoader workers
         return {"_tables": {}}
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: each loader worker is one process on one core, so OpenCV uses one thread."""
+    import cv2
+
+    cv2.setNumThreads(1)

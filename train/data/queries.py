@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import DataLoader, Dataset
 
+from train.data.images import loader_worker_init
 from train.data.transforms import QUERY_JPEG_QUALITY, QUERY_SIZE, ValidatorQuery
 from train.runs import fingerprint
 
@@ -56,11 +57,6 @@ class _Rendering(Dataset):
         return self.query.render(self.images.image(i), i)
 
 
-def _worker_init(worker_id: int) -> None:
-    import cv2
-    cv2.setNumThreads(1)
-
-
 def query_store(images, directory: Path, split: str, level: int, seed: int, num_workers: int) -> QueryStore:
     """The store of ``split``'s queries at ``level`` (``images``: the split's ImageDataset), rendered if missing.
 
@@ -75,7 +71,7 @@ def query_store(images, directory: Path, split: str, level: int, seed: int, num_
         return QueryStore(path)
     start = time.perf_counter()
     loader = DataLoader(_Rendering(images, level, seed), batch_size=64, num_workers=num_workers,
-                        collate_fn=list, worker_init_fn=_worker_init)
+                        collate_fn=list, worker_init_fn=loader_worker_init)
     jpegs = [jpeg for batch in loader for jpeg in batch]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes may render the same split at once
