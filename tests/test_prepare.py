@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from conftest import QUIET, compose_config, copy_run
@@ -64,8 +65,13 @@ def test_shard_batches_are_seeded_and_augmented_on_the_device_hook(data_run, tmp
     again, other = first_batch(0), first_batch(1)
     assert all(torch.equal(batch[k], again[k]) for k in batch)
     assert not torch.equal(batch["index"], other["index"])
-    out = datamodule.on_after_batch_transfer(batch, 0)
+    out = datamodule.on_after_batch_transfer(dict(batch), 0)
     assert out["image"].shape == (8, 3, 64, 64) and out["image"].dtype == torch.float32 and "augment" not in out
+    # under a precision that converts inputs (DeepSpeed's bf16, "bf16-true"), the augmented images are converted
+    # too: Lightning converted the batch before the transfer, while it was still uint8
+    datamodule.trainer = pl.Trainer(precision="bf16-true", logger=False, enable_checkpointing=False)
+    half = datamodule.on_after_batch_transfer(dict(batch), 0)["image"]
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), out["image"], atol=0.05, rtol=0.01)
 
 
 def test_stage1_trains_from_shards_and_prepares_them_first(data_run, tmp_path):

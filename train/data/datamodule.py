@@ -242,5 +242,8 @@ class RoadworkDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Shard batches (uint8 + augmentation parameters) are augmented and normalised here, on the device."""
         if isinstance(batch, dict) and "augment" in batch:
-            batch["image"] = self.gpu_augment(batch["image"], batch.pop("augment"))
+            images = self.gpu_augment(batch["image"], batch.pop("augment"))
+            if self.trainer is not None:  # Lightning converted the batch before the transfer, when it was uint8:
+                images = self.trainer.precision_plugin.convert_input(images)  # DeepSpeed's bf16 wants bf16 images
+            batch["image"] = images
         return batch

@@ -119,9 +119,10 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, also for a fused optimizer: Lightning refuses those under any mixed precision for
-        fear of a gradient scaler, but bf16 has none (and :meth:`configure_optimizers` does not fuse under 16-mixed)."""
+        fear of a gradient scaler, but bf16 has none (and :meth:`configure_optimizers` does not fuse under 16-mixed).
+        DeepSpeed's optimizer wrappers have no ``defaults``: DeepSpeed clips by its own config."""
         scaled = self._trainer is not None and self.trainer.precision == "16-mixed"  # then Lightning's error stands
-        if not gradient_clip_val or not optimizer.defaults.get("fused") or scaled:
+        if not gradient_clip_val or not getattr(optimizer, "defaults", {}).get("fused") or scaled:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if gradient_clip_algorithm == "value":
