@@ -205,9 +205,7 @@ class RoadworkDataModule(pl.LightningDataModule):
         """The training order (class-balanced draws with ``balance=sampler``), from the resumed epoch (and batch) on
         resume."""
         weights = (1.0 / np.maximum(self.class_counts(), 1))[labels] if self.balance == "sampler" else None
-        sampler = EpochSampler(len(labels), self.seed, weights, epoch=self.resume_epoch, skip=self.resume_skip)
-        self.resume_skip = 0
-        return sampler
+        return EpochSampler(len(labels), self.seed, weights, epoch=self.resume_epoch, skip=self.resume_skip)
 
     def state_dict(self) -> dict:
         """Saved in checkpoints: the epoch whose order the training sampler draws next, and the samples of it already
