@@ -42,3 +42,16 @@ def unusable() -> dict[str, tuple[bytes, str]]:
         "not_an_image": (b"this is text, not an image" * 10, "undecodable"),
         "one_pixel": (_save(Image.new("RGB", (1, 1)), "PNG"), "too_small"),
     }
+
+
+def bomb_png(side: int = 20_000) -> bytes:
+    """A PNG whose header claims ``side`` x ``side`` pixels (above PIL's limit) over a few bytes of data: a
+    decompression bomb, made without allocating it."""
+    import struct
+    import zlib
+
+    data = bytearray(_save(Image.new("RGB", (16, 16)), "PNG"))
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack(">II", side, side)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)

@@ -133,23 +133,57 @@ def test_warmup_cosine_schedule_by_steps():
 
 
 def test_resume_is_exact(tiny_config, tiny_run, tmp_path):
-    """Two epochs straight == stopped after the first epoch, then resumed from last.ckpt for the second."""
+    """Two epochs straight == stopped after the first epoch, then resumed from last.ckpt for the second == killed by
+    SIGTERM inside the second epoch (a subprocess; the signal also reaches its loader worker), then resumed."""
     common = ["trainer.limit_train_batches=4", "model.backbone.drop_path_rate=0.1", "model.bootstrap=0",
               "model.mixup={mixup_alpha:0.4,cutmix_alpha:0,prob:0.5}", "data.balance=sampler"]
     straight = stage1_on_copy(tiny_config, tiny_run, tmp_path / "a", "trainer.max_epochs=2", *common)
     broken = stage1_on_copy(tiny_config, tiny_run, tmp_path / "b", "trainer.max_epochs=2", *common,
                             "+callbacks.stop._target_=interrupt.StopAfterEpoch", "+callbacks.stop.epoch=0")
     assert torch.load(broken.artifact("stage1", "last"), weights_only=True)["global_step"] == 4
-    resumed_cfg = tiny_config(f"run_dir={broken.path}", "task=stage1", *TINY_VIT, "trainer.max_epochs=2",
-                              "ckpt_path=last", *common)
-    run_task(resumed_cfg)
+    preempted = preempted_stage1(tiny_config, tiny_run, tmp_path / "c", "trainer.max_epochs=2", *common)
+    for run in (broken, preempted):
+        run_task(tiny_config(f"run_dir={run.path}", "task=stage1", *TINY_VIT, "trainer.max_epochs=2", "ckpt_path=last",
+                             *common))
     a = torch.load(straight.artifact("stage1", "last"), map_location="cpu", weights_only=True)
-    b = torch.load(broken.artifact("stage1", "last"), map_location="cpu", weights_only=True)
-    assert (a["global_step"], b["global_step"], a["epoch"], b["epoch"]) == (8, 8, 1, 1)
-    for k, v in a["state_dict"].items():
-        assert torch.equal(v, b["state_dict"][k]), k
-    ma, mb = straight.metrics("stage1"), broken.metrics("stage1")
-    assert ma["test/L0/mcc"] == mb["test/L0/mcc"] and ma["test/L0/loss"] == mb["test/L0/loss"]
+    for run in (broken, preempted):
+        b = torch.load(run.artifact("stage1", "last"), map_location="cpu", weights_only=True)
+        assert (a["global_step"], b["global_step"], a["epoch"], b["epoch"]) == (8, 8, 1, 1)
+        for k, v in a["state_dict"].items():
+            assert torch.equal(v, b["state_dict"][k]), k
+        ma, mb = straight.metrics("stage1"), run.metrics("stage1")
+        assert ma["test/L0/mcc"] == mb["test/L0/mcc"] and ma["test/L0/loss"] == mb["test/L0/loss"]
+        assert mb["train/nonfinite_steps"] == 0
+
+
+def preempted_stage1(tiny_config, tiny_run, tmp_path, *overrides) -> Run:
+    """``python -m train task=stage1`` on a copy of the tiny run, in its own process group, sent SIGTERM after step 5:
+    it must finish step 6, save last.ckpt there and exit with 128 + 15 and a message, no traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    copy = Run.open(shutil.copytree(tiny_run.path, tmp_path / "run"))
+    shutil.rmtree(copy.path / "stage1")
+    cfg = tiny_config()
+    tests = Path(__file__).parent
+    args = [f"run_dir={copy.path}", "task=stage1", f"paths.root_dir={cfg.paths.root_dir}",
+            f"paths.data_dir={cfg.paths.data_dir}", "debug=tiny", "print_config=false", "callbacks.progress_bar=null",
+            "trainer.enable_model_summary=false", *TINY_VIT, *overrides, "data.num_workers=1",
+            "+callbacks.kill._target_=interrupt.SignalAtStep", "+callbacks.kill.step=5"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    out = subprocess.run([sys.executable, "-m", "train", *args], env=env, capture_output=True, text=True,
+                         start_new_session=True, timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode == 128 + signal.SIGTERM, log
+    assert "preempted by SIGTERM: training stopped at epoch 1, step 6" in " ".join(log.split()), log
+    assert "Traceback" not in log
+    last = torch.load(copy.path / "stage1" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+    assert copy.read()["tasks"]["stage1"] == tiny_run.read()["tasks"]["stage1"]  # nothing recorded
+    return copy
 
 
 def test_experiments_build_their_models():

@@ -7,15 +7,19 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
+from train.config_checks import ConfigError, check_config
 from train.data import BadImageError, DataError
 from train.export import BundleError, ExportError
 from train.runs import Run, RunError
 from train.tasks import get_task, runs_here
+from train.utils.checkpoints import UnsafeCheckpointError
 from train.utils.console import log_to_file, print_config, save_config, setup_logging
 from train.utils.distributed import is_rank_zero
+from train.utils.faults import NonFiniteLossError, Preempted
 
 log = logging.getLogger("train")
-USER_ERRORS = (DataError, BadImageError, RunError, BundleError, ExportError, FileNotFoundError)
+USER_ERRORS = (DataError, BadImageError, RunError, BundleError, ExportError, FileNotFoundError, ConfigError,
+               UnsafeCheckpointError, NonFiniteLossError)
 
 
 def run_task(cfg: DictConfig) -> float | None:
@@ -28,6 +32,7 @@ def run_task(cfg: DictConfig) -> float | None:
     setup_logging("INFO" if rank_zero else "WARNING")
     task = cfg.task.name
     fn = get_task(task)
+    check_config(cfg)  # before the run folder is made: a bad key or combination costs nothing
     run = Run.for_process(cfg.get("run_dir"), cfg.paths.checkpoints_dir,
                           cfg.get("run_name") or cfg.get("experiment_name") or task)
     if rank_zero:
@@ -60,6 +65,9 @@ def main(cfg: DictConfig) -> float | None:
     except USER_ERRORS as e:  # bad input or a missing stage: the message says it all, no traceback
         log.error("%s: %s", type(e).__name__, e)
         raise SystemExit(1) from None
+    except Preempted as e:  # a signal in training: last.ckpt is saved
+        log.warning("preempted by %s", e)
+        raise SystemExit(e.code) from None
 
 
 if __name__ == "__main__":

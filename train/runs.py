@@ -5,14 +5,16 @@ artifacts (path, sha256) and metrics in ``<run>/registry.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from train.utils.distributed import is_rank_zero, launched_processes
 
@@ -28,18 +30,27 @@ class RunError(RuntimeError):
     """A run folder or its registry is missing something a task needs."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, then rename: a kill never leaves a half file."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary sibling (``.<name>.*.tmp``), renamed to ``path`` once
+    written; on an error it is removed, so ``path`` is always the old file or the whole new one, never a half file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; ours are as readable as any other
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, then rename: a kill never leaves a half file."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -116,7 +116,7 @@ class RoadworkDataModule(pl.LightningDataModule):
         self.index: pa.Table | None = None
         self.sample_fields = None
         self.train_source, self.pin_memory, self.shards_path = train_source, pin_memory, shards_path
-        self.resume_epoch = 0  # set from a checkpoint (load_state_dict)
+        self.resume_epoch = self.resume_skip = 0  # set from a checkpoint (load_state_dict)
         self.gpu_augment = (gpu_augment or GpuAugment)(img_size=self.img_size, mean=self.mean, std=self.std)
 
     # --- building the index (the `data` stage) ---------------------------------------------
@@ -202,18 +202,30 @@ class RoadworkDataModule(pl.LightningDataModule):
         return self.loader(ds, sampler=self.train_sampler(ds.labels), batch_size=self.batch_size)
 
     def train_sampler(self, labels: np.ndarray) -> EpochSampler:
-        """The training order (class-balanced draws with ``balance=sampler``), from the resumed epoch on resume."""
+        """The training order (class-balanced draws with ``balance=sampler``), from the resumed epoch (and batch) on
+        resume."""
         weights = (1.0 / np.maximum(self.class_counts(), 1))[labels] if self.balance == "sampler" else None
-        return EpochSampler(len(labels), self.seed, weights, epoch=self.resume_epoch)
+        return EpochSampler(len(labels), self.seed, weights, epoch=self.resume_epoch, skip=self.resume_skip)
 
     def state_dict(self) -> dict:
-        """Saved in checkpoints: the epoch whose order the training sampler draws next. A resumed fit makes its train
+        """Saved in checkpoints: the epoch whose order the training sampler draws next, and the samples of it already
+        trained on when the checkpoint was saved inside the epoch (preemption). A resumed fit makes its train
         loader's iterator (the workers prefetch from it) before Lightning calls ``set_epoch``, so the sampler must
         start there."""
-        return {"sampler_epoch": self.trainer.fit_loop.epoch_progress.current.processed} if self.trainer else {}
+        if not self.trainer:
+            return {}
+        loop = self.trainer.fit_loop
+        done = loop.epoch_loop.batch_progress.current.processed
+        inside = 0 < done < self.trainer.num_training_batches
+        if inside and self.trainer.world_size > 1:
+            log.warning("a checkpoint inside an epoch under %d processes: a resume restarts that epoch's order",
+                        self.trainer.world_size)
+        skip = done * self.batch_size if inside and self.trainer.world_size == 1 else 0
+        return {"sampler_epoch": loop.epoch_progress.current.processed, "sampler_skip": skip}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.resume_epoch = int(state_dict.get("sampler_epoch", 0))
+        self.resume_skip = int(state_dict.get("sampler_skip", 0))
 
     def val_dataloader(self) -> list[DataLoader]:
         return [self.loader(self.dataset("val", level)) for level in self.val_levels]
@@ -237,7 +249,8 @@ class RoadworkDataModule(pl.LightningDataModule):
         # the fetcher hands each batch's keys to ShardDataset.__getitems__ at once
         return DataLoader(ds, sampler=self.train_sampler(labels), batch_size=self.batch_size, collate_fn=as_batch,
                           num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
+                          persistent_workers=self.num_workers > 0, worker_init_fn=loader_worker_init,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Shard batches (uint8 + augmentation parameters) are augmented and normalised here, on the device."""

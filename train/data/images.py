@@ -6,6 +6,7 @@ grayscale, palette and alpha images, tiny and huge images are handled in one way
 from __future__ import annotations
 
 import io
+import signal
 import warnings
 from pathlib import Path
 
@@ -20,11 +21,13 @@ Image.MAX_IMAGE_PIXELS = 16_000 * 16_000  # allow big photos (10k x 10k) but not
 class BadImageError(ValueError):
     """An image that cannot be used; the message names the file (and row) and the reason.
 
-    ``reason`` is a short category (``empty``, ``undecodable``, ``too_small``, ``unreadable``)
+    ``reason`` is a short category (``empty``, ``undecodable``, ``too_small``, ``too_large``, ``unreadable``)
     used to count skipped images.
     """
 
-    def __init__(self, message: str, reason: str):
+    def __init__(self, message: str, reason: str = "undecodable"):
+        if message.startswith("Caught ") and "Traceback" in message:  # re-raised from a DataLoader worker: keep the
+            message = message.rstrip().rsplit("BadImageError: ", 1)[-1]  # original message, not the worker's trace
         super().__init__(message)
         self.reason = reason
 
@@ -49,6 +52,8 @@ def decode_rgb(data: bytes, max_side: int | None = None, min_side: int = MIN_SID
                 img.draft("RGB", (max_side, max_side))
             img.load()
             img = ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"{where}: image too large to decode ({e})", "too_large") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise BadImageError(f"{where}: cannot decode image ({type(e).__name__}: {e})", "undecodable") from None
     if min(img.size) < min_side:
@@ -113,7 +118,11 @@ class ImageReader:
 
 
 def loader_worker_init(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: each loader worker is one process on one core, so OpenCV uses one thread."""
+    """DataLoader ``worker_init_fn``: each loader worker is one process on one core, so OpenCV uses one thread; it
+    ignores SIGTERM and SIGINT (a scheduler or Ctrl+C signals every process): the main process decides when to
+    stop (:class:`~train.utils.faults.Preemption`) and ends its workers itself."""
     import cv2
 
     cv2.setNumThreads(1)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)

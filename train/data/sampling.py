@@ -1,6 +1,6 @@
 """The training sampler: each epoch's order (and each sample's augmentation seed) is a function of
-``(seed, epoch)`` alone, so a run resumed from an epoch-end checkpoint sees exactly the batches an
-unbroken run would have seen.
+``(seed, epoch)`` alone, so a run resumed from a checkpoint (at an epoch's end, or inside one: ``skip``) sees
+exactly the batches an unbroken run would have seen.
 """
 from __future__ import annotations
 
@@ -17,13 +17,17 @@ class EpochSampler(Sampler):
     ``weights`` (one per sample) draws with replacement in proportion to them (class balancing);
     without weights each epoch is a permutation. ``epoch`` is where it starts: a resumed fit iterates the loader
     (and its workers prefetch) before Lightning calls :meth:`set_epoch`, so the loader's maker passes the epoch.
+    ``skip``: the first pass leaves out that many samples of the epoch's order (those a checkpoint saved inside the
+    epoch had trained on); ``len`` stays the whole epoch, as Lightning counts the batches done itself.
     """
 
-    def __init__(self, n: int, seed: int = 0, weights: np.ndarray | None = None, epoch: int = 0):
-        self.n, self.seed, self.epoch = n, int(seed), int(epoch)
+    def __init__(self, n: int, seed: int = 0, weights: np.ndarray | None = None, epoch: int = 0, skip: int = 0):
+        self.n, self.seed, self.epoch, self.skip = n, int(seed), int(epoch), int(skip)
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
 
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.skip = 0
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -34,4 +38,5 @@ class EpochSampler(Sampler):
         order = torch.randperm(self.n, generator=g) if self.weights is None else \
             torch.multinomial(self.weights, self.n, replacement=True, generator=g)
         aug_seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g)
-        return iter(zip(order.tolist(), aug_seeds.tolist()))
+        skip, self.skip = self.skip, 0
+        return iter(zip(order[skip:].tolist(), aug_seeds[skip:].tolist()))

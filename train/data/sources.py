@@ -61,11 +61,16 @@ def check_labels(labels, where: str) -> np.ndarray:
 
 
 def check_unique_ids(table: pa.Table) -> None:
-    ids = table.column("sample_id").to_numpy(zero_copy_only=False)
-    uniq, counts = np.unique(ids.astype(str), return_counts=True)
+    """Sample ids must be unique (features, predictions and splits are keyed by them); the error names where the
+    first duplicate occurs."""
+    ids = table.column("sample_id").to_numpy(zero_copy_only=False).astype(str)
+    uniq, counts = np.unique(ids, return_counts=True)
     if (counts > 1).any():
         dup = uniq[counts > 1][:5].tolist()
-        raise DataError(f"{int((counts > 1).sum())} duplicate sample id(s), e.g. {dup}")
+        files, rows = table.column("file").to_pylist(), table.column("row").to_pylist()
+        at = [f"{files[i]} row {rows[i]}" if rows[i] >= 0 else files[i] for i in np.flatnonzero(ids == dup[0])[:3]]
+        raise DataError(f"{int((counts > 1).sum())} duplicate sample id(s), e.g. {dup}; {dup[0]!r} at: "
+                        f"{'; '.join(at)}")
 
 
 def _require_exists(path: Path, key: str) -> Path:
@@ -115,7 +120,9 @@ class ParquetSource:
                         f"columns: {schema.names}; set data.source.image_column")
 
     def samples(self) -> pa.Table:
-        return pa.concat_tables([self._file_samples(f) for f in self.files()])
+        table = pa.concat_tables([self._file_samples(f) for f in self.files()])
+        check_unique_ids(table)  # across files too
+        return table
 
     def _file_samples(self, file: Path) -> pa.Table:
         schema = pq.read_schema(file)
@@ -126,8 +133,9 @@ class ParquetSource:
         meta = pq.read_table(file, columns=[c for c in dict.fromkeys(wanted) if c and c in schema.names])
         n = meta.num_rows
         col = lambda name: meta.column(name).to_pylist() if name in meta.column_names else None  # noqa: E731
+        stem = file.relative_to(self.root).with_suffix("").as_posix() if self.root.is_dir() else file.stem
         ids = [str(v) for v in col(self.id_column)] if self.id_column and col(self.id_column) else \
-            [f"{file.stem}:{i}" for i in range(n)]
+            [f"{stem}:{i}" for i in range(n)]
         extra = {k: v for k, v in {"scene_id": col("scene_id"), "view": col("view"),
                                      "difficulty": col("difficulty"),
                                      "scene_description": col("scene_description")}.items() if v is not None}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from train.config_checks import ConfigError
 from train.models.backbones import HFImageClassifier
 
 FINETUNE_MODES = ("full", "linear_probe", "lora", "dora", "rslora")
@@ -33,9 +34,11 @@ def apply_finetune(model: nn.Module, mode: str = "full", r: int = 8, alpha: floa
 
     from peft import LoraConfig, get_peft_model
 
-    if not isinstance(target_modules, str):
+    if target_modules is None:
         default = HF_TARGETS if isinstance(model, HFImageClassifier) else TIMM_TARGETS
-        target_modules = _linear_layers(model, target_modules or default, head)
+        target_modules = _linear_layers(model, default, head)
+    elif not isinstance(target_modules, str):
+        target_modules = check_target_modules(model, list(target_modules), head)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         use_dora=mode == "dora", use_rslora=mode == "rslora", modules_to_save=[head])
     return get_peft_model(model, config)
@@ -73,11 +76,30 @@ def head_name(model: nn.Module) -> str:
     return name
 
 
+def _linear_names(model: nn.Module, head: str) -> dict[str, list[str]]:
+    """Last name part -> full names of the ``nn.Linear`` layers outside the head."""
+    out: dict[str, list[str]] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear) and n != head and not n.startswith(f"{head}."):
+            out.setdefault(n.rsplit(".", 1)[-1], []).append(n)
+    return out
+
+
 def _linear_layers(model: nn.Module, names: list[str] | tuple[str, ...], head: str) -> list[str]:
     """Full names of the ``nn.Linear`` layers whose last name part is in ``names``, outside the head."""
-    found = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in names
-             and n != head and not n.startswith(f"{head}.")]
+    found = [n for part, full in _linear_names(model, head).items() if part in names for n in full]
     if not found:
         raise ValueError(f"no nn.Linear layer named any of {list(names)} in {type(model).__name__}")
     return found
+
+
+def check_target_modules(model: nn.Module, names: list[str], head: str | None = None) -> list[str]:
+    """:func:`_linear_layers` for names a user gave: each must name a linear layer of ``model``, or the error lists
+    the ones that do."""
+    available = _linear_names(model, head or head_name(model))
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ConfigError(f"model.finetune.target_modules: {unknown} name no linear layer of "
+                         f"{type(model).__name__}; allowed (last name parts of its nn.Linear layers, head excluded): "
+                         f"{sorted(available)}")
+    return _linear_layers(model, names, head or head_name(model))

@@ -23,6 +23,7 @@ from train.metrics import bootstrap_interval, per_level_metrics, roadwork_prob
 from train.optim import build_optimizer, with_schedule
 from train.predictions import unique_rows
 from train.tasks.lightning import checkpoint_paths
+from train.utils.faults import fault_metrics
 from train.utils.rng import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ class ClassifierModule(pl.LightningModule):
 
 def fit_and_test(trainer: pl.Trainer, model: ClassifierModule, datamodule: pl.LightningDataModule,
                  ckpt_path: str | None = None) -> tuple[str | None, str | None, dict[str, float]]:
-    """Fit, then test the best checkpoint; returns (best, last, ``test/...`` metrics)."""
+    """Fit, then test the best checkpoint; returns (best, last, ``test/...`` metrics and the fit's fault counts)."""
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     best, last = checkpoint_paths(trainer)  # read now: test() reloads the callbacks' state from `best`
     # A checkpoint's state_dict holds the EMA weights when EMA is on; without the callback, test loads exactly those
@@ -148,4 +149,5 @@ def fit_and_test(trainer: pl.Trainer, model: ClassifierModule, datamodule: pl.Li
     with warnings.catch_warnings():  # ... and Lightning's reminder to keep the callback does not apply
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided")
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-    return best, last, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    return best, last, {**tested, **fault_metrics(trainer)}

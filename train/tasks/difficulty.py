@@ -34,7 +34,8 @@ from train.predictions import OutcomeDataset, collect_outputs
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
-from train.tasks.lightning import build_datamodule, build_trainer
+from train.tasks.lightning import build_datamodule, build_trainer, restore_best
+from train.utils.faults import fault_metrics
 from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
@@ -178,9 +179,7 @@ def run_difficulty(cfg: DictConfig, run: Run) -> dict:
     trainer = build_trainer(cfg, task_dir, monitor=("val/auroc", "max"), max_epochs=dcfg.epochs,
                             limit_train_batches=None, limit_val_batches=None)
     trainer.fit(module, *loaders)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best:
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+    restore_best(trainer, module)
     router = module.net.cpu().eval()
 
     calibration = calibrate_router(router, router_scores(router, outcomes["calib"]), wrong["calib"], cfg.calibrate.n_bins)
@@ -213,7 +212,7 @@ def run_difficulty(cfg: DictConfig, run: Run) -> dict:
     atomic_write_json(task_dir / "report.json", report)
     atomic_write_json(task_dir / "threshold.json", threshold)
     metrics = {f"test/{t}/{m}": v for t in targets for m, v in test[t].items()}
-    metrics.update({"test/routing/kept_fraction": test["routing"]["kept_fraction"]})
+    metrics.update({"test/routing/kept_fraction": test["routing"]["kept_fraction"], **fault_metrics(trainer)})
     print_level_table({f"test/{t}/{m}": v for t in targets for m, v in test[t].items()},
                       "difficulty router on test: per tier", "test", ("auroc", "auroc_own_confidence", "aurc",
                                                                           "aurc_own_confidence", "error_rate"))

@@ -39,7 +39,8 @@ from train.predictions import collect_outputs, predict_split
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.calibrate import calibrate_model, load_calibrated
-from train.tasks.lightning import build_datamodule, build_trainer
+from train.tasks.lightning import build_datamodule, build_trainer, restore_best
+from train.utils.faults import fault_metrics
 from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
@@ -293,9 +294,7 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=datamodule.val_dataloader())
     else:
         trainer.fit(module, datamodule=datamodule)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best:
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"], strict=False)
+    restore_best(trainer, module, strict=False)
     test = {k.split("/dataloader_idx")[0]: float(v) for r in trainer.test(module, datamodule=datamodule, verbose=False)
             for k, v in r.items()}
 
@@ -324,7 +323,7 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
     atomic_write_json(task_dir / "threshold.json", threshold)
     metrics = {**test, "acceptance/test/rate": on_test["acceptance_rate"],
                "acceptance/test/disagreement": on_test["accepted_risk"] if on_test["accepted_risk"] is not None else float("nan"),
-               "flops/ratio": flops["ratio"]}
+               "flops/ratio": flops["ratio"], **fault_metrics(trainer)}
     print_level_table({k: v for k, v in test.items()}, "draft on test: agreement with the teacher, MCC vs labels",
                       "test", ("agree_mcc", "agree_acc", "mcc_label"))
     log.info("draft acceptance at alpha=%.3g, delta=%.3g: threshold %s; on test %.1f%% accepted, %.2f%% of them "

@@ -27,6 +27,7 @@ from train.runs import Run, net_kind
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
 from train.tasks.lightning import build_datamodule, consolidated_checkpoint, ensure_data
+from train.utils.checkpoints import load_checkpoint
 from train.utils.console import console
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def from_checkpoint(path: str) -> tuple[nn.Module, dict]:
     from train.tasks.stage1 import Stage1Module
 
     ckpt = consolidated_checkpoint(path)  # a DeepSpeed checkpoint folder: one fp32 file inside it
-    hparams = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    hparams = load_checkpoint(ckpt).get("hyper_parameters", {})
     if "backbone" not in hparams:
         raise ExportError(f"ckpt={path} is not a Stage-1 Lightning checkpoint (its hyper_parameters have no backbone)")
     module = Stage1Module.from_checkpoint(ckpt)

@@ -31,7 +31,7 @@ from train.optim import with_schedule
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.data.splits import split_by_image
-from train.tasks.lightning import build_trainer
+from train.tasks.lightning import build_trainer, restore_best
 from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,7 @@ def train_head(cfg: DictConfig, module_cfg: DictConfig, meta: dict, modalities: 
         trainer.fit(module, *loaders)
     finally:
         torch.set_num_threads(threads)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best:
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+    restore_best(trainer, module)
     return module.net.cpu().eval()
 
 

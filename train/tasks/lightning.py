@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from train.runs import Run
+from train.utils.checkpoints import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,15 @@ def checkpoint_paths(trainer: pl.Trainer) -> tuple[str | None, str | None]:
         elif getattr(cb, "best_model_path", None):
             last = last or cb.best_model_path
     return best, last
+
+
+def restore_best(trainer: pl.Trainer, module: pl.LightningModule, strict: bool = True) -> str:
+    """After fit: load the monitored checkpoint's weights (the best epoch) into ``module``; returns its path ('' when
+    there is none)."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best:
+        module.load_state_dict(load_checkpoint(best)["state_dict"], strict=strict)
+    return best
 
 
 def resolve_ckpt_path(ckpt_path: str | None, task_dir: Path) -> str | None:

@@ -39,7 +39,7 @@ from train.runs import Run, atomic_write_json, cached_tensors
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
 from train.data.splits import scene_groups, split_by_image
-from train.tasks.lightning import build_datamodule, build_trainer
+from train.tasks.lightning import build_datamodule, build_trainer, restore_best
 from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
@@ -251,9 +251,7 @@ def train_prm(cfg: DictConfig, run: Run, views: dict, traces: dict, n_slots: int
     trainer = build_trainer(cfg, run.task_dir("prm"), monitor=("val/step_auroc", "max"), max_epochs=pcfg.epochs,
                             limit_train_batches=None, limit_val_batches=None)
     trainer.fit(module, *loaders)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best:
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+    restore_best(trainer, module)
     return module.net.cpu().eval()
 
 

@@ -83,10 +83,6 @@ class Stage1Module(ClassifierModule):
 @register_task("stage1", ranks="all")
 def run_stage1(cfg: DictConfig, run: Run) -> dict:
     task_dir = run.task_dir("stage1")
-    if cfg.model.get("channels_last") and "deepspeed" in str(cfg.trainer.get("strategy")).lower():
-        raise ValueError("model.channels_last=true with a DeepSpeed strategy: DeepSpeed flattens the parameters and "
-                         "cannot take channels_last convolution weights (measured on 2 H100s); set "
-                         "model.channels_last=false")
     ensure_shards(cfg, run)
     datamodule = build_datamodule(cfg, run)
     model = instantiate(cfg.model, class_weights=datamodule.class_weights)

@@ -1,0 +1,122 @@
+"""Checks of the composed config before any work: keys no class takes, impossible combinations, values out of range.
+
+``check_config(cfg)`` runs in ``run_task`` before the run folder is made; each failure is a :class:`ConfigError`
+that names the key and what is allowed. (Hydra itself refuses an override of a key the config lacks, unless it is
+added with ``+``; these checks also catch added keys and keys in experiment files.)
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from collections.abc import Iterator
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+TRAINING_TASKS = ("stage1", "apt", "draft", "difficulty", "prm", "fusion")
+PEFT_MODES = ("lora", "dora", "rslora")
+# risk levels, probabilities and fractions: each must lie in [0, 1]
+UNIT_INTERVAL = ("*.alpha", "*.delta", "cascade.tier_alpha.*", "cascade.sweep.*", "*_fraction", "data.splits.*",
+                 "apt.quantiles.*", "fusion.module.moddrop")
+NOT_PROBABILITIES = ("model.finetune.alpha",)  # LoRA's alpha is a scale
+
+
+class ConfigError(ValueError):
+    """A config value or combination that cannot work; the message names the key and the allowed values."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every check below; raises :class:`ConfigError` at the first failure."""
+    check_targets(cfg)
+    check_unit_interval(cfg)
+    if training_tasks(cfg):
+        check_devices(cfg)
+    if "stage1" in training_tasks(cfg):
+        check_finetune_targets(cfg)
+
+
+def training_tasks(cfg: DictConfig) -> list[str]:
+    """The tasks of this job that train a model (a pipeline's stages, or the task itself)."""
+    name = cfg.task.name
+    stages = list(cfg.pipeline.stages) if name == "pipeline" and cfg.get("pipeline") else [name]
+    return [s for s in stages if s in TRAINING_TASKS]
+
+
+def _nodes(node, key: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted key, value) of every node of a plain (resolved) config, depth first."""
+    yield key, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        yield from _nodes(v, f"{key}.{k}" if key else str(k))
+
+
+def _plain(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every key of a ``_target_`` node must be a parameter of its target (unless the target takes ``**kwargs``)."""
+    for key, node in _nodes(_plain(cfg)):
+        if not isinstance(node, dict) or "_target_" not in node:
+            continue
+        try:
+            params = inspect.signature(get_object(node["_target_"])).parameters
+        except Exception:  # an optional library missing, a builtin: instantiate reports it
+            continue
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        allowed = [n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL]
+        for name in node.keys():
+            if not str(name).startswith("_") and name not in allowed:
+                close = difflib.get_close_matches(str(name), allowed, n=3)
+                hint = f"did you mean {close}? " if close else ""
+                raise ConfigError(f"{key}.{name}: {node['_target_']} takes no parameter {name!r}; {hint}allowed: "
+                                  f"{allowed}")
+
+
+def check_unit_interval(cfg: DictConfig) -> None:
+    """Risk levels (alpha, delta), probabilities and fractions must lie in [0, 1]."""
+    for key, value in _nodes(_plain(cfg)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or key in NOT_PROBABILITIES:
+            continue
+        if any(fnmatch.fnmatchcase(key, p) for p in UNIT_INTERVAL) and not 0 <= value <= 1:
+            raise ConfigError(f"{key}={value}: must lie in [0, 1] (a risk level, probability or fraction)")
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """DeepSpeed and the GPU accelerator need a CUDA device; DeepSpeed cannot take channels_last weights."""
+    trainer = cfg.trainer
+    strategy = trainer.get("strategy")
+    strategy = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    deepspeed = "deepspeed" in strategy.lower()
+    if deepspeed and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.strategy={strategy}: DeepSpeed needs CUDA GPUs and none is visible; on this "
+                          "machine use trainer=cpu (trainer.strategy: auto or ddp)")
+    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={trainer.accelerator}: no CUDA GPU is visible; use trainer=cpu "
+                          "(trainer.accelerator: cpu or auto)")
+    if deepspeed and cfg.get("model") and cfg.model.get("channels_last"):
+        raise ConfigError("model.channels_last=true with a DeepSpeed strategy: DeepSpeed flattens the parameters "
+                          "and cannot take channels_last convolution weights (measured on 2 H100s); set "
+                          "model.channels_last=false")
+
+
+def check_finetune_targets(cfg: DictConfig) -> None:
+    """``model.finetune.target_modules`` (LoRA / DoRA / rsLoRA) must name linear layers of the backbone, which is
+    built on the meta device for this (no memory, no weights read)."""
+    finetune = cfg.model.get("finetune") or {}
+    targets = finetune.get("target_modules")
+    if finetune.get("mode") not in PEFT_MODES or targets is None or isinstance(targets, str):
+        return
+    from train.models import create_backbone
+    from train.models.finetune import check_target_modules
+
+    backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True)
+    try:
+        with torch.device("meta"):
+            model = create_backbone(**{**backbone, "pretrained": False})
+    except Exception:  # e.g. a transformers folder not at hand yet: the model build checks it again
+        return
+    check_target_modules(model, list(targets))
