@@ -19,7 +19,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torchmetrics.aggregation import CatMetric
 
-from train.metrics import bootstrap_interval, per_level_metrics, roadwork_prob
+from train.metrics import bootstrap_interval, by_level, per_level_metrics, roadwork_prob
 from train.optim import build_optimizer, with_schedule
 from train.predictions import unique_rows
 from train.tasks.lightning import checkpoint_paths
@@ -135,6 +135,15 @@ class ClassifierModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng" in checkpoint and self._trainer is not None and self._trainer.state.fn == "fit":
             restore_rng(checkpoint["rng"])
+
+
+def test_figures(predictions: dict[int, dict[str, torch.Tensor]], metrics: dict[str, float], title: str) -> dict:
+    """The confusion matrices, per-level metric bars and reliability diagram of a module's ``test_predictions``
+    and ``test/...`` metrics (:func:`train.calibration.level_figures`)."""
+    from train.calibration import level_figures
+
+    per_level = {f"L{lv}": (roadwork_prob(p["logits"]), p["label"]) for lv, p in predictions.items()}
+    return level_figures(per_level, by_level(metrics, "test"), title)
 
 
 def fit_and_test(trainer: pl.Trainer, model: ClassifierModule, datamodule: pl.LightningDataModule,
