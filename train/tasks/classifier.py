@@ -148,12 +148,15 @@ def test_figures(predictions: dict[int, dict[str, torch.Tensor]], metrics: dict[
 
 def fit_and_test(trainer: pl.Trainer, model: ClassifierModule, datamodule: pl.LightningDataModule,
                  ckpt_path: str | None = None) -> tuple[str | None, str | None, dict[str, float]]:
-    """Fit, then test the best checkpoint; returns (best, last, ``test/...`` metrics)."""
+    """Fit, then test the best checkpoint; returns (best, last, ``test/...`` metrics and ``<monitor>_best``: the
+    best checkpoint's score, e.g. ``val/mcc_best``, what sweeps optimise)."""
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     best, last = checkpoint_paths(trainer)  # read now: test() reloads the callbacks' state from `best`
+    scores = {f"{cb.monitor}_best": float(cb.best_model_score) for cb in trainer.checkpoint_callbacks
+              if getattr(cb, "monitor", None) and cb.best_model_score is not None}
     # A checkpoint's state_dict holds the EMA weights when EMA is on; without the callback, test loads exactly those
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
     with warnings.catch_warnings():  # ... and Lightning's reminder to keep the callback does not apply
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided")
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
-    return best, last, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    return best, last, {**{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}, **scores}
