@@ -80,10 +80,14 @@ def test_the_shared_run_has_its_figures_as_artifacts(tiny_run):
 def test_a_task_without_a_trainer_logs_its_figures(tiny_run, tmp_path):
     """task=evaluate builds the configured loggers itself: its figures reach TensorBoard as images."""
     from train.__main__ import run_task
+    from train.utils.loggers import build_loggers
 
     run = copy_run(tiny_run, tmp_path)
-    run_task(compose_config(f"run_dir={run.path}", "debug=tiny", *QUIET, "task=evaluate", "pipeline=stage1",
-                            "logger=tensorboard"))
+    cfg = compose_config(f"run_dir={run.path}", "debug=tiny", *QUIET, "task=evaluate", "pipeline=stage1",
+                         "logger=[csv,tensorboard]")
+    assert [type(lg).__name__ for lg in build_loggers(cfg, tmp_path / "x" / "evaluate", figures_only=True)] == [
+        "TensorBoardLogger"]  # csv would only repeat the task's config.yaml
+    run_task(cfg)
     values = tensorboard_values(run.path / "evaluate")
     assert {t for t, kind in values.items() if kind == "image"} == {f"figures/{n}" for n in LEVEL_FIGURES}
     assert yaml.safe_load((run.path / "evaluate" / "hparams.yaml").read_text())["task"] == "evaluate"

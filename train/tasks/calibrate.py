@@ -104,7 +104,8 @@ def run_calibrate(cfg: DictConfig, run: Run) -> dict:
             metrics.update({f"{tier}/test/{lv}/{when}/{k}": v for lv, m in report["test"].items()
                             for k, v in m[when].items() if k in ("ece", "mcc", "acc", "nll")})
         _print_report(tier, report)
-    publish_figures(build_loggers(cfg, task_dir), task_dir, {k: v for k, v in artifacts.items() if k.endswith("_reliability")})
+    publish_figures(build_loggers(cfg, task_dir, figures_only=True), task_dir,
+                    {k: v for k, v in artifacts.items() if k.endswith("_reliability")})
     atomic_write_json(task_dir / "calibration.json", reports)
     artifacts["report"] = task_dir / "calibration.json"
     run.record("calibrate", artifacts=artifacts, metrics=metrics)

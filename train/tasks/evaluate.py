@@ -47,7 +47,7 @@ def run_evaluate(cfg: DictConfig, run: Run) -> dict:
               "metrics": per_level}
     atomic_write_json(task_dir / "report.json", report)
     write_predictions(task_dir / "predictions.parquet", predictions)
-    loggers = build_loggers(cfg, task_dir)
+    loggers = build_loggers(cfg, task_dir, figures_only=True)
     figures = publish_figures(loggers, task_dir, level_figures(
         {f"L{lv}": (p["prob"], p["label"]) for lv, p in predictions.items()}, per_level,
         f"{ecfg.model} from the bundle, {ecfg.split} split", ecfg.n_bins))

@@ -16,10 +16,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 
+IMAGE_LOGGERS = (TensorBoardLogger, WandbLogger)  # the loggers log_figures shows images in
 
-def build_loggers(cfg: DictConfig, task_dir: Path) -> list[Logger]:
+
+def build_loggers(cfg: DictConfig, task_dir: Path, figures_only: bool = False) -> list[Logger]:
     """The configured loggers writing into ``task_dir`` (``<run>/<task>``), with the run's name, tags and resolved
-    config logged as hyperparameters."""
+    config logged as hyperparameters. ``figures_only``: only those that store images (for a task without a Trainer,
+    which logs nothing else; the task folder already holds its config)."""
     run, task = task_dir.parent.name, task_dir.name
     identity = {"name": f"{run}/{task}", "group": run, "job_type": task}
     loggers = []
@@ -30,10 +33,13 @@ def build_loggers(cfg: DictConfig, task_dir: Path) -> list[Logger]:
             _finish_wandb_run()  # one wandb run per task: a run still open is an earlier task's
         named = {k: v for k, v in identity.items() if k in lg and lg[k] is None}
         loggers.append(instantiate(lg, save_dir=str(task_dir), **named))
+    if figures_only:
+        loggers = [lg for lg in loggers if isinstance(lg, IMAGE_LOGGERS)]
     info = {"run": run, "task": task, "tags": list(cfg.get("tags") or []),
             "config": OmegaConf.to_container(cfg, resolve=True)}
     for logger in loggers:
         logger.log_hyperparams(info)
+        logger.save()  # TensorBoard writes its hparams.yaml only when saved
     return loggers
 
 
