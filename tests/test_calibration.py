@@ -8,7 +8,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from train.calibration import (CALIBRATORS, PlattScaling, TemperatureScaling, apply_isotonic_table, calibration_report,
-                               confusion_matrices, fit_calibrator, fold_into_head, reliability_diagram)
+                               confusion_matrices, fit_calibrator, fold_into_head, reliability_diagram, save_figure)
 from train.calibration.scaling import TEMPERATURE_RANGE
 from train.models.finetune import head_name
 
@@ -163,15 +163,29 @@ def test_top_label_ece_agrees_with_torchmetrics_multiclass_away_from_ties():
 def test_plots_write_png_files(tmp_path):
     logits, labels = synthetic(n=400, scale=4.0)
     after = fit_calibrator("temperature", logits, labels).probs(logits)
-    diagram = reliability_diagram(tmp_path / "plots" / "reliability.png", labels, {"before": raw(logits),
-                                                                                   "after": after}, title="val")
+    diagram = save_figure(reliability_diagram(labels, {"before": raw(logits), "after": after}, title="val"),
+                          tmp_path / "plots" / "reliability.png")
     preds = (after > 0.5).long()
-    matrices = confusion_matrices(tmp_path / "confusion.png", {0: (preds, labels), 3: (1 - preds, labels)})
+    matrices = save_figure(confusion_matrices({0: (preds, labels), 3: (1 - preds, labels)}), tmp_path / "confusion.png")
     for path in (diagram, matrices):
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
 
 
+def test_level_bars_draw_the_values_given_with_the_mcc_interval():
+    from train.calibration.plots import level_metrics
+
+    rows = {"L0": {"mcc": 0.4, "mcc_low": 0.3, "mcc_high": 0.55, "acc": 0.7}, "L1": {"mcc": -0.1, "acc": 0.45},
+            "mean": {"mcc": 0.15, "acc": 0.575}}
+    ax = level_metrics(rows, metrics=("mcc", "acc", "f1")).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["mcc", "acc"]  # f1: in no row
+    heights = [round(p.get_height(), 6) for p in ax.patches]
+    assert heights == [0.4, 0.7, -0.1, 0.45]  # per level, the mean row left out
+    from matplotlib.container import BarContainer
+
+    l0, l1 = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert tuple(l0.errorbar.lines[2][0].get_segments()[0][:, 1].round(6)) == (0.3, 0.55)  # L0's MCC interval
+    assert l1.errorbar is None  # L1 has no interval
 def test_temperature_is_bounded_when_the_logits_carry_no_signal():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2000, 2, generator=g)

@@ -5,6 +5,8 @@ import logging
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from train.config_checks import ConfigError, check_config
@@ -13,7 +15,7 @@ from train.export import BundleError, ExportError
 from train.runs import Run, RunError
 from train.tasks import get_task, runs_here
 from train.utils.checkpoints import UnsafeCheckpointError
-from train.utils.console import log_to_file, print_config, save_config, setup_logging
+from train.utils.console import close_log_file, log_to_file, print_config, save_config, setup_logging
 from train.utils.distributed import is_rank_zero
 from train.utils.faults import NonFiniteLossError, Preempted
 
@@ -58,16 +60,34 @@ def _lookup(metrics: dict, key: str) -> float:
     raise KeyError(f"optimized_metric={key!r} not among the task's metrics")
 
 
+def in_multirun() -> bool:
+    """Whether this job is one of a ``-m`` sweep's."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """One job. In a multirun a failed job raises to Hydra, which records it and runs the other jobs: the basic
+    sweeper reports the first failure once all jobs ran, the Optuna sweeper marks the trial failed
+    (``hydra.sweeper.max_failure_rate``)."""
+    multirun = in_multirun()
     try:
         return run_task(cfg)
     except USER_ERRORS as e:  # bad input or a missing stage: the message says it all, no traceback
         log.error("%s: %s", type(e).__name__, e)
+        if multirun:
+            raise  # an exception, not SystemExit: that would end the whole sweep
         raise SystemExit(1) from None
     except Preempted as e:  # a signal in training: last.ckpt is saved
         log.warning("preempted by %s", e)
         raise SystemExit(e.code) from None
+    except Exception:
+        if multirun:
+            log.exception("job %s failed; the sweep goes on", HydraConfig.get().job.num)  # into its train.log
+        raise
+    finally:
+        if multirun:
+            close_log_file()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ NATIX validator scores (torchmetrics thresholds with ``preds > threshold``).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,17 @@ def with_mean(per_level: dict[str, dict[str, float]]) -> dict[str, dict[str, flo
     keys = set.intersection(*(set(m) for m in per_level.values()))
     mean = {k: float(sum(m[k] for m in per_level.values()) / len(per_level)) for k in sorted(keys)}
     return {**per_level, "mean": mean}
+
+
+def by_level(metrics: Mapping[str, float], split: str = "test") -> dict[str, dict[str, float]]:
+    """Flat ``<split>/<level>/<metric>`` keys as ``{level: {metric: value}}``; ``<split>/<metric>`` (the mean over
+    levels) is the ``mean`` row; losses are left out."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if parts[0] == split and parts[-1] != "loss":
+            rows.setdefault(parts[1] if len(parts) == 3 else "mean", {})[parts[-1]] = float(value)
+    return rows
 
 
 def natix_reward(mcc: torch.Tensor, accuracy: torch.Tensor) -> torch.Tensor:

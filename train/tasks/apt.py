@@ -5,7 +5,8 @@ sizes, packed variable-length attention), fine-tunes it for ``apt.epochs`` (one 
 reports, per validator level, MCC before (the original model), at the chosen thresholds before the
 retrofit epoch, and after it, with a paired bootstrap interval of the test MCC change, plus the
 token reduction on val, test and scikit-image's natural photographs. Writes ``apt.safetensors`` +
-``.json``, ``test_predictions.parquet``, ``report.json`` and ``patch_grid.png`` into ``<run>/apt/``.
+``.json``, ``test_predictions.parquet``, ``report.json``, ``patch_grid.png`` (the chosen patches) and the test
+figures (``confusion.png``, ``levels.png``, ``reliability.png``) into ``<run>/apt/``.
 """
 from __future__ import annotations
 
@@ -30,9 +31,10 @@ from train.models.saving import load_classifier, save_classifier
 from train.predictions import write_predictions
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
-from train.tasks.classifier import ClassifierModule, fit_and_test
+from train.tasks.classifier import ClassifierModule, fit_and_test, test_figures
 from train.tasks.lightning import build_datamodule, build_trainer, resolve_ckpt_path
 from train.utils.console import print_level_table
+from train.utils.loggers import publish_figures
 
 log = logging.getLogger(__name__)
 TRAIN_MODES = ("all", "new")
@@ -224,6 +226,9 @@ def run_apt(cfg: DictConfig, run: Run) -> dict:
     grid_images = torch.cat([shown, photos[:acfg.grid_samples]]) if names else shown
     titles = [f"{acfg.threshold_split} {i}" for i in range(len(shown))] + names[:acfg.grid_samples]
     patch_grid(task_dir / "patch_grid.png", _display(grid_images, spec), net.select(grid_images), patch, titles)
+    figures = publish_figures(trainer.loggers, task_dir, {
+        "patch_grid": task_dir / "patch_grid.png",
+        **test_figures(module.test_predictions, test_after, "APT on test (before calibration)")}, trainer.global_step)
 
     weights, model_config = save_classifier(net.cpu(), task_dir / "apt", spec, source_checkpoint=best,
                                             stage1=str(stage1))
@@ -233,7 +238,7 @@ def run_apt(cfg: DictConfig, run: Run) -> dict:
                **{f"paired/{k}/{s}": v[s] for k, v in paired.items() for s in ("delta", "low", "high")}}
     _print_report(report, test_original, test_after)
     artifacts = {"model": weights, "model_config": model_config, "test_predictions": predictions,
-                 "report": task_dir / "report.json", "patch_grid": task_dir / "patch_grid.png"}
+                 "report": task_dir / "report.json", **figures}
     artifacts.update({k: v for k, v in (("best", best), ("last", last)) if v})
     run.record("apt", artifacts=artifacts, metrics=metrics)
     return metrics

@@ -14,13 +14,14 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from train.calibration import calibration_report, fit_calibrator, fold_into_head, reliability_diagram
+from train.calibration import calibration_report, fit_calibrator, fold_into_head, reliability_diagram, save_figure
 from train.metrics import roadwork_prob, score_probs
 from train.models.saving import load_classifier, save_classifier
 from train.predictions import predict_split, read_predictions
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.lightning import build_datamodule
+from train.utils.loggers import build_loggers, publish_figures
 from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
@@ -70,9 +71,9 @@ def calibrate_model(cfg: DictConfig, run: Run, model: torch.nn.Module, config: d
         _check_fold(fold_into_head(model, calibrator), images, expected)
     save_classifier(model, out_dir / name, config["input"], calibration=report,
                     **{k: config[k] for k in HANDED_ON if k in config})
-    reliability_diagram(out_dir / f"{name}_reliability.png", labels, {"before": before, "after": after},
-                        n_bins=ccfg.n_bins, title=f"{name}: {ccfg.split} split, levels {list(ccfg.levels)}, "
-                                                  f"{calibrator.method} scaling")
+    title = f"{name}: {ccfg.split} split, levels {list(ccfg.levels)}, {calibrator.method} scaling"
+    save_figure(reliability_diagram(labels, {"before": before, "after": after}, ccfg.n_bins, title),
+                out_dir / f"{name}_reliability.png")
     report["test"] = _test_figures(run, name, calibrator, ccfg.n_bins)
     return report
 
@@ -103,6 +104,8 @@ def run_calibrate(cfg: DictConfig, run: Run) -> dict:
             metrics.update({f"{tier}/test/{lv}/{when}/{k}": v for lv, m in report["test"].items()
                             for k, v in m[when].items() if k in ("ece", "mcc", "acc", "nll")})
         _print_report(tier, report)
+    publish_figures(build_loggers(cfg, task_dir, figures_only=True), task_dir,
+                    {k: v for k, v in artifacts.items() if k.endswith("_reliability")})
     atomic_write_json(task_dir / "calibration.json", reports)
     artifacts["report"] = task_dir / "calibration.json"
     run.record("calibrate", artifacts=artifacts, metrics=metrics)

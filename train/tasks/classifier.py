@@ -19,7 +19,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torchmetrics.aggregation import CatMetric
 
-from train.metrics import bootstrap_interval, per_level_metrics, roadwork_prob
+from train.metrics import bootstrap_interval, by_level, per_level_metrics, roadwork_prob
 from train.optim import build_optimizer, with_schedule
 from train.predictions import unique_rows
 from train.tasks.lightning import checkpoint_paths
@@ -139,15 +139,27 @@ class ClassifierModule(pl.LightningModule):
             restore_rng(checkpoint["rng"])
 
 
+def test_figures(predictions: dict[int, dict[str, torch.Tensor]], metrics: dict[str, float], title: str) -> dict:
+    """The confusion matrices, per-level metric bars and reliability diagram of a module's ``test_predictions``
+    and ``test/...`` metrics (:func:`train.calibration.level_figures`)."""
+    from train.calibration import level_figures
+
+    per_level = {f"L{lv}": (roadwork_prob(p["logits"]), p["label"]) for lv, p in predictions.items()}
+    return level_figures(per_level, by_level(metrics, "test"), title)
+
+
 def fit_and_test(trainer: pl.Trainer, model: ClassifierModule, datamodule: pl.LightningDataModule,
                  ckpt_path: str | None = None) -> tuple[str | None, str | None, dict[str, float]]:
-    """Fit, then test the best checkpoint; returns (best, last, ``test/...`` metrics and the fit's fault counts)."""
+    """Fit, then test the best checkpoint; returns (best, last, ``test/...`` metrics, the fit's fault counts and
+    ``<monitor>_best``: the best checkpoint's score, e.g. ``val/mcc_best``, what sweeps optimise)."""
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     best, last = checkpoint_paths(trainer)  # read now: test() reloads the callbacks' state from `best`
+    scores = {f"{cb.monitor}_best": float(cb.best_model_score) for cb in trainer.checkpoint_callbacks
+              if getattr(cb, "monitor", None) and cb.best_model_score is not None}
     # A checkpoint's state_dict holds the EMA weights when EMA is on; without the callback, test loads exactly those
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
     with warnings.catch_warnings():  # ... and Lightning's reminder to keep the callback does not apply
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided")
         trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    return best, last, {**tested, **fault_metrics(trainer)}
+    return best, last, {**tested, **fault_metrics(trainer), **scores}

@@ -36,6 +36,7 @@ from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
 from train.tasks.lightning import build_datamodule, build_trainer, restore_best
 from train.utils.faults import fault_metrics
+from train.utils.loggers import log_figures
 from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
@@ -201,6 +202,7 @@ def run_difficulty(cfg: DictConfig, run: Run) -> dict:
                  | {f"{t}: own confidence": (own_uncertainty(outcomes["test"][t]), wrong["test"][:, k])
                     for k, t in enumerate(targets)},
                  f"difficulty router on test (levels {list(dcfg.levels)})")
+    log_figures(trainer.loggers, {"routing_curve": task_dir / "routing_curve.png"}, trainer.global_step)
 
     guarantee = {**choice.guarantee(), "rule": "route the sample up (skip the draft) when P(draft wrong) >= threshold"}
     threshold = {"threshold": route_up, "guarantee": guarantee, "calib": {"acceptance_rate": choice.acceptance_rate,

@@ -41,6 +41,7 @@ from train.tasks import register_task
 from train.tasks.calibrate import calibrate_model, load_calibrated
 from train.tasks.lightning import build_datamodule, build_trainer, restore_best
 from train.utils.faults import fault_metrics
+from train.utils.loggers import log_figures
 from train.utils.console import print_level_table
 
 log = logging.getLogger(__name__)
@@ -303,6 +304,7 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
     draft, config = load_classifier(weights)
     calibration = calibrate_model(cfg, run, draft, config, "draft", task_dir)
     atomic_write_json(task_dir / "calibration.json", calibration)
+    log_figures(trainer.loggers, {"draft_reliability": task_dir / "draft_reliability.png"}, trainer.global_step)
     draft, _ = load_classifier(task_dir / "draft")
 
     tiers = {"draft": draft, "teacher": module.teacher.cpu()}

@@ -1,8 +1,9 @@
 """``task=evaluate``: the export bundle alone (ONNX Runtime) on validator queries, per level.
 
 Only the bundle is loaded (manifest validated, files verified, calibration applied as the manifest
-says); no training model code runs. Writes ``report.json``, ``predictions.parquet`` and
-``confusion.png`` into ``<run>/evaluate/`` and prints MCC, accuracy, NATIX reward and ECE per level.
+says); no training model code runs. Writes ``report.json``, ``predictions.parquet`` and the figures
+``confusion.png``, ``levels.png`` (metrics per level) and ``reliability.png`` (the bundle's calibrated
+probabilities) into ``<run>/evaluate/`` and prints MCC, accuracy, NATIX reward and ECE per level.
 """
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from train.calibration import confusion_matrices
+from train.calibration import level_figures
 from train.export import Bundle
 from train.export.manifest import MANIFEST
-from train.metrics import THRESHOLD, score_probs, with_mean
+from train.metrics import score_probs, with_mean
 from train.predictions import predict_split, write_predictions
 from train.runs import Run, atomic_write_json, sha256_file
 from train.tasks import register_task
 from train.tasks.lightning import build_datamodule, ensure_data
 from train.utils.console import print_level_table
+from train.utils.loggers import build_loggers, publish_figures
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +47,18 @@ def run_evaluate(cfg: DictConfig, run: Run) -> dict:
               "metrics": per_level}
     atomic_write_json(task_dir / "report.json", report)
     write_predictions(task_dir / "predictions.parquet", predictions)
-    confusion_matrices(task_dir / "confusion.png",
-                       {f"L{lv}": ((p["prob"] > THRESHOLD).long(), p["label"]) for lv, p in predictions.items()},
-                       title=f"{ecfg.model} from the bundle, {ecfg.split} split")
+    loggers = build_loggers(cfg, task_dir, figures_only=True)
+    figures = publish_figures(loggers, task_dir, level_figures(
+        {f"L{lv}": (p["prob"], p["label"]) for lv, p in predictions.items()}, per_level,
+        f"{ecfg.model} from the bundle, {ecfg.split} split", ecfg.n_bins))
     metrics = {f"{ecfg.split}/{lv}/{k}": v for lv, m in per_level.items() if lv != "mean" for k, v in m.items()}
     print_level_table(metrics, f"evaluate: {ecfg.model} from the bundle (ONNX Runtime), {ecfg.split} split",
                       split=ecfg.split, columns=("mcc", "acc", "reward", "auroc", "ece", "brier"))
-    artifacts = {"report": task_dir / "report.json", "confusion": task_dir / "confusion.png",
-                 "predictions": task_dir / "predictions.parquet"}
+    artifacts = {"report": task_dir / "report.json", "predictions": task_dir / "predictions.parquet", **figures}
     if ecfg.cascade and any(t.rule for t in bundle.manifest.tiers):  # tiers from the thresholds stage
         from train.tasks.replay import replay_cascade
 
-        cascade_metrics, cascade_artifacts = replay_cascade(cfg, run, bundle, task_dir)
+        cascade_metrics, cascade_artifacts = replay_cascade(cfg, run, bundle, task_dir, loggers)
         metrics.update(cascade_metrics)
         artifacts.update(cascade_artifacts)
     run.record("evaluate", artifacts=artifacts, metrics=metrics)

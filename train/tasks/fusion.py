@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.classification import binary_matthews_corrcoef
 
-from train.calibration import calibration_report, fit_calibrator, reliability_diagram
+from train.calibration import calibration_report, fit_calibrator, reliability_diagram, save_figure
 from train.calibration.risk_control import evaluate_threshold, one_per_group, select_threshold
 from train.data.feature_store import FeatureStore, presence_column
 from train.metrics import paired_bootstrap_mcc, roadwork_prob
@@ -262,9 +262,8 @@ def run_fusion(cfg: DictConfig, run: Run) -> dict:
                                                                fcfg.bootstrap, cfg.seed)}
     drop_costs = {m: mcc["fusion, all"]["all"] - mcc[f"fusion, without {m}"]["all"] for m in modalities}
     plot_heatmap(task_dir / "robustness.png", mcc, f"test MCC by modalities present ({len(labels)} queries)")
-    reliability_diagram(task_dir / "fusion_reliability.png", labels,
-                        {"before": uncalibrated, "after": probs["test"]}, n_bins=cfg.calibrate.n_bins,
-                        title="fusion on test, temperature scaling")
+    save_figure(reliability_diagram(labels, {"before": uncalibrated, "after": probs["test"]}, cfg.calibrate.n_bins,
+                                    "fusion on test, temperature scaling"), task_dir / "fusion_reliability.png")
     weights, config = save_fusion(net, task_dir / "fusion", calibration=calibration, store=str(store.root),
                                   modalities=modalities, input=store.manifest["input"],
                                   producers={m: store.manifest["modalities"][m]["producer"] for m in modalities})

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from train.runs import Run
 from train.utils.checkpoints import load_checkpoint
+from train.utils.loggers import build_loggers
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def build_trainer(cfg: DictConfig, task_dir: Path, monitor: tuple[str, str] | No
     """Trainer with checkpoints in ``<task_dir>/checkpoints`` and logs in ``task_dir``; ``overrides`` replace
     ``cfg.trainer`` keys (e.g. a task's own ``max_epochs``); ``monitor`` = (metric, mode) replaces the best
     checkpoint's (for tasks whose model selection metric is not ``val/mcc``)."""
-    loggers = [instantiate(lg, save_dir=str(task_dir)) for lg in (cfg.get("logger") or {}).values() if lg]
+    loggers = build_loggers(cfg, task_dir)
     callbacks = []
     for cb in (cfg.get("callbacks") or {}).values():
         if cb is None or (not loggers and cb._target_.endswith("LearningRateMonitor")):
@@ -117,5 +118,8 @@ def consolidated_checkpoint(path: str | Path) -> Path:
 
 
 def batch_size(batch: dict) -> int:
-    """Samples in one of our batches (for Lightning's ThroughputMonitor)."""
-    return len(batch["label"])
+    """Samples in one of our batches (for Lightning's ThroughputMonitor and the progress bar's img/s): the length
+    of its ``label``, else of its first tensor; read from shapes, so no device sync."""
+    if "label" in batch:
+        return len(batch["label"])
+    return next(len(v) for v in batch.values() if hasattr(v, "shape"))

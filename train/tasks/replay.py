@@ -10,11 +10,13 @@ on calib at each alpha by the same risk-control code).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import Logger
 from safetensors.numpy import save_file
 from torch.utils.data import DataLoader
 
@@ -29,6 +31,7 @@ from train.runs import Run, atomic_write_json
 from train.tasks.lightning import build_datamodule
 from train.tasks.thresholds import GLOBAL_ONLY, one_per_scene, tier_rules
 from train.utils.console import print_level_table
+from train.utils.loggers import publish_figures
 
 log = logging.getLogger(__name__)
 FIELDS = ("prob", "score", "answer", "views", "prm_flops")
@@ -80,7 +83,8 @@ def mean_latency(cascade: BundleCascade, routed, n_queries: int) -> float:
     return total
 
 
-def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path) -> tuple[dict, dict]:
+def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path, loggers: Sequence[Logger] = ()
+                   ) -> tuple[dict, dict]:
     ecfg, ccfg = cfg.evaluate, cfg.cascade
     cascade = BundleCascade(bundle, ecfg.threads)
     prm = [n for n, k in cascade.order if k == "prm"]
@@ -120,12 +124,13 @@ def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path) ->
     atomic_write_json(task_dir / "cascade.json", report)
     save_file({"answer": routed.answer, "exit": routed.exit, "flops": routed.flops, "views": routed.views,
                **{k: np.ascontiguousarray(v) for k, v in test_meta.items()}}, str(task_dir / "cascade_test.safetensors"))
-    cascade_curve(task_dir / "cascade_curve.png", sweep, report, f"the cascade from the bundle, {ecfg.split} split")
+    figures = publish_figures(loggers, task_dir, {"cascade_curve": cascade_curve(
+        sweep, report, f"the cascade from the bundle, {ecfg.split} split")})
     _print(report)
     metrics = {f"cascade/{ecfg.split}/{lv}/{k}": v for lv, m in report["metrics"]["cascade"].items() for k, v in m.items()}
     metrics.update({"cascade/flops_ratio": report["flops"]["ratio"], "cascade/mcc_delta": diff["delta"],
                     "cascade/mcc_delta_low": diff["low"], "cascade/mcc_delta_high": diff["high"]})
-    return metrics, {"cascade": task_dir / "cascade.json", "cascade_curve": task_dir / "cascade_curve.png",
+    return metrics, {"cascade": task_dir / "cascade.json", **figures,
                      "cascade_test": task_dir / "cascade_test.safetensors"}
 
 

@@ -16,10 +16,11 @@ from train.models.saving import save_classifier
 from train.predictions import write_predictions
 from train.runs import Run, RunError
 from train.tasks import register_task
-from train.tasks.classifier import ClassifierModule, fit_and_test
+from train.tasks.classifier import ClassifierModule, fit_and_test, test_figures
 from train.tasks.lightning import (build_datamodule, build_trainer, consolidated_checkpoint, ensure_shards,
                                    resolve_ckpt_path)
 from train.utils.console import print_level_table
+from train.utils.loggers import publish_figures
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,9 @@ def run_stage1(cfg: DictConfig, run: Run) -> dict:
                                       finetune=model.finetune_mode,
                                       source_checkpoint=best)
     predictions = write_predictions(task_dir / "test_predictions.parquet", model.test_predictions)
-    artifacts = {"model": weights, "model_config": config, "test_predictions": predictions}
+    figures = publish_figures(trainer.loggers, task_dir, test_figures(
+        model.test_predictions, metrics, "stage1 on test (before calibration)"), trainer.global_step)
+    artifacts = {"model": weights, "model_config": config, "test_predictions": predictions, **figures}
     # checkpoint files (a DeepSpeed last.ckpt is a folder: it resumes with ckpt_path=last, the registry skips it)
     artifacts.update({k: v for k, v in (("best", best), ("last", last)) if v and Path(v).is_file()})
     run.record("stage1", artifacts=artifacts, metrics=metrics)

@@ -31,14 +31,19 @@ def setup_logging(level: str = "INFO") -> None:
 
 def log_to_file(path: Path) -> None:
     """Also write the log to ``path`` (replacing an earlier file handler of ours)."""
+    close_log_file()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    setattr(handler, _FILE_HANDLER_ATTR, True)
+    logging.getLogger().addHandler(handler)
+
+
+def close_log_file() -> None:
+    """Stop writing the log to the file :func:`log_to_file` named (a multirun's next job logs to its own run)."""
     root = logging.getLogger()
     for h in [h for h in root.handlers if getattr(h, _FILE_HANDLER_ATTR, False)]:
         root.removeHandler(h)
         h.close()
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    setattr(handler, _FILE_HANDLER_ATTR, True)
-    root.addHandler(handler)
 
 
 def print_config(cfg: DictConfig) -> None:
@@ -63,12 +68,9 @@ def print_level_table(metrics: Mapping[str, float], title: str, split: str = "te
 
     ``columns`` picks and orders the metrics shown (default: all of them).
     """
-    rows: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if parts[0] != split or parts[-1] == "loss":
-            continue
-        rows.setdefault(parts[1] if len(parts) == 3 else "mean", {})[parts[-1]] = float(value)
+    from train.metrics import by_level  # torch: imported when a table is printed
+
+    rows = by_level(metrics, split)
     order = ["mcc", "acc", "f1", "auroc", "reward"]
     names = sorted({n for r in rows.values() for n in r} - {"mcc_low", "mcc_high"},
                    key=lambda n: (order.index(n) if n in order else len(order), n))
