@@ -153,6 +153,14 @@ def add_precisions(cfg: DictConfig, run: Run, bundle: Bundle, precisions) -> dic
     return out
 
 
+def rerecord(run: Run, task: str) -> None:
+    """Record ``task`` again with the same artifacts, metrics and details, hashing its files as they are now."""
+    entry = run.read()["tasks"][task]
+    info = {k: v for k, v in entry.items() if k not in ("status", "finished", "artifacts", "metrics")}
+    run.record(task, artifacts={k: run.path / a["path"] for k, a in entry["artifacts"].items()},
+               metrics=entry["metrics"], **info)
+
+
 @register_task("quantize")
 def run_quantize(cfg: DictConfig, run: Run) -> dict:
     qcfg, task_dir = cfg.quantize, run.task_dir("quantize")
@@ -169,6 +177,8 @@ def run_quantize(cfg: DictConfig, run: Run) -> dict:
     bundle.manifest.files["schema"] = file_entry(bundle.path, bundle.path / SCHEMA)
     write_manifest(bundle.path, bundle.manifest)
     Bundle(bundle.path)  # what we wrote reads back and verifies
+    if run.is_complete("export") and bundle.path == run.artifact("export", "manifest", verify=False).parent:
+        rerecord(run, "export")  # the run's bundle now lists the variants: its recorded hashes follow
     report = {"bundle": str(bundle.path), "models": figures, "thresholds": thresholds,
               "fp32_thresholds": {t.name: t.threshold for t in bundle.manifest.tiers}}
     atomic_write_json(task_dir / "report.json", report)
