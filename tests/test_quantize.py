@@ -1,5 +1,5 @@
-"""Quantised tiers (task=quantize) on a copy of the shared cheap-tiers run (the default Stage-1 architecture, vit_tiny at
-64 px, trained 4 epochs on the tiny data; the draft): a two-tier cascade [draft, stage1] gets its thresholds, the
+"""Quantised tiers (task=quantize) on a copy of the shared cheap-tiers run (the default Stage-1 architecture, vit_tiny
+at 64 px, trained 4 epochs on the tiny data; its draft): a two-tier cascade [draft, stage1] gets its thresholds, the
 bundle is exported, both tiers are quantised (static INT8 and the dynamic baseline), then evaluated at int8."""
 import json
 
@@ -66,7 +66,8 @@ def test_int8_stage1_is_3x_smaller_loads_and_agrees_with_fp32_at_level_0(quant_r
     assert int8.agreement["L0"] == pytest.approx(((p8 > 0.5) == (p32 > 0.5)).mean())
     dynamic = entry.variants["int8_dynamic"]
     assert dynamic.quantization.mode == "dynamic" and dynamic.size_ratio >= 3.0
-    assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(bundle.path / dynamic.files["onnx"].path)).graph.node}
+    dynamic_graph = onnx.load(str(bundle.path / dynamic.files["onnx"].path)).graph
+    assert "DynamicQuantizeLinear" in {n.op_type for n in dynamic_graph.node}
 
 
 def test_variants_are_recalibrated_on_their_own_calib_outputs(quant_run):

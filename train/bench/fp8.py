@@ -35,8 +35,8 @@ def calibrated(logits: torch.Tensor, calibration: dict) -> torch.Tensor:
 
 
 def compare(model, cfg, datamodule, calibration: dict, device: torch.device) -> dict:
-    """fp32 and FP8 on the test queries at ``data.test_levels`` (batches of ``data.eval_batch_size``): metrics per level,
-    agreement, latency."""
+    """fp32 and FP8 on the test queries at ``data.test_levels`` (batches of ``data.eval_batch_size``): metrics per
+    level, agreement, latency."""
     models = {"fp32": model.to(device).eval(), "fp8": to_float8(model).to(device)}
     calib = predict_split(models["fp8"], datamodule, calibration["split"], calibration["levels"], device=device)
     _, fp8_calibration, _ = fit_on(calibration["method"], calib, calibration["split"], cfg.calibrate.n_bins)
@@ -90,5 +90,5 @@ def run(argv: list[str] | None = None) -> dict:
         out[name] = compare(model, cfg, datamodule, report, device)
         print(name, {k: {lv: round(m["mcc"], 3) for lv, m in v.items()} for k, v in out[name]["metrics"].items()},
               "agreement", out[name]["agreement_with_fp32"], "ms/image", out[name]["latency_ms_per_image"])
-    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "native_fp8": native_fp8(device),
-            "torch": torch.__version__, "run": str(run_.path), "models": out}
+    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "native_fp8": native_fp8(device), "torch": torch.__version__, "run": str(run_.path), "models": out}

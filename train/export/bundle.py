@@ -280,7 +280,8 @@ class BundleClassifier:
             self.session = OnnxOneByOne(self.path, threads)
         else:
             self.session = OnnxClassifier(self.path, threads)
-        self.calibrator = None if cal.folded or cal.method == "none" else CALIBRATORS[cal.method].from_params(cal.params)
+        nothing_to_apply = cal.folded or cal.method == "none"
+        self.calibrator = None if nothing_to_apply else CALIBRATORS[cal.method].from_params(cal.params)
 
     def probs(self, pixel_values: np.ndarray) -> np.ndarray:
         if self.calibrator is None:

@@ -129,7 +129,7 @@ class Quantization(Strict):
 
     tool: str                                   # e.g. onnxruntime.quantization 1.32.0
     mode: Literal["static", "dynamic"]          # static: activation ranges from calibration data; dynamic: at run time
-    format: str                                 # QDQ | QOperator (static) | dynamic (DynamicQuantizeLinear + integer ops)
+    format: str                                 # QDQ | QOperator (static) | dynamic (DynamicQuantizeLinear, int ops)
     weight_type: str                            # QInt8 | QUInt8
     activation_type: str | None = None          # static only
     per_channel: bool

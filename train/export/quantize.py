@@ -135,7 +135,8 @@ def quantize_dynamic_int8(src: Path, dst: Path, per_channel: bool = True, weight
                          op_types_to_quantize=op_types or None, nodes_to_exclude=list(floats))
     return Quantization(tool=_tool(), mode="dynamic", format="dynamic", weight_type=weight_type,
                         per_channel=per_channel, op_types=op_types,
-                        kept_float=[f"{n} ({rule})" for n, rule in floats.items()], options={"pre_process": pre_process})
+                        kept_float=[f"{n} ({rule})" for n, rule in floats.items()],
+                        options={"pre_process": pre_process})
 
 
 MODES = {"static": quantize_static_int8, "dynamic": quantize_dynamic_int8}

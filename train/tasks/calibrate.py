@@ -71,8 +71,8 @@ def calibrate_model(cfg: DictConfig, run: Run, model: torch.nn.Module, config: d
 
 
 def fit_on(method: str, calib: dict, split: str, n_bins: int):
-    """Fit ``method`` on ``calib`` (:func:`predict_split`'s ``{level: {"logits", "label"}}``): the calibrator, its report
-    (method, params, folded, split, levels, n, ECE etc. before / after) and (P before, P after, labels)."""
+    """Fit ``method`` on ``calib`` (:func:`predict_split`'s ``{level: {"logits", "label"}}``): the calibrator, its
+    report (method, params, folded, split, levels, n, ECE etc. before / after) and (P before, P after, labels)."""
     logits = torch.cat([c["logits"] for c in calib.values()])
     labels = torch.cat([c["label"] for c in calib.values()])
     calibrator = fit_calibrator(method, logits, labels)

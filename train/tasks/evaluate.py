@@ -68,7 +68,8 @@ def run_evaluate(cfg: DictConfig, run: Run) -> dict:
     ecfg, task_dir = cfg.evaluate, run.task_dir("evaluate")
     bundle = Bundle(bundle_path(cfg, run))
     precision = ecfg.get("precision") or FULL_PRECISION
-    classifiers = {p: bundle.classifier(ecfg.model, ecfg.threads, p) for p in dict.fromkeys([FULL_PRECISION, precision])}
+    classifiers = {p: bundle.classifier(ecfg.model, ecfg.threads, p)
+                   for p in dict.fromkeys([FULL_PRECISION, precision])}
     classifier = classifiers[precision]
     ensure_data(cfg, run)
     datamodule = build_datamodule(cfg, run, classifier.entry.input.model_dump())
@@ -92,7 +93,8 @@ def run_evaluate(cfg: DictConfig, run: Run) -> dict:
     if precision != FULL_PRECISION:
         _print_precisions(figures, ecfg.model)
         metrics.update({f"{p}/{k}": f[k] for p, f in figures.items() for k in ("size_bytes", "latency_ms_per_image")})
-        metrics.update({f"{precision}/agreement/{lv}": v for lv, v in figures[precision]["agreement_with_fp32"].items()})
+        metrics.update({f"{precision}/agreement/{lv}": v
+                        for lv, v in figures[precision]["agreement_with_fp32"].items()})
     artifacts = {"report": task_dir / "report.json", "confusion": task_dir / "confusion.png",
                  "predictions": task_dir / "predictions.parquet"}
     if ecfg.cascade and any(t.rule for t in bundle.manifest.tiers):  # tiers from the thresholds stage

@@ -24,6 +24,7 @@ from train.calibration.cascade import TierRule, select_cascade
 from train.export import Bundle, BundleClassifier
 from train.export.manifest import (FULL_PRECISION, MANIFEST, SCHEMA, Calibration, Manifest, ModelEntry, ModelVariant,
                                    TierPrecision, file_entry, write_manifest)
+from train.export.onnx import INPUT
 from train.export.quantize import MODES
 from train.export.replay import BundleCascade
 from train.predictions import predict_split
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 CONSUMER = ("apply this calibration to the variant graph's logits (the fp32 calibration is already folded into them): "
             "temperature p = softmax(logits / T)[:, 1]; platt p = sigmoid(a * (logit_1 - logit_0) + b); isotonic "
             "p = numpy.interp(softmax(logits)[:, 1], x, y) (train.export.Bundle applies it)")
-METRICS_SOURCE = "the variant from the bundle (ONNX Runtime CPU), recalibrated, on the {split} split's validator queries"
+METRICS_SOURCE = "the variant from the bundle (ONNX Runtime CPU), recalibrated, on the {split} split's queries"
 
 
 def calibration_pixels(datamodule, split: str, levels, samples: int) -> np.ndarray:
@@ -71,7 +72,7 @@ def make_variant(qcfg: DictConfig, variant: str, entry: ModelEntry, src: Path, d
         raise ValueError(f"quantize.variants.{variant}.mode={mode!r}; allowed: {sorted(MODES)}")
     if mode == "static":
         vcfg.update(pixels=pixels, calibration_data={**OmegaConf.to_container(qcfg.data), "n": len(pixels)},
-                    batch_size=1 if entry.onnx.inputs["pixel_values"].shape[0] == 1 else vcfg.get("batch_size", 32))
+                    batch_size=1 if entry.onnx.inputs[INPUT].shape[0] == 1 else vcfg.get("batch_size", 32))
     quantization = MODES[mode](src, dst, **vcfg)
     size = dst.stat().st_size
     return ModelVariant(precision="int8", files={"onnx": file_entry(dst.parent, dst)},
@@ -107,7 +108,7 @@ def quantise_model(cfg: DictConfig, run: Run, bundle: Bundle, name: str, folder:
 
 
 def recorded_rules(cfg: DictConfig, manifest: Manifest) -> dict[str, TierRule]:
-    """Each tier's rule as its fp32 guarantee records it (method, alpha, delta); the configured one where it has none."""
+    """Each tier's rule as its fp32 guarantee records it (method, alpha, delta); the configured one without one."""
     order = [(t.name, t.kind) for t in manifest.tiers]
     rules = tier_rules(cfg, order)
     for tier in manifest.tiers:
@@ -134,7 +135,7 @@ def precision_thresholds(cfg: DictConfig, run: Run, bundle: Bundle, precision: s
 
 
 def add_precisions(cfg: DictConfig, run: Run, bundle: Bundle, precisions) -> dict:
-    """``tiers[].precisions`` for each precision, when the bundle's cascade has thresholds; returns them by precision."""
+    """``tiers[].precisions`` for each precision where the bundle's cascade has thresholds; returns the thresholds."""
     manifest = bundle.manifest
     if not any(t.guarantee is not None for t in manifest.tiers):
         log.info("the bundle's cascade has no thresholds (no thresholds stage): none to derive for the variants")

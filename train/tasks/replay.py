@@ -148,7 +148,8 @@ def _full_precision(cfg, bundle: Bundle, datamodule, reference: str) -> dict:
     routed = cascade.route(test)
     return {"tiers": [{"name": n, "kind": k, "threshold": cascade.thresholds[n]} for n, k in cascade.order],
             "exit_fraction": {n: float((routed.exit == i).mean()) for i, (n, _) in enumerate(cascade.order)},
-            "metrics": {"cascade": per_level(routed.answer, meta), "reference": per_level(test[reference].decision, meta)},
+            "metrics": {"cascade": per_level(routed.answer, meta),
+                        "reference": per_level(test[reference].decision, meta)},
             "flops_cascade_mean": float(routed.flops.mean()),
             "latency_s_per_image": {"cascade": mean_latency(cascade, routed, len(meta["label"])),
                                     "reference": cascade.latency_per_image()[reference]}}
