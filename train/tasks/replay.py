@@ -178,5 +178,6 @@ def _print(report: dict) -> None:
              1e3 * report["latency_s_per_image"]["cascade"], 1e3 * report["latency_s_per_image"]["reference"])
     rows = {f"cascade/{who} {lv}/{k}": v for who, per in report["metrics"].items() for lv, m in per.items()
             for k, v in m.items()}
-    print_level_table(rows, f"cascade vs {report['reference']} alone ({report['split']}, one level per image)",
+    print_level_table(rows, f"cascade vs {report['reference']} alone ({report['precision']}, {report['split']}, one "
+                      "level per image)",
                       split="cascade", columns=("mcc", "acc", "reward"))
