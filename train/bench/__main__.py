@@ -5,7 +5,8 @@ import argparse
 import importlib
 import json
 
-BENCHMARKS = {"synthetic": "train.bench.synthetic", "apt": "train.bench.apt", "stage1": "train.bench.stage1"}
+BENCHMARKS = {"synthetic": "train.bench.synthetic", "apt": "train.bench.apt", "stage1": "train.bench.stage1",
+              "fp8": "train.bench.fp8"}
 
 
 def main() -> None:

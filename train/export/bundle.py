@@ -3,8 +3,8 @@
 Writer: :func:`export_classifier` turns one calibrated classifier into its ONNX file (+ the HF folder
 for Stage-1) and a manifest entry (with its FLOPs, :mod:`train.export.flops`); :func:`write_bundle` puts
 entries, model card, manifest and the manifest's JSON schema into a fresh folder and swaps it in. Reader: :class:`Bundle` validates the manifest, checks every file's
-sha256 and serves calibrated P(roadwork) from ONNX Runtime, applying what the manifest says the
-consumer must apply (an isotonic table).
+sha256 and serves calibrated P(roadwork) from ONNX Runtime (at full precision or a quantised variant's), applying
+what the manifest says the consumer must apply (an isotonic table, a variant's re-fitted calibration).
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from train.calibration import apply_isotonic_table
+from train.calibration import CALIBRATORS
 from train.export.hf import check_hf_folder, save_hf_folder
 from train.export.flops import budget_flops, count_flops, each_image
-from train.export.manifest import (MODEL_CARD, SCHEMA, AdaptivePatches, BundleError, Calibration, Flops, FusionInputs,
-                                   InputSpec, Manifest, ModelCard, ModelEntry, OnnxSpec, PRMSearch, Tier,
+from train.export.manifest import (FULL_PRECISION, MODEL_CARD, SCHEMA, AdaptivePatches, BundleError, Calibration, Flops,
+                                   FusionInputs, InputSpec, Manifest, ModelCard, ModelEntry, OnnxSpec, PRMSearch, Tier,
                                    code_version, file_entry, load_manifest, now_utc, write_manifest)
 from train.export.onnx import (DEFAULT_OPSET, INPUT, ExportError, OnnxAPTClassifier, OnnxClassifier, OnnxFusion,
                                OnnxOneByOne, OnnxPRM, OnnxRouter, check_parity, export_apt_onnx, export_fusion_onnx,
@@ -261,23 +261,33 @@ def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str |
 
 
 class BundleClassifier:
-    """One classifier of a bundle in ONNX Runtime: ``probs(pixel_values)`` -> calibrated P(roadwork)."""
+    """One classifier of a bundle in ONNX Runtime: ``probs(pixel_values)`` -> calibrated P(roadwork), applying what
+    the manifest says the consumer must apply (a calibration not folded into the graph). ``precision`` picks one of
+    the entry's ``variants`` (default: the full-precision graph)."""
 
-    def __init__(self, bundle: Path, entry: ModelEntry, threads: int | None = None):
-        self.entry = entry
-        path = bundle / entry.files[entry.onnx.file].path
+    def __init__(self, bundle: Path, entry: ModelEntry, threads: int | None = None, precision: str = FULL_PRECISION):
+        self.entry, self.precision = entry, precision
+        files, cal = entry.files, entry.calibration
+        if precision != FULL_PRECISION:
+            if precision not in entry.variants:
+                raise BundleError(f"bundle {bundle} has no {precision!r} variant of this model (it has "
+                                  f"{sorted(entry.variants)}; task=quantize makes them)")
+            files, cal = entry.variants[precision].files, entry.variants[precision].calibration
+        self.path = bundle / files[entry.onnx.file].path
         if entry.apt is not None:
-            self.session = OnnxAPTClassifier(path, entry.apt, entry.input.mean, entry.input.std, threads)
+            self.session = OnnxAPTClassifier(self.path, entry.apt, entry.input.mean, entry.input.std, threads)
         elif entry.onnx.inputs[INPUT].shape[0] == 1:
-            self.session = OnnxOneByOne(path, threads)
+            self.session = OnnxOneByOne(self.path, threads)
         else:
-            self.session = OnnxClassifier(path, threads)
-        cal = entry.calibration
-        self.table = cal.params if cal.method == "isotonic" and not cal.folded else None
+            self.session = OnnxClassifier(self.path, threads)
+        nothing_to_apply = cal.folded or cal.method == "none"
+        self.calibrator = None if nothing_to_apply else CALIBRATORS[cal.method].from_params(cal.params)
 
     def probs(self, pixel_values: np.ndarray) -> np.ndarray:
-        p = self.session.probs(pixel_values)
-        return apply_isotonic_table(p, self.table).astype(np.float32) if self.table is not None else p
+        if self.calibrator is None:
+            return self.session.probs(pixel_values)
+        logits, _ = self.session.logits_and_probs(pixel_values)
+        return self.calibrator.probs(torch.from_numpy(logits)).numpy().astype(np.float32)
 
 
 class Bundle:
@@ -306,9 +316,9 @@ class Bundle:
             raise BundleError(f"bundle {self.path} has no process reward model {name!r}")
         return OnnxPRM(self.path / entry.files[entry.onnx.file].path, threads)
 
-    def classifier(self, name: str, threads: int | None = None) -> BundleClassifier:
+    def classifier(self, name: str, threads: int | None = None, precision: str = FULL_PRECISION) -> BundleClassifier:
         if name not in self.manifest.models:
             raise BundleError(f"bundle {self.path} has no model {name!r} (it has {sorted(self.manifest.models)})")
         if self.manifest.models[name].fusion is not None:
             raise BundleError(f"{name!r} is a fusion head (its inputs are features, not images): use Bundle.fusion")
-        return BundleClassifier(self.path, self.manifest.models[name], threads)
+        return BundleClassifier(self.path, self.manifest.models[name], threads, precision)

@@ -1,8 +1,9 @@
 """The export bundle's ``manifest.json``: a versioned schema, validated on write and on load.
 
 Every model of the bundle is an entry in ``models`` (its files with sha256, input spec,
-calibration, metrics per validator level, ONNX signature); ``tiers`` orders them into the
-cascade with thresholds (filled by the thresholds stage). Unknown fields are rejected, so a
+calibration, metrics per validator level, ONNX signature), with its quantised ``variants`` (``task=quantize``);
+``tiers`` orders them into the cascade with thresholds (filled by the thresholds stage), and each tier's
+``precisions`` the thresholds re-derived for the cascade run at a variant's precision. Unknown fields are rejected, so a
 hand-edited or foreign file fails loudly instead of being half-read.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ MANIFEST = "manifest.json"
 MODEL_CARD = "model_card.json"
 SCHEMA = "manifest.schema.json"                 # Manifest.model_json_schema(), written into every bundle
 SCHEMA_VERSION = 1
+FULL_PRECISION = "fp32"                     # a model entry's own graph; ``variants`` hold the others
 
 
 class BundleError(RuntimeError):
@@ -122,6 +124,36 @@ class Flops(Strict):
     detail: dict[str, float] = {}               # e.g. min / max over images, per token budget
 
 
+class Quantization(Strict):
+    """How a variant was made from the full-precision ONNX graph (ONNX Runtime's quantisation tooling)."""
+
+    tool: str                                   # e.g. onnxruntime.quantization 1.32.0
+    mode: Literal["static", "dynamic"]          # static: activation ranges from calibration data; dynamic: at run time
+    format: str                                 # QDQ | QOperator (static) | dynamic (DynamicQuantizeLinear, int ops)
+    weight_type: str                            # QInt8 | QUInt8
+    activation_type: str | None = None          # static only
+    per_channel: bool
+    calibration_method: str | None = None       # static: MinMax | Entropy | Percentile (activation ranges)
+    calibration_data: dict[str, Any] = {}       # static: split, levels, n of the queries the ranges came from
+    op_types: list[str] = []                    # operator types quantised (empty: the tool's default set)
+    kept_float: list[str] = []                  # nodes left in float, and why (``keep_float`` rules)
+    options: dict[str, Any] = {}
+
+
+class ModelVariant(Strict):
+    """A lower-precision sibling of a model entry: same inputs and outputs, its own file, calibration and metrics."""
+
+    precision: Literal["int8", "fp8"]
+    files: dict[str, FileEntry]
+    size_bytes: int                             # the variant's ONNX file on disk
+    size_ratio: float                           # the full-precision file's size / this one's
+    quantization: Quantization
+    calibration: Calibration                    # re-fitted on the variant's own calib outputs (same method as fp32)
+    metrics: dict[str, dict[str, float]] = {}   # per validator level ("L0".."L3") and "mean", on test
+    agreement: dict[str, float] = {}            # per level: share of test decisions equal to the full-precision model's
+    metrics_source: str | None = None
+
+
 class ModelEntry(Strict):
     kind: Literal["classifier", "router", "prm"]
     score: str                                  # what the model's score means
@@ -137,6 +169,7 @@ class ModelEntry(Strict):
     fusion: FusionInputs | None = None          # set for fusion heads: the ONNX graph takes features + presence
     search: PRMSearch | None = None             # set for the PRM: how the inference stack searches with it
     flops: Flops | None = None                  # compute per call (train.export.flops)
+    variants: dict[str, ModelVariant] = {}      # lower-precision siblings by name (e.g. int8, int8_dynamic)
 
 
 class Guarantee(Strict):
@@ -155,6 +188,15 @@ class Guarantee(Strict):
     note: str = ""
 
 
+class TierPrecision(Strict):
+    """A tier's threshold in the cascade run at one precision: the tier's model as ``variant`` (None: full precision)
+    and every threshold re-derived on that cascade's own calib outputs with the full-precision tier's guarantee."""
+
+    variant: str | None = None                  # key in ``models[model].variants``
+    threshold: float | None = None
+    guarantee: Guarantee | None = None
+
+
 class Tier(Strict):
     """One step of the cascade, in order; the thresholds stage fills kind, threshold, rule and guarantee."""
 
@@ -164,6 +206,7 @@ class Tier(Strict):
     threshold: float | None = None
     rule: str | None = None                     # the decision rule in words (also: train/export/cascade.py)
     guarantee: Guarantee | None = None
+    precisions: dict[str, TierPrecision] = {}   # the cascade at a variant's precision (task=quantize)
 
 
 class CodeVersion(Strict):

@@ -5,6 +5,8 @@ and the shared numpy decision rule (:func:`train.export.cascade.route`); no trai
 outputs, as an inference stack would compute them: calibrated P(roadwork) of the classifiers, the router's score
 (fed the draft's logits), and the PRM's beam search over the views of its pool (views model run on each view,
 its logits and embeddings scored by the PRM's graph). ``route`` then decides, and counts FLOPs from the manifest.
+At a ``precision`` other than fp32 (``task=quantize``), every classifier with that variant runs it, and the tiers'
+thresholds are those re-derived for that precision (``tiers[].precisions``).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 
 from train.export.bundle import Bundle
 from train.export.cascade import Costs, TierOutput, beam_calls, route
-from train.export.manifest import BundleError
+from train.export.manifest import FULL_PRECISION, BundleError
 
 
 def running_mean(margins: np.ndarray) -> np.ndarray:
@@ -78,30 +80,36 @@ def beam_search(score_fn, margin: np.ndarray, embeddings: np.ndarray, pool: np.n
 class BundleCascade:
     """The cascade of a bundle's manifest: ``outputs(views, mask)`` per tier, ``route(outputs)``, ``costs``."""
 
-    def __init__(self, bundle: str | Bundle, threads: int | None = None):
+    def __init__(self, bundle: str | Bundle, threads: int | None = None, precision: str = FULL_PRECISION):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        self.precision = precision
         m = self.bundle.manifest
         if not m.tiers or any(t.kind is None or t.rule is None for t in m.tiers):
             raise BundleError(f"bundle {self.bundle.path} has no cascade tiers with kinds (export after the "
                               "thresholds stage)")
         self.order = [(t.name, t.kind) for t in m.tiers]
-        self.thresholds = {t.name: t.threshold for t in m.tiers}
+        self.thresholds = {t.name: t.precisions[precision].threshold if precision in t.precisions else t.threshold
+                           for t in m.tiers}
         self.sessions, self.latency = {}, {}
         for name, kind in self.order:
             if kind == "router":
                 self.sessions[name] = self.bundle.router(name, threads)
-                self.sessions.setdefault("draft", self.bundle.classifier("draft", threads))
+                self.sessions.setdefault("draft", self._classifier("draft", threads))
             elif kind == "classifier":
-                self.sessions[name] = self.bundle.classifier(name, threads)
+                self.sessions[name] = self._classifier(name, threads)
             else:
                 self.search = m.models[name].search
                 if self.search.method != "beam" or self.search.pool != "ordered":
                     raise BundleError(f"the replay runs beam search over the ordered pool; {name} has "
                                       f"{self.search.method} / {self.search.pool}")
                 self.sessions[name] = self.bundle.prm(name, threads)
-                self.sessions.setdefault(self.search.views_model,
-                                         self.bundle.classifier(self.search.views_model, threads))
+                self.sessions.setdefault(self.search.views_model, self._classifier(self.search.views_model, threads))
         self.costs = self._costs()
+
+    def _classifier(self, name: str, threads: int | None):
+        """``name`` at the cascade's precision where the bundle has that variant, else at full precision."""
+        variants = self.bundle.manifest.models[name].variants if name in self.bundle.manifest.models else {}
+        return self.bundle.classifier(name, threads, self.precision if self.precision in variants else FULL_PRECISION)
 
     def _costs(self) -> Costs:
         m = self.bundle.manifest

@@ -54,15 +54,8 @@ def calibrate_model(cfg: DictConfig, run: Run, model: torch.nn.Module, config: d
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     calib = predict_split(model.to(device), datamodule, ccfg.split, ccfg.levels, device=device)
     model.cpu()
-    logits = torch.cat([c["logits"] for c in calib.values()])
-    labels = torch.cat([c["label"] for c in calib.values()])
-    calibrator = fit_calibrator(ccfg.method, logits, labels)
-    before, after = roadwork_prob(logits), calibrator.probs(logits).float()
-    report = {"method": calibrator.method, "params": calibrator.params(), "folded": calibrator.foldable,
-              "consumer_applies": None if calibrator.foldable else CONSUMER_ISOTONIC,
-              "split": ccfg.split, "levels": list(ccfg.levels), "n": len(labels),
-              "before": calibration_report(before, labels, ccfg.n_bins),
-              "after": calibration_report(after, labels, ccfg.n_bins)}
+    calibrator, report, (before, after, labels) = fit_on(ccfg.method, calib, ccfg.split, ccfg.n_bins)
+    report["consumer_applies"] = None if calibrator.foldable else CONSUMER_ISOTONIC
     if calibrator.foldable:
         dataset = datamodule.dataset(ccfg.split, ccfg.levels[0])
         images = torch.stack([dataset[i]["image"] for i in range(min(16, len(dataset)))])
@@ -76,6 +69,19 @@ def calibrate_model(cfg: DictConfig, run: Run, model: torch.nn.Module, config: d
                 out_dir / f"{name}_reliability.png")
     report["test"] = _test_figures(run, name, calibrator, ccfg.n_bins)
     return report
+
+
+def fit_on(method: str, calib: dict, split: str, n_bins: int):
+    """Fit ``method`` on ``calib`` (:func:`predict_split`'s ``{level: {"logits", "label"}}``): the calibrator, its
+    report (method, params, folded, split, levels, n, ECE etc. before / after) and (P before, P after, labels)."""
+    logits = torch.cat([c["logits"] for c in calib.values()])
+    labels = torch.cat([c["label"] for c in calib.values()])
+    calibrator = fit_calibrator(method, logits, labels)
+    before, after = roadwork_prob(logits), calibrator.probs(logits).float()
+    report = {"method": calibrator.method, "params": calibrator.params(), "folded": calibrator.foldable,
+              "split": split, "levels": list(calib), "n": len(labels),
+              "before": calibration_report(before, labels, n_bins), "after": calibration_report(after, labels, n_bins)}
+    return calibrator, report, (before, after, labels)
 
 
 def _test_figures(run: Run, tier: str, calibrator, n_bins: int) -> dict:

@@ -4,18 +4,22 @@ Only the bundle is loaded (manifest validated, files verified, calibration appli
 says); no training model code runs. Writes ``report.json``, ``predictions.parquet`` and the figures
 ``confusion.png``, ``levels.png`` (metrics per level) and ``reliability.png`` (the bundle's calibrated
 probabilities) into ``<run>/evaluate/`` and prints MCC, accuracy, NATIX reward and ECE per level.
+``evaluate.precision`` picks a quantised variant (``task=quantize``); it is then reported next to fp32 on the same
+queries (MCC and ECE per level, agreement, size on disk, ONNX Runtime CPU latency per image).
 """
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from train.calibration import level_figures
 from train.export import Bundle
-from train.export.manifest import MANIFEST
-from train.metrics import score_probs, with_mean
+from train.export.bundle import BundleClassifier
+from train.export.manifest import FULL_PRECISION, MANIFEST
+from train.metrics import THRESHOLD, score_probs, with_mean
 from train.predictions import predict_split, write_predictions
 from train.runs import Run, atomic_write_json, sha256_file
 from train.tasks import register_task
@@ -31,35 +35,83 @@ def bundle_path(cfg: DictConfig, run: Run) -> Path:
     return Path(cfg.bundle) if cfg.get("bundle") else run.artifact("export", "manifest").parent
 
 
+def compare_precisions(classifiers: dict[str, BundleClassifier], datamodule, split: str, levels, n_bins: int):
+    """Every classifier (one model at several precisions, fp32 among them) on the same queries, batch by batch in
+    turn: ``({level: {precision: P, "label", "index"}}, {precision: metrics per level, agreement with fp32 per level,
+    max |P - P_fp32|, size on disk, latency per image})``."""
+    seconds = dict.fromkeys(classifiers, 0.0)
+
+    def each(images):
+        out = {}
+        for precision, classifier in classifiers.items():
+            start = time.perf_counter()
+            out[precision] = classifier.probs(images.numpy())
+            seconds[precision] += time.perf_counter() - start
+        return out
+
+    predictions = predict_split(each, datamodule, split, levels)
+    n = sum(len(p["label"]) for p in predictions.values())
+    figures = {}
+    for precision, classifier in classifiers.items():
+        fp32 = {lv: p[FULL_PRECISION] for lv, p in predictions.items()}
+        agree = {f"L{lv}": float(((p[precision] > THRESHOLD) == (fp32[lv] > THRESHOLD)).float().mean())
+                 for lv, p in predictions.items()}
+        figures[precision] = {
+            "metrics": with_mean({f"L{lv}": score_probs(p[precision], p["label"], n_bins)
+                                  for lv, p in predictions.items()}),
+            "agreement_with_fp32": {**agree, "mean": sum(agree.values()) / len(agree)},
+            "max_abs_diff_p_fp32": max(float((p[precision] - fp32[lv]).abs().max()) for lv, p in predictions.items()),
+            "size_bytes": classifier.path.stat().st_size, "latency_ms_per_image": 1e3 * seconds[precision] / n}
+    return predictions, figures
+
+
 @register_task("evaluate")
 def run_evaluate(cfg: DictConfig, run: Run) -> dict:
     ecfg, task_dir = cfg.evaluate, run.task_dir("evaluate")
     bundle = Bundle(bundle_path(cfg, run))
-    classifier = bundle.classifier(ecfg.model, ecfg.threads)
+    precision = ecfg.get("precision") or FULL_PRECISION
+    classifiers = {p: bundle.classifier(ecfg.model, ecfg.threads, p)
+                   for p in dict.fromkeys([FULL_PRECISION, precision])}
+    classifier = classifiers[precision]
     ensure_data(cfg, run)
     datamodule = build_datamodule(cfg, run, classifier.entry.input.model_dump())
-    predictions = predict_split(lambda images: classifier.probs(images.numpy()), datamodule, ecfg.split,
-                                ecfg.levels, output="prob")
-    per_level = with_mean({f"L{lv}": score_probs(p["prob"], p["label"], ecfg.n_bins)
-                           for lv, p in predictions.items()})
+    both, comparison = compare_precisions(classifiers, datamodule, ecfg.split, ecfg.levels, ecfg.n_bins)
+    predictions = {lv: {"prob": p[precision], "label": p["label"], "index": p["index"]} for lv, p in both.items()}
+    per_level = comparison[precision]["metrics"]
     report = {"bundle": str(bundle.path), "manifest_sha256": sha256_file(bundle.path / MANIFEST),
-              "model": ecfg.model, "split": ecfg.split, "n": {f"L{lv}": len(p["label"]) for lv, p in predictions.items()},
-              "metrics": per_level}
+              "model": ecfg.model, "precision": precision, "split": ecfg.split,
+              "n": {f"L{lv}": len(p["label"]) for lv, p in predictions.items()},
+              "metrics": per_level, "precisions": comparison,
+              "latency_note": "ONNX Runtime CPU execution provider, evaluate.threads intra-op threads (null: its "
+                              "default), batches of data.eval_batch_size, the precisions in turn on each batch"}
     atomic_write_json(task_dir / "report.json", report)
     write_predictions(task_dir / "predictions.parquet", predictions)
     loggers = build_loggers(cfg, task_dir, figures_only=True)
     figures = publish_figures(loggers, task_dir, level_figures(
         {f"L{lv}": (p["prob"], p["label"]) for lv, p in predictions.items()}, per_level,
-        f"{ecfg.model} from the bundle, {ecfg.split} split", ecfg.n_bins))
+        f"{ecfg.model} ({precision}) from the bundle, {ecfg.split} split", ecfg.n_bins))
     metrics = {f"{ecfg.split}/{lv}/{k}": v for lv, m in per_level.items() if lv != "mean" for k, v in m.items()}
-    print_level_table(metrics, f"evaluate: {ecfg.model} from the bundle (ONNX Runtime), {ecfg.split} split",
-                      split=ecfg.split, columns=("mcc", "acc", "reward", "auroc", "ece", "brier"))
+    print_level_table(metrics, f"evaluate: {ecfg.model} ({precision}) from the bundle (ONNX Runtime), {ecfg.split} "
+                      "split", split=ecfg.split, columns=("mcc", "acc", "reward", "auroc", "ece", "brier"))
+    if precision != FULL_PRECISION:
+        _print_precisions(comparison, ecfg.model)
+        metrics.update({f"{p}/{k}": f[k] for p, f in comparison.items() for k in ("size_bytes", "latency_ms_per_image")})
+        metrics.update({f"{precision}/agreement/{lv}": v
+                        for lv, v in comparison[precision]["agreement_with_fp32"].items()})
     artifacts = {"report": task_dir / "report.json", "predictions": task_dir / "predictions.parquet", **figures}
     if ecfg.cascade and any(t.rule for t in bundle.manifest.tiers):  # tiers from the thresholds stage
         from train.tasks.replay import replay_cascade
 
-        cascade_metrics, cascade_artifacts = replay_cascade(cfg, run, bundle, task_dir, loggers)
+        cascade_metrics, cascade_artifacts = replay_cascade(cfg, run, bundle, task_dir, loggers, precision)
         metrics.update(cascade_metrics)
         artifacts.update(cascade_artifacts)
     run.record("evaluate", artifacts=artifacts, metrics=metrics)
     return metrics
+
+
+def _print_precisions(figures: dict, model: str) -> None:
+    for precision, f in figures.items():
+        mcc = " / ".join(f"{m['mcc']:.3f}" for lv, m in f["metrics"].items() if lv != "mean")
+        log.info("%s %-13s MCC per level %s, ECE %.3f, agreement with fp32 %.4f, %.2f MB, %.3f ms per image", model,
+                 precision, mcc, f["metrics"]["mean"]["ece"], f["agreement_with_fp32"]["mean"], f["size_bytes"] / 1e6,
+                 f["latency_ms_per_image"])

@@ -5,7 +5,9 @@ Queries are one validator level per image, in turn (``cascade.levels``), with ev
 ``ViewDataset`` serves: the data side only). Reports per-tier exit fractions, MCC / accuracy / NATIX reward per
 level, mean FLOPs (every model run for a sample, from the manifest's counts) and mean latency per image, the paired
 bootstrap of MCC(cascade) - MCC(Stage-1), and the cost-vs-MCC curve over ``cascade.sweep`` (thresholds re-chosen
-on calib at each alpha by the same risk-control code).
+on calib at each alpha by the same risk-control code). At a quantised ``precision`` (``evaluate.precision``) the
+cascade runs its variants with their own thresholds, and the fp32 cascade is replayed on the same test queries
+next to it (``compare``: MCC per level, exits, FLOPs, latency).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from train.calibration.plots import cascade_curve
 from train.data.views import ViewSet, view_dataset
 from train.export import Bundle
 from train.export.cascade import TierOutput
+from train.export.manifest import FULL_PRECISION
 from train.export.replay import BundleCascade
 from train.metrics import paired_bootstrap_mcc, score_probs
 from train.runs import Run, atomic_write_json
@@ -83,19 +86,22 @@ def mean_latency(cascade: BundleCascade, routed, n_queries: int) -> float:
     return total
 
 
-def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path, loggers: Sequence[Logger] = ()
-                   ) -> tuple[dict, dict]:
+def cascade_views(cascade: BundleCascade) -> ViewSet:
+    """The views each query needs: every slot the PRM may inspect, else the validator query alone."""
+    return ViewSet.from_description(cascade.search.views) if hasattr(cascade, "search") else GLOBAL_ONLY
+
+
+def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path, loggers: Sequence[Logger] = (),
+                   precision: str = FULL_PRECISION) -> tuple[dict, dict]:
     ecfg, ccfg = cfg.evaluate, cfg.cascade
-    cascade = BundleCascade(bundle, ecfg.threads)
-    prm = [n for n, k in cascade.order if k == "prm"]
-    view_set = ViewSet.from_description(cascade.search.views) if prm else GLOBAL_ONLY
+    cascade = BundleCascade(bundle, ecfg.threads, precision)
     reference = ecfg.model
     spec = bundle.manifest.models[reference].input.model_dump()
     datamodule = build_datamodule(cfg, run, spec)
     outputs, meta = {}, {}
     for split in ("calib", ecfg.split):
-        outputs[split], meta[split] = replay_split(cascade, datamodule, split, view_set, ccfg.levels, ccfg.batch_size,
-                                                   cfg.data.num_workers)
+        outputs[split], meta[split] = replay_split(cascade, datamodule, split, cascade_views(cascade), ccfg.levels,
+                                                   ccfg.batch_size, cfg.data.num_workers)
     test, test_meta = outputs[ecfg.split], meta[ecfg.split]
     routed = cascade.route(test)
     if reference not in test:
@@ -109,7 +115,8 @@ def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path, lo
                "reference": cascade.latency_per_image()[reference]}
     sweep = alpha_sweep(cfg, run, cascade, outputs["calib"], meta["calib"], test, test_meta, ref_flops)
     report = {
-        "bundle": str(bundle.path), "split": ecfg.split, "n": int(len(label)), "reference": reference,
+        "bundle": str(bundle.path), "precision": precision, "split": ecfg.split, "n": int(len(label)),
+        "reference": reference,
         "tiers": [{"name": n, "kind": k, "threshold": cascade.thresholds[n]} for n, k in cascade.order],
         "exit_fraction": {n: float((routed.exit == i).mean()) for i, (n, _) in enumerate(cascade.order)},
         "metrics": {"cascade": per_level(routed.answer, test_meta), "reference": per_level(alone, test_meta)},
@@ -121,6 +128,8 @@ def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path, lo
         "latency_s_per_image": latency, "latency_per_model": cascade.latency_per_image(),
         "latency_note": "ONNX Runtime CPU, batches of cascade.batch_size; a model's time counts for the samples it "
                         "ran for", "sweep": sweep}
+    if precision != FULL_PRECISION:
+        report["compare"] = {FULL_PRECISION: _full_precision(cfg, bundle, datamodule, reference)}
     atomic_write_json(task_dir / "cascade.json", report)
     save_file({"answer": routed.answer, "exit": routed.exit, "flops": routed.flops, "views": routed.views,
                **{k: np.ascontiguousarray(v) for k, v in test_meta.items()}}, str(task_dir / "cascade_test.safetensors"))
@@ -132,6 +141,22 @@ def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path, lo
                     "cascade/mcc_delta_low": diff["low"], "cascade/mcc_delta_high": diff["high"]})
     return metrics, {"cascade": task_dir / "cascade.json", **figures,
                      "cascade_test": task_dir / "cascade_test.safetensors"}
+
+
+def _full_precision(cfg, bundle: Bundle, datamodule, reference: str) -> dict:
+    """The fp32 cascade on the same test queries: MCC per level (cascade and the reference alone), exits, FLOPs and
+    latency, for the side-by-side report of a quantised replay."""
+    cascade = BundleCascade(bundle, cfg.evaluate.threads)
+    test, meta = replay_split(cascade, datamodule, cfg.evaluate.split, cascade_views(cascade), cfg.cascade.levels,
+                              cfg.cascade.batch_size, cfg.data.num_workers)
+    routed = cascade.route(test)
+    return {"tiers": [{"name": n, "kind": k, "threshold": cascade.thresholds[n]} for n, k in cascade.order],
+            "exit_fraction": {n: float((routed.exit == i).mean()) for i, (n, _) in enumerate(cascade.order)},
+            "metrics": {"cascade": per_level(routed.answer, meta),
+                        "reference": per_level(test[reference].decision, meta)},
+            "flops_cascade_mean": float(routed.flops.mean()),
+            "latency_s_per_image": {"cascade": mean_latency(cascade, routed, len(meta["label"])),
+                                    "reference": cascade.latency_per_image()[reference]}}
 
 
 def alpha_sweep(cfg, run, cascade: BundleCascade, calib, calib_meta, test, test_meta, ref_flops: float) -> list[dict]:
@@ -157,5 +182,6 @@ def _print(report: dict) -> None:
              1e3 * report["latency_s_per_image"]["cascade"], 1e3 * report["latency_s_per_image"]["reference"])
     rows = {f"cascade/{who} {lv}/{k}": v for who, per in report["metrics"].items() for lv, m in per.items()
             for k, v in m.items()}
-    print_level_table(rows, f"cascade vs {report['reference']} alone ({report['split']}, one level per image)",
+    print_level_table(rows, f"cascade vs {report['reference']} alone ({report['precision']}, {report['split']}, one "
+                      "level per image)",
                       split="cascade", columns=("mcc", "acc", "reward"))
