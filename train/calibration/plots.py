@@ -53,7 +53,7 @@ def confusion_matrices(per_level: dict[int | str, tuple[torch.Tensor, torch.Tens
     names = [LABELS[i] for i in sorted(LABELS)]
     fig = Figure(figsize=(4 * len(per_level), 4.5), layout="constrained")
     for (level, (preds, labels)), ax in zip(per_level.items(), fig.subplots(1, len(per_level), squeeze=False)[0]):
-        matrix = BinaryConfusionMatrix(threshold=THRESHOLD)
+        matrix = BinaryConfusionMatrix(threshold=THRESHOLD, sync_on_compute=False)  # the data is already gathered
         matrix.update(preds.detach().cpu().long(), labels.detach().cpu().long())
         matrix.plot(ax=ax, labels=names)
         ax.set_title(f"level {level}")
