@@ -85,8 +85,8 @@ def test_a_task_without_a_trainer_logs_its_figures(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path)
     cfg = compose_config(f"run_dir={run.path}", "debug=tiny", *QUIET, "task=evaluate", "pipeline=stage1",
                          "logger=[csv,tensorboard]")
-    assert [type(lg).__name__ for lg in build_loggers(cfg, tmp_path / "x" / "evaluate", figures_only=True)] == [
-        "TensorBoardLogger"]  # csv would only repeat the task's config.yaml
+    loggers = build_loggers(cfg, tmp_path / "x" / "evaluate", figures_only=True)
+    assert [type(lg).__name__ for lg in loggers] == ["KeepOpenTensorBoardLogger"]  # csv: only the task's config.yaml
     run_task(cfg)
     values = tensorboard_values(run.path / "evaluate")
     assert {t for t, kind in values.items() if kind == "image"} == {f"figures/{n}" for n in LEVEL_FIGURES}

@@ -15,6 +15,21 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+
+
+class KeepOpenTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger whose ``finalize`` flushes without closing the writer. tensorboardX names its
+    event file by the second and opens it with "wb": a writer reopened after fit (for test, then for the figures)
+    within the same second would overwrite what the last one wrote."""
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._experiment is not None:
+            self.experiment.flush()
+        self.save()
+
 
 IMAGE_LOGGERS = (TensorBoardLogger, WandbLogger)  # the loggers log_figures shows images in
 
