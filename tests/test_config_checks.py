@@ -21,8 +21,11 @@ def test_shipped_configs_pass(overrides):
     (["+callbacks.model_checkpoint.monitr=val/mcc"], r"callbacks\.model_checkpoint\.monitr: .*ModelCheckpoint .*"
                                                     r"did you mean \['monitor'\]"),
     (["+data.batchsize=8"], r"data\.batchsize: .*RoadworkDataModule.*did you mean \['batch_size'"),
-    (["trainer=deepspeed_stage2"], r"trainer\.strategy=deepspeed_stage_2: DeepSpeed needs CUDA GPUs.*trainer=cpu"),
-    (["task=stage1", "trainer=deepspeed_stage3_offload"], r"trainer\.strategy=.*DeepSpeedStrategy: DeepSpeed needs"),
+    (["trainer=deepspeed_stage2"], r"trainer\.strategy=train\.utils\.strategies\.DeepSpeed: DeepSpeed needs CUDA GPUs.*"
+                                   r"trainer=cpu"),
+    (["trainer=deepspeed_stage2", "+trainer.strategy.grad_overflow_chek=true"],
+     r"trainer\.strategy\.grad_overflow_chek: .*did you mean \['grad_overflow_check'\]"),
+    (["task=stage1", "trainer=deepspeed_stage3_offload"], r"trainer\.strategy=.*strategies\.DeepSpeed: DeepSpeed needs"),
     (["trainer=gpu"], r"trainer\.accelerator=gpu: no CUDA GPU is visible; use trainer=cpu"),
     (["task=stage1", "model.finetune.mode=lora", "model.finetune.target_modules=[qkv,query]"],
      r"model\.finetune\.target_modules: \['query'\] name no linear layer of VisionTransformer; allowed .*"

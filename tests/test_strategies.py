@@ -53,6 +53,25 @@ def test_every_trainer_option_builds_its_strategy(option):
             assert strategy.config["zero_force_ds_cpu_optimizer"] is False
 
 
+
+@pytest.mark.parametrize("precision, overrides, expected", [
+    ("bf16-mixed", [], {"enabled": True, "check_grad_overflow": False}),
+    ("bf16-mixed", ["trainer.strategy.grad_overflow_check=true"], {"enabled": True, "check_grad_overflow": True}),
+    ("bf16-mixed", ["+trainer.strategy.config={bf16:{enabled:true},zero_optimization:{stage:2}}"],
+     {"enabled": True}),  # a config of the user's own (it replaces Lightning's stage defaults): its bf16 block as given
+    ("32-true", [], None),
+])
+def test_deepspeed_bf16_overflow_check_is_a_choice(monkeypatch, precision, overrides, expected):
+    """DeepSpeed's per-gradient inf/NaN check under bf16 is off unless asked for; a user's bf16 block is kept."""
+    cfg = compose_config("trainer=deepspeed_stage2", "trainer.accelerator=cpu", f"trainer.precision={precision}",
+                         *overrides)
+    strategy = instantiate(cfg.trainer, logger=False, enable_progress_bar=False).strategy
+    monkeypatch.setattr(type(strategy), "_format_batch_size_and_grad_accum_config", lambda self: None)  # needs a fit
+    strategy._format_config()
+    assert strategy.config.get("bf16") == expected
+    assert strategy.config["zero_optimization"]["stage"] == 2
+
+
 def test_ranks_share_rank_zeros_run(tmp_path, monkeypatch):
     """Rank 0 makes the run and exports its path; a rank Lightning's launcher starts opens it; torchrun / srun
     need run_dir."""
