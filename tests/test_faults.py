@@ -20,9 +20,9 @@ from train.utils.faults import NONFINITE_METRIC, NonFiniteLoss, NonFiniteLossErr
 class Toy(pl.LightningModule):
     """A linear model whose loss is NaN (or inf) at the steps in ``poison``; records its weights after every step."""
 
-    def __init__(self, poison=()):
+    def __init__(self, poison=(), fused=False):
         super().__init__()
-        self.net, self.poison, self.weights = nn.Linear(4, 1), set(poison), []
+        self.net, self.poison, self.weights, self.fused = nn.Linear(4, 1), set(poison), [], fused
 
     def training_step(self, batch, batch_idx):
         loss = self.net(batch[0]).pow(2).mean()
@@ -34,7 +34,7 @@ class Toy(pl.LightningModule):
         self.weights.append(self.net.weight.detach().clone())
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=0.1)
+        return torch.optim.AdamW(self.parameters(), lr=0.1, fused=self.fused)
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 4)), batch_size=8)
@@ -57,6 +57,25 @@ def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path):
     assert not torch.equal(w[4], w[3]) and not torch.equal(w[6], w[5]) and torch.isfinite(w[-1]).all()
     assert guard.skipped == 3 and trainer.callback_metrics[NONFINITE_METRIC] == 3
     assert guard.state_dict() == {"skipped": 3, "consecutive": 0}  # resumed runs go on counting
+
+
+def test_with_a_fused_optimizer_the_skip_stays_on_the_device(tmp_path, monkeypatch):
+    """A fused AdamW skips the step itself (found_inf): weights and Adam's step count stay; the counters are read at
+    logging steps only, and a bad run that spans reads still counts as one run."""
+    reads = []
+    monkeypatch.setattr(NonFiniteLoss, "_read", lambda self, trainer, read=NonFiniteLoss._read: (
+        reads.append(trainer.global_step), read(self, trainer))[1])
+    guard, toy = NonFiniteLoss(max_consecutive=4), Toy(poison={2, 3, 5}, fused=True)
+    trainer = fit(toy, [guard], tmp_path, log_every_n_steps=3)
+    w = toy.weights
+    assert torch.equal(w[2], w[1]) and torch.equal(w[3], w[1]) and torch.equal(w[5], w[4])
+    assert not torch.equal(w[4], w[3]) and not torch.equal(w[6], w[5]) and torch.isfinite(w[-1]).all()
+    assert int(trainer.optimizers[0].state[toy.net.weight]["step"]) == 8 - 3  # skipped steps are not counted
+    assert guard.skipped == 3 and trainer.callback_metrics[NONFINITE_METRIC] == 3
+    assert reads == [3, 6, 8]  # global steps 3 and 6 (log_every_n_steps=3), then the epoch's end
+    with pytest.raises(NonFiniteLossError, match=r"NaN or inf in 4 consecutive steps \(epoch 0, step 6"):
+        fit(Toy(poison={2, 3, 4, 5, 6}, fused=True), [NonFiniteLoss(max_consecutive=4)], tmp_path,
+            log_every_n_steps=3)  # steps 2 | 3 4 5 across the read at step 3: one run of 4, seen at step 6
 
 
 def test_nonfinite_loss_k_in_a_row_stops_with_a_clear_message(tmp_path):

@@ -72,6 +72,8 @@ def test_shard_batches_are_seeded_and_augmented_on_the_device_hook(data_run, tmp
     datamodule.trainer = pl.Trainer(precision="bf16-true", logger=False, enable_checkpointing=False)
     half = datamodule.on_after_batch_transfer(dict(batch), 0)["image"]
     assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), out["image"], atol=0.05, rtol=0.01)
+    datamodule.trainer = pl.Trainer(precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    assert datamodule.on_after_batch_transfer(dict(batch), 0)["image"].dtype == torch.float32  # autocast casts
 
 
 def test_stage1_trains_from_shards_and_prepares_them_first(data_run, tmp_path):

@@ -56,6 +56,8 @@ LEVERS = {
     "batch_128": ("halves the batch (128)", ["data.batch_size=128"]),
     "no_clip": ("adds: no gradient clipping (the config clips at norm 1.0)", ["trainer.gradient_clip_val=null"]),
     "channels_last": ("adds channels_last input", ["model.channels_last=true"]),
+    "no_nan_guard": ("undoes the non-finite-loss guard (it reads one flag from the device per step)",
+                     ["callbacks.nonfinite_loss=null"]),
 }
 DEFAULT_LEVERS = ["sync_pbar", "no_pin", "foreach_adamw", "aug_eager", "eager", "no_clip",
                   "channels_last"]  # recompiles last

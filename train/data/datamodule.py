@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytorch_lightning as pl
+from pytorch_lightning.plugins.precision import MixedPrecision
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -256,7 +257,9 @@ class RoadworkDataModule(pl.LightningDataModule):
         """Shard batches (uint8 + augmentation parameters) are augmented and normalised here, on the device."""
         if isinstance(batch, dict) and "augment" in batch:
             images = self.gpu_augment(batch["image"], batch.pop("augment"))
-            if self.trainer is not None:  # Lightning converted the batch before the transfer, when it was uint8:
-                images = self.trainer.precision_plugin.convert_input(images)  # DeepSpeed's bf16 wants bf16 images
+            if self.trainer is not None and not isinstance(self.trainer.precision_plugin, MixedPrecision):
+                # Lightning converted the batch before the transfer, when it was uint8: a model in bf16 (DeepSpeed's
+                # bf16, "bf16-true") wants bf16 images; under autocast ("*-mixed") float32 stays as measured
+                images = self.trainer.precision_plugin.convert_input(images)
             batch["image"] = images
         return batch

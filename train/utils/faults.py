@@ -37,8 +37,13 @@ class NonFiniteLoss(pl.Callback):
     """Skips the optimizer step of a batch whose loss is NaN or inf (its gradients are dropped, so the weights and
     the optimizer state stay as they were; the LR schedule still advances) and counts it (logged as
     ``train/nonfinite_steps``, saved in checkpoints); ``max_consecutive`` such steps in a row stop training with
-    :class:`NonFiniteLossError`. One host-device sync per optimizer step (after the backward pass is queued).
-    Under DeepSpeed the engine owns the step: steps are counted, not skipped."""
+    :class:`NonFiniteLossError`.
+
+    With a fused optimizer (``fused=True``: AdamW on CUDA by default) the skip stays on the device: the flag goes to
+    the fused kernel as ``found_inf`` (as GradScaler does), which leaves weights and step counts alone, and the
+    counters are read only at logging steps (``trainer.log_every_n_steps``), so a run of bad steps stops up to that
+    many steps late. Otherwise the flag is read every optimizer step (a host-device sync). Under DeepSpeed the
+    engine owns the step: steps are counted, not skipped."""
 
     def __init__(self, max_consecutive: int = 10):
         if max_consecutive < 1:
@@ -46,14 +51,21 @@ class NonFiniteLoss(pl.Callback):
         self.max_consecutive = max_consecutive
         self.skipped = self.consecutive = 0
         self._finite: torch.Tensor | None = None
+        self._on_device: torch.Tensor | None = None  # fused path, since the last read: (skipped, bad run, steps)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         finite = torch.isfinite(loss.detach()).all()  # stays on the device: no sync here
         self._finite = finite if self._finite is None else self._finite & finite  # over accumulated batches
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        bad = self._finite is not None and not bool(self._finite)
-        self._finite = None
+        finite, self._finite = self._finite, None
+        if finite is None:
+            return
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        if getattr(optimizer, "defaults", {}).get("fused") and getattr(trainer.precision_plugin, "scaler", None) is None:
+            self._skip_on_device(trainer, optimizer, finite)
+            return
+        bad = not bool(finite)
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):  # any rank: every rank skips alike
             self.consecutive = 0
             return
@@ -62,6 +74,39 @@ class NonFiniteLoss(pl.Callback):
         optimizer.zero_grad(set_to_none=True)  # an optimizer steps no parameter that has no gradient
         log.warning("non-finite training loss at epoch %d step %d: step skipped (%d in a row, %d in all)",
                     trainer.current_epoch, trainer.global_step, self.consecutive, self.skipped)
+        self._check(trainer)
+
+    def _skip_on_device(self, trainer: pl.Trainer, optimizer, finite: torch.Tensor) -> None:
+        bad = (~finite).float()
+        if trainer.world_size > 1:  # any rank: every rank skips alike (a collective, no host sync)
+            bad = trainer.strategy.reduce(bad, reduce_op=torch.distributed.ReduceOp.MAX)
+        optimizer.found_inf = bad  # the fused kernel leaves everything as it was where this is 1
+        counts = self._on_device if self._on_device is not None else torch.zeros(3, device=bad.device)
+        self._on_device = torch.stack([counts[0] + bad, bad * (counts[1] + 1), counts[2] + 1])  # a good step ends
+        # the bad run
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self._on_device is not None and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            self._read(trainer)
+            self._check(trainer)
+
+    def _counts(self) -> tuple[int, int, int]:
+        """(skipped, consecutive) with the fused path's device counters folded in (one sync), and the newly skipped."""
+        if self._on_device is None:
+            return self.skipped, self.consecutive, 0
+        new, run, steps = (int(v) for v in self._on_device.tolist())
+        consecutive = self.consecutive + run if run == steps else run  # a run of bad steps may span reads
+        return self.skipped + new, consecutive, new
+
+    def _read(self, trainer: pl.Trainer) -> None:
+        self.skipped, self.consecutive, new = self._counts()
+        self._on_device = None
+        if new:
+            log.warning("non-finite training loss: %d step(s) skipped up to epoch %d step %d (%d in a row, %d in all)",
+                        new, trainer.current_epoch, trainer.global_step, self.consecutive, self.skipped)
+
+    def _check(self, trainer: pl.Trainer) -> None:
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"the training loss was NaN or inf in {self.consecutive} consecutive steps (epoch "
@@ -69,13 +114,16 @@ class NonFiniteLoss(pl.Callback):
                 "stopped. Lower the learning rate, check the inputs, or raise callbacks.nonfinite_loss.max_consecutive")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read(trainer)
         pl_module.log(NONFINITE_METRIC, float(self.skipped))
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped, "consecutive": self.consecutive}
+        skipped, consecutive, _ = self._counts()
+        return {"skipped": skipped, "consecutive": consecutive}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped, self.consecutive = int(state_dict["skipped"]), int(state_dict["consecutive"])
+        self._on_device = None
 
 
 def fault_metrics(trainer: pl.Trainer) -> dict[str, int]:
