@@ -29,11 +29,13 @@ class ConfigError(ValueError):
 
 def check_config(cfg: DictConfig) -> None:
     """Every check below; raises :class:`ConfigError` at the first failure."""
-    check_targets(cfg)
-    check_unit_interval(cfg)
-    if training_tasks(cfg):
+    plain = _plain(cfg)  # resolved once for the checks that walk every key
+    check_targets(plain)
+    check_unit_interval(plain)
+    training = training_tasks(cfg)
+    if training:
         check_devices(cfg)
-    if "stage1" in training_tasks(cfg):
+    if "stage1" in training:
         check_finetune_targets(cfg)
 
 
@@ -56,9 +58,10 @@ def _plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
-def check_targets(cfg: DictConfig) -> None:
-    """Every key of a ``_target_`` node must be a parameter of its target (unless the target takes ``**kwargs``)."""
-    for key, node in _nodes(_plain(cfg)):
+def check_targets(plain: dict) -> None:
+    """Every key of a ``_target_`` node of the resolved config must be a parameter of its target (unless the target
+    takes ``**kwargs``)."""
+    for key, node in _nodes(plain):
         if not isinstance(node, dict) or "_target_" not in node:
             continue
         try:
@@ -76,9 +79,9 @@ def check_targets(cfg: DictConfig) -> None:
                                   f"{allowed}")
 
 
-def check_unit_interval(cfg: DictConfig) -> None:
-    """Risk levels (alpha, delta), probabilities and fractions must lie in [0, 1]."""
-    for key, value in _nodes(_plain(cfg)):
+def check_unit_interval(plain: dict) -> None:
+    """Risk levels (alpha, delta), probabilities and fractions of the resolved config must lie in [0, 1]."""
+    for key, value in _nodes(plain):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or key in NOT_PROBABILITIES:
             continue
         if any(fnmatch.fnmatchcase(key, p) for p in UNIT_INTERVAL) and not 0 <= value <= 1:

@@ -11,4 +11,5 @@ from train.calibration.scaling import (CALIBRATORS, IsotonicCalibration, PlattSc
 
 __all__ = ["CALIBRATORS", "TemperatureScaling", "PlattScaling", "IsotonicCalibration", "fit_calibrator",
            "fold_into_head", "apply_isotonic_table", "calibration_report", "reliability_diagram",
-           "confusion_matrices", "level_figures", "save_figure", "ThresholdChoice", "select_threshold", "evaluate_threshold", "aurc", "routing_curve"]
+           "confusion_matrices", "level_figures", "save_figure", "ThresholdChoice", "select_threshold",
+           "evaluate_threshold", "aurc", "routing_curve"]

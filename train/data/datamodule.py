@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytorch_lightning as pl
-from pytorch_lightning.plugins.precision import MixedPrecision
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, Dataset
 
 from train.data.gpu_augment import GpuAugment

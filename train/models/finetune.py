@@ -85,9 +85,11 @@ def _linear_names(model: nn.Module, head: str) -> dict[str, list[str]]:
     return out
 
 
-def _linear_layers(model: nn.Module, names: list[str] | tuple[str, ...], head: str) -> list[str]:
+def _linear_layers(model: nn.Module, names: list[str] | tuple[str, ...], head: str,
+                   available: dict[str, list[str]] | None = None) -> list[str]:
     """Full names of the ``nn.Linear`` layers whose last name part is in ``names``, outside the head."""
-    found = [n for part, full in _linear_names(model, head).items() if part in names for n in full]
+    available = _linear_names(model, head) if available is None else available
+    found = [n for part, full in available.items() if part in names for n in full]
     if not found:
         raise ValueError(f"no nn.Linear layer named any of {list(names)} in {type(model).__name__}")
     return found
@@ -96,10 +98,11 @@ def _linear_layers(model: nn.Module, names: list[str] | tuple[str, ...], head: s
 def check_target_modules(model: nn.Module, names: list[str], head: str | None = None) -> list[str]:
     """:func:`_linear_layers` for names a user gave: each must name a linear layer of ``model``, or the error lists
     the ones that do."""
-    available = _linear_names(model, head or head_name(model))
+    head = head or head_name(model)
+    available = _linear_names(model, head)
     unknown = [n for n in names if n not in available]
     if unknown:
         raise ConfigError(f"model.finetune.target_modules: {unknown} name no linear layer of "
                          f"{type(model).__name__}; allowed (last name parts of its nn.Linear layers, head excluded): "
                          f"{sorted(available)}")
-    return _linear_layers(model, names, head or head_name(model))
+    return _linear_layers(model, names, head, available)

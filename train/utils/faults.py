@@ -62,7 +62,8 @@ class NonFiniteLoss(pl.Callback):
         if finite is None:
             return
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
-        if getattr(optimizer, "defaults", {}).get("fused") and getattr(trainer.precision_plugin, "scaler", None) is None:
+        fused = getattr(optimizer, "defaults", {}).get("fused")
+        if fused and getattr(trainer.precision_plugin, "scaler", None) is None:  # a GradScaler sets found_inf itself
             self._skip_on_device(trainer, optimizer, finite)
             return
         bad = not bool(finite)

@@ -18,7 +18,6 @@ from pytorch_lightning.loggers import Logger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 
-
 class KeepOpenTensorBoardLogger(TensorBoardLogger):
     """Lightning's TensorBoard logger whose ``finalize`` flushes without closing the writer. tensorboardX names its
     event file by the second and opens it with "wb": a writer reopened after fit (for test, then for the figures)
