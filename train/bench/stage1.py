@@ -4,6 +4,7 @@
     python -m train.bench stage1 --levers              # + the shards loop with each speed lever undone in turn
     python -m train.bench stage1 --model vit_tiny_patch16_224 --img-size 32 --batch 8 --warmup 1 --steps 2 \\
         --window 1 --workers 0 --shard-workers 0      # a CPU smoke run
+    python -m train.bench stage1 --data shards --profile 6 --trace   # + each row's profile (train/bench/profile.py)
 
 In one process: (1) the raw step: the same timm model in a plain loop (bf16 autocast, fused AdamW on CUDA,
 torch.compile, one random batch already on the device), eager and compiled; (2) the framework's full loop: the real
@@ -13,7 +14,9 @@ over a run's data on disk (``--run-dir``, or a run built here from the embedded 
 checkpoints, logger, progress bar and metrics; (3) the train loader alone, and with its copy to the device and the
 device augmentation; (4) MFU = img/s x FLOPs of one training step per image (``count_flops``, forward + backward)
 / the bf16 matmul peak measured here (or ``--peak-tflops``); (5) peak device memory. img/s: the median over windows
-of ``--window`` steps, synchronised at window edges only (``train/bench/timing.py``).
+of ``--window`` steps, synchronised at window edges only (``train/bench/timing.py``). ``--profile N``: each row
+then runs N more steps under torch.profiler (:mod:`train.bench.profile`; the raw step and the full loop alike), its
+summary in the row, its tables in ``profile-<row>.txt`` under ``$OUT`` (or the working directory).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import platform
 import time
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
@@ -33,6 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch._dynamo.utils import counters
 
+from train.bench.profile import StepProfiler, profile_steps
 from train.bench.timing import StepTimer, matmul_peak, synchronize, time_steps
 from train.export.flops import count_flops
 from train.models.backbones import create_backbone
@@ -48,19 +53,51 @@ LEVERS = {
     "eager": ("undoes torch.compile (model and device augmentation)", ["model.compile=false"]),
     "aug_eager": ("undoes torch.compile of the device augmentation only", ["data.gpu_augment.compile=false"]),
     "foreach_adamw": ("undoes fused AdamW (the foreach loop)", ["model.optimizer.fused=false"]),
-    "sync_pbar": ("undoes the sync-free progress bar (Lightning's reads train/loss every step)",
+    "sync_pbar": ("undoes our progress bar (Lightning's redraws every step; it shows no train/loss, which the module "
+                  "logs without prog_bar)",
                   ["callbacks.progress_bar._target_=pytorch_lightning.callbacks.RichProgressBar",
                    "~callbacks.progress_bar.batch_size_fn"]),
     "no_pin": ("undoes pinned memory (pageable batches: the copy waits for the device)", ["data.pin_memory=false"]),
+    "same_stream": ("undoes the batch copy on a side stream (the compute stream waits for it)",
+                    ["data.copy_stream=false"]),
     "fp32": ("undoes bf16 autocast (32-true)", ["trainer.precision=32-true"]),
     "batch_128": ("halves the batch (128)", ["data.batch_size=128"]),
     "no_clip": ("adds: no gradient clipping (the config clips at norm 1.0)", ["trainer.gradient_clip_val=null"]),
     "channels_last": ("adds channels_last input", ["model.channels_last=true"]),
     "no_nan_guard": ("undoes the non-finite-loss guard (it reads one flag from the device per step)",
                      ["callbacks.nonfinite_loss=null"]),
+    "step_sync": ("adds: a host read of train/loss after every step (what logging it with prog_bar=True costs: "
+                  "Lightning reads prog_bar metrics at every batch end)",
+                  ["+callbacks.step_sync._target_=train.bench.stage1.StepSync"]),
+    "no_gc": ("adds: Python's garbage collector off during fit (a diagnostic: do its pauses stall the host?)",
+              ["+callbacks.no_gc._target_=train.bench.stage1.NoGC"]),
+    "no_layer_decay": ("adds: one parameter group (layer-wise LR decay makes ~28, one fused AdamW call each)",
+                       ["model.layer_decay=null"]),
+    "minimal": ("adds: no callbacks, logger, progress bar, clipping, layer decay, LR schedule or label smoothing",
+                ["callbacks=none", "logger=none", "+trainer.enable_progress_bar=false",
+                 "trainer.gradient_clip_val=null", "model.layer_decay=null", "model.scheduler=null",
+                 "model.label_smoothing=0"]),
 }
 DEFAULT_LEVERS = ["sync_pbar", "no_pin", "foreach_adamw", "aug_eager", "eager", "no_clip",
                   "channels_last"]  # recompiles last
+
+
+class StepSync(pl.Callback):
+    """Reads ``train/loss`` on the host after every training step (the ``step_sync`` lever)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if "train/loss" in trainer.callback_metrics:
+            float(trainer.callback_metrics["train/loss"])
+
+
+class NoGC(pl.Callback):
+    """Python's garbage collector off from the start of training to its end (the ``no_gc`` lever)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        gc.disable()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        gc.enable()
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -71,6 +108,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=30, help="steps before timing (the first compiles)")
     p.add_argument("--steps", type=int, default=60, help="timed steps")
     p.add_argument("--window", type=int, default=10, help="steps per timed window")
+    p.add_argument("--profile", type=int, default=0, help="steps profiled after the timed ones, in every row")
+    p.add_argument("--trace", action="store_true", help="with --profile: also each row's Chrome trace (gzipped)")
     p.add_argument("--workers", type=int, default=min(15, max((os.cpu_count() or 2) - 1, 0)),
                    help="loader workers of the JPEG path")
     p.add_argument("--shard-workers", type=int, default=4, help="loader workers of the shards path")
@@ -101,16 +140,21 @@ def config(args: argparse.Namespace, cuda: bool, compiled: bool, *extra: str) ->
                  f"model.img_size={args.img_size}", "model.backbone.pretrained=false", "print_config=false",
                  f"trainer={'gpu' if cuda else 'cpu'}", f"data.batch_size={args.batch}",
                  f"data.num_workers={args.shard_workers}", "data.train_source=shards", f"model.compile={compiled}",
-                 "trainer.max_epochs=1", f"trainer.limit_train_batches={args.warmup + args.steps}",
+                 "trainer.max_epochs=1", f"trainer.limit_train_batches={batches(args)}",
                  f"trainer.limit_val_batches={args.val_batches}", "trainer.num_sanity_val_steps=0",
                  *synthetic_overrides(args), *args.override, *extra]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=overrides)
 
 
+def batches(args: argparse.Namespace) -> int:
+    """Training steps of a row: warm-up, timed, profiled."""
+    return args.warmup + args.steps + args.profile
+
+
 def synthetic_overrides(args: argparse.Namespace) -> list[str]:
     """A train split of one epoch's worth of scenes (2 views each) and a small val split."""
-    need = (args.warmup + args.steps) * args.batch
+    need = batches(args) * args.batch
     scenes = args.scenes or max(40, math.ceil(1.1 * need / (2 * TRAIN_FRACTION)))
     return [f"data.source.n_scenes={scenes}", "data.source.views_per_scene=2", f"data.splits.train={TRAIN_FRACTION}",
             f"data.splits.val={1 - TRAIN_FRACTION:.2f}", "data.splits.meta=0", "data.splits.calib=0",
@@ -144,28 +188,38 @@ def raw_step(backbone: dict, args: argparse.Namespace, device: torch.device, com
         optimizer.zero_grad(set_to_none=True)
 
     reset_memory(device)
-    out = time_steps(step, device, args.warmup, args.steps, args.window, args.batch)
-    return {**out, "peak_memory_gb": peak_memory(device)}
+    out = {**time_steps(step, device, args.warmup, args.steps, args.window, args.batch),
+           "peak_memory_gb": peak_memory(device)}
+    if args.profile:
+        out["profile"] = profile_steps(step, args.profile, f"raw-{'compiled' if compiled else 'eager'}",
+                                       trace=args.trace)
+    return out
 
 
 def full_loop(cfg: DictConfig, run: Run, name: str, args: argparse.Namespace, device: torch.device) -> dict:
     """``trainer.fit`` of the real Stage1Module and RoadworkDataModule for one epoch, timed by :class:`StepTimer`."""
     ensure_shards(cfg, run)
     datamodule = build_datamodule(cfg, run)
-    batches = math.ceil(len(datamodule.split("train")) / args.batch)
-    if batches < args.warmup + args.steps:
-        raise SystemExit(f"the train split of {run.path} has {batches} batches of {args.batch}; the bench needs "
-                         f"{args.warmup + args.steps}: pass fewer --steps / --warmup or a larger run")
+    available = math.ceil(len(datamodule.split("train")) / args.batch)
+    if available < batches(args):
+        raise SystemExit(f"the train split of {run.path} has {available} batches of {args.batch}; the bench needs "
+                         f"{batches(args)}: pass fewer --steps / --warmup / --profile or a larger run")
     model = instantiate(cfg.model, class_weights=datamodule.class_weights)
     trainer = build_trainer(cfg, run.task_dir("bench") / name)
-    timer = StepTimer(device, args.warmup, args.window, cfg.data.batch_size)
+    timer = StepTimer(device, args.warmup, args.window, cfg.data.batch_size, args.steps)
     trainer.callbacks.append(timer)
-    graphs = counters["stats"]["unique_graphs"]
+    profiler = StepProfiler(name, args.warmup + args.steps, args.profile, trace=args.trace) if args.profile else None
+    if profiler:
+        trainer.callbacks.append(profiler)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     reset_memory(device)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     out = {**timer.result(), "fit_s": time.perf_counter() - start, "peak_memory_gb": peak_memory(device),
-           "compiled_graphs": counters["stats"]["unique_graphs"] - graphs}
+           "compiled_graphs": counters["stats"]["unique_graphs"] - graphs,
+           "graph_breaks": sum(counters["graph_break"].values()) - breaks}
+    if profiler:
+        out["profile"] = profiler.summary
     del trainer, model, datamodule
     release(device)
     return out

@@ -47,11 +47,13 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int, step
 
 
 class StepTimer(pl.Callback):
-    """Marks the wall clock (synchronised) after step ``warmup`` and every ``window`` steps after it, and times the
-    first step (compilation included): the full loop's windows, measured inside ``trainer.fit``."""
+    """Marks the wall clock (synchronised) after step ``warmup`` and every ``window`` steps after it (up to ``steps``
+    timed steps, when given), and times the first step (compilation included): the full loop's windows, measured
+    inside ``trainer.fit``."""
 
-    def __init__(self, device: torch.device, warmup: int, window: int, batch: int):
+    def __init__(self, device: torch.device, warmup: int, window: int, batch: int, steps: int | None = None):
         self.device, self.warmup, self.window, self.batch = device, max(int(warmup), 1), int(window), int(batch)
+        self.steps = steps
         self.marks: list[float] = []
         self.start = self.first_step = None
 
@@ -63,7 +65,8 @@ class StepTimer(pl.Callback):
         if done == 1:
             synchronize(self.device)
             self.first_step = time.perf_counter() - self.start
-        if done >= self.warmup and (done - self.warmup) % self.window == 0:
+        timed = done - self.warmup
+        if timed >= 0 and timed % self.window == 0 and (self.steps is None or timed <= self.steps):
             synchronize(self.device)
             self.marks.append(time.perf_counter())
 

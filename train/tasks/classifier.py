@@ -61,7 +61,9 @@ class ClassifierModule(pl.LightningModule):
             loss = self.soft_criterion(self(images), soft)
         else:
             loss = self.criterion(self.logits(batch), labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        # no prog_bar: Lightning turns prog_bar metrics into numbers at every batch end (a host-device sync per step);
+        # the progress bar (train/utils/progress.py) reads train/loss at logging steps only
+        self.log("train/loss", loss, batch_size=len(labels))
         return loss
 
     def logits(self, batch: dict) -> torch.Tensor:

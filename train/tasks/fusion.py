@@ -64,7 +64,7 @@ class FusionModule(pl.LightningModule):
             per = F.cross_entropy(out["unimodal"].flatten(0, 1), batch["label"].repeat_interleave(present.shape[1]),
                                   weight=self.class_weights, reduction="none")
             loss = loss + self.aux_weight * (per * present.flatten().float()).sum() / present.sum().clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(present))
+        self.log("train/loss", loss, batch_size=len(present))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

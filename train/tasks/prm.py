@@ -91,7 +91,7 @@ class PRMModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch), batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        self.log("train/loss", loss, batch_size=len(batch["target"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
