@@ -72,10 +72,17 @@ def test_validator_queries_are_rendered_once_per_run_and_read_back_pixel_for_pix
     for i in (0, len(images) // 2, len(images) - 1):
         for level in (0, 2):
             assert np.array_equal(images.query(i, level), direct.query(i, level))
-    assert torch.equal(cached.dataset("test", 2)[3]["image"], rendered.dataset("test", 2)[3]["image"])
-    stamps = [f.stat().st_mtime_ns for f in files]
+    # the model inputs come from the resized-query cache (decoded and resized once), equal to decoding each query
+    inputs, direct_inputs = cached.dataset("test", 2), rendered.dataset("test", 2)
+    assert inputs.resized is not None and direct_inputs.resized is None
+    for i in range(len(inputs)):
+        assert torch.equal(inputs[i]["image"], direct_inputs[i]["image"])
+    resized = sorted((tmp_path / "queries").glob("test-L2-*px.npy"))
+    assert len(resized) == 1 and np.load(resized[0]).shape == (len(images), cached.img_size, cached.img_size, 3)
+    stamps = [f.stat().st_mtime_ns for f in files + resized]
     cached.queries("test", [0, 2])
-    assert [f.stat().st_mtime_ns for f in files] == stamps  # read back, not rendered again
+    cached.dataset("test", 2)
+    assert [f.stat().st_mtime_ns for f in files + resized] == stamps  # read back, not rendered again
     reseeded = instantiate(tiny_config("data.eval_seed=1").data, index_path=index).queries("test", [2])
     assert len(list((tmp_path / "queries").glob("test-L2-*.parquet"))) == 2
     assert not np.array_equal(reseeded.query(0, 2), images.query(0, 2))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from train.__main__ import run_task
 from train.runs import Run, RunError
@@ -69,6 +70,23 @@ def test_a_stage_reruns_alone_from_run_dir(tiny_config, tiny_run, tmp_path):
     run_task(tiny_config("task=stage1", f"run_dir={copy.path}", "trainer.limit_train_batches=2"))
     assert copy.read()["tasks"]["stage1"]["finished"] >= tiny_run.read()["tasks"]["stage1"]["finished"]
     assert (copy.path / "stage1" / "config.yaml").exists()
+
+
+def test_every_stage_starts_from_the_seed(monkeypatch, tmp_path):
+    """A stage draws the same random numbers after other stages in one process as when run alone."""
+    from omegaconf import OmegaConf
+
+    from train.tasks import RANKS, TASKS
+    from train.tasks.pipeline import run_pipeline
+    draws: dict[str, list] = {}
+    for name in ("first", "second"):
+        monkeypatch.setitem(TASKS, name, lambda cfg, run, name=name: draws.setdefault(name, []).append(torch.rand(4)))
+        monkeypatch.setitem(RANKS, name, "zero")
+    run = Run.create(tmp_path, "seeds")
+    run_pipeline(OmegaConf.create({"seed": 7, "pipeline": {"stages": ["first", "second"], "force": True}}), run)
+    torch.rand(5)  # whatever ran before in the process
+    run_pipeline(OmegaConf.create({"seed": 7, "pipeline": {"stages": ["second"], "force": True}}), run)
+    assert torch.equal(draws["second"][0], draws["second"][1]) and torch.equal(draws["first"][0], draws["second"][0])
 
 
 def test_missing_inputs_fail_clearly(tiny_config, tmp_path):

@@ -1,8 +1,10 @@
-"""Per-sample prediction files: round trip, and padded duplicates from distributed samplers dropped."""
+"""Per-sample prediction files: round trip, and padded duplicates from distributed samplers dropped; a model's
+outputs on a split cached across stages."""
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from train.predictions import read_predictions, unique_rows, write_predictions
+from train.predictions import collect_outputs, read_predictions, unique_rows, write_predictions
 
 
 def test_predictions_round_trip_in_index_order(tmp_path):
@@ -20,3 +22,45 @@ def test_unique_rows_drops_repeated_samples():
     index = torch.tensor([3, 1, 2, 0, 1, 3])  # a padded, gathered test set
     rows = unique_rows(index)
     assert index[rows].tolist() == [0, 1, 2, 3] and rows.tolist() == [3, 1, 2, 0]
+
+
+class Queries:
+    """The part of the datamodule that :func:`collect_outputs` reads: ten 8 px queries per level."""
+    img_size, mean, std, eval_seed = 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 0
+
+    def dataset(self, split: str, level: int) -> list[dict]:
+        return [{"image": torch.full((3, 8, 8), float(i + 10 * level)), "label": i % 2, "index": i} for i in range(10)]
+
+    def loader(self, dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=4)
+
+
+class Counting(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head, self.images = torch.nn.Linear(3 * 8 * 8, 2), 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.images += len(images)
+        return self.head(images.flatten(1))
+
+
+def test_collect_outputs_reads_a_models_cached_outputs_instead_of_running_it(tmp_path):
+    queries, model, other = Queries(), Counting(), Counting()
+    first = collect_outputs({"a": model, "mean": lambda x: x.mean((1, 2, 3))}, queries, "calib", [0, 2], tmp_path)
+    assert model.images == 20 and first["level"].tolist() == [0] * 10 + [2] * 10
+    again = collect_outputs({"a": model, "b": other, "mean": lambda x: x.mean((1, 2, 3))}, queries, "calib", [0, 2],
+                            tmp_path)
+    assert model.images == 20 and other.images == 20  # a read back, b run (and cached in turn)
+    for key in ("a", "mean", "label", "index", "level"):
+        assert torch.equal(again[key], first[key])
+    assert torch.allclose(again["b"], other.head(torch.stack([q["image"] for lv in (0, 2)
+                                                              for q in queries.dataset("calib", lv)]).flatten(1)))
+    only_cached = collect_outputs({"a": model, "b": other}, queries, "calib", [0, 2], tmp_path)
+    assert model.images == 20 and other.images == 20 and torch.equal(only_cached["b"], again["b"])
+    with torch.no_grad():
+        model.head.bias += 1  # other weights: run again
+    changed = collect_outputs({"a": model}, queries, "calib", [0, 2], tmp_path)
+    assert model.images == 40 and torch.allclose(changed["a"], first["a"] + 1)
+    collect_outputs({"a": model}, queries, "test", [0, 2], tmp_path)  # another split: run again
+    assert model.images == 60

@@ -14,6 +14,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset
 
+from train.models.saving import weights_sha256
+from train.runs import fingerprint, read_cached, write_cached
+
 Columns = dict[str, np.ndarray]
 
 
@@ -92,9 +95,39 @@ def predict_split(fn, datamodule, split: str, levels, output: str = "logits",
     return out
 
 
-def collect_outputs(outputs: dict, datamodule, split: str, levels) -> dict[str, torch.Tensor]:
+def _cache_key(model: torch.nn.Module, datamodule, split: str, levels) -> dict:
+    """What a model's outputs on a split's validator queries depend on (the cache file's fingerprint)."""
+    return {"model": weights_sha256(model), "split": split, "levels": [int(lv) for lv in levels],
+            "img_size": datamodule.img_size, "mean": list(datamodule.mean), "std": list(datamodule.std),
+            "eval_seed": datamodule.eval_seed}
+
+
+def collect_outputs(outputs: dict, datamodule, split: str, levels, cache_dir: Path | None = None
+                    ) -> dict[str, torch.Tensor]:
     """``{name: fn(images)}`` over ``split`` at each level, stacked over the levels with ``label``, ``index`` and
-    ``level``; models among ``outputs`` run on the GPU when there is one (and go back to the CPU)."""
+    ``level``; models among ``outputs`` run on the GPU when there is one (and go back to the CPU).
+
+    With ``cache_dir`` (a run's ``outputs/``), each model's outputs are kept there, keyed by its weights and the
+    queries, and any later call reads them instead of running the model again (the draft stage's teacher and draft
+    on calib and test are the router's inputs too); the data is read only for what is not cached."""
+    keys = {n: _cache_key(fn, datamodule, split, levels) for n, fn in outputs.items()
+            if cache_dir is not None and isinstance(fn, torch.nn.Module)}
+    paths = {n: Path(cache_dir) / f"{split}-{fingerprint(key, 12)}.safetensors" for n, key in keys.items()}
+    cached = {n: hit for n in keys if (hit := read_cached(paths[n], keys[n])) is not None}
+    todo = {n: fn for n, fn in outputs.items() if n not in cached}
+    out = _run_outputs(todo, datamodule, split, levels) if todo else dict(next(iter(cached.values())))
+    for name, hit in cached.items():
+        if not all(torch.equal(hit[k], out[k]) for k in ("label", "index", "level")):
+            raise RuntimeError(f"the cached outputs of {name!r} ({paths[name]}) cover other {split} queries than "
+                               "this data: delete the file to have it rewritten")
+        out[name] = hit["out"]
+    for name in set(keys) - set(cached):
+        write_cached(paths[name], keys[name], {"out": out[name], **{k: out[k] for k in ("label", "index", "level")}})
+    out.pop("out", None)
+    return out
+
+
+def _run_outputs(outputs: dict, datamodule, split: str, levels) -> dict[str, torch.Tensor]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = [fn for fn in outputs.values() if isinstance(fn, torch.nn.Module)]
     for model in models:

@@ -185,26 +185,38 @@ def fingerprint(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
-def cached_tensors(path: Path, fingerprint: dict, make) -> dict:
-    """``make()``'s tensors, saved to ``path`` (safetensors, atomically) once; a rerun whose ``fingerprint`` (what the
-    tensors depend on) is the same reads them back instead of recomputing."""
+def read_cached(path: Path, fingerprint: dict) -> dict | None:
+    """The tensors :func:`write_cached` saved at ``path`` under the same ``fingerprint``; None if absent or stale."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    key = json.dumps(fingerprint, sort_keys=True, default=str)
     path = Path(path)
     if path.is_file():
         with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("fingerprint") == key:
+            if (f.metadata() or {}).get("fingerprint") == json.dumps(fingerprint, sort_keys=True, default=str):
                 log.info("reusing %s", path.name)
                 return load_file(str(path))
-    tensors = make()
+    return None
+
+
+def write_cached(path: Path, fingerprint: dict, tensors: dict) -> dict:
+    """Save ``tensors`` to ``path`` (safetensors, atomically) with what they depend on (``fingerprint``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fingerprint": key})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True, default=str)})
     tmp.replace(path)
     return tensors
 
+
+def cached_tensors(path: Path, fingerprint: dict, make) -> dict:
+    """``make()``'s tensors, saved to ``path`` once; a rerun whose ``fingerprint`` (what the tensors depend on) is
+    the same reads them back instead of recomputing."""
+    cached = read_cached(path, fingerprint)
+    return cached if cached is not None else write_cached(path, fingerprint, make())
 
 
 NET_KINDS = ("router", "fusion", "prm")  # stages whose model is a small network (save_net), by its config's key

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from train.data.gpu_augment import GpuAugment
 from train.data.images import ImageReader, decode_rgb, loader_worker_init
 from train.data.index import build_index, where
-from train.data.queries import query_store
+from train.data.queries import ResizedQueries, query_store
 from train.data.sampling import EpochSampler
 from train.data.shards import ShardDataset, as_batch
 from train.data.sources import DataError
@@ -50,6 +50,7 @@ class ImageDataset(Dataset):
         self.transform, self.decode_side, self.fields = transform, decode_side, fields
         self.level, self.eval_seed = level, eval_seed
         self.queries = dict(queries or {})  # level -> QueryStore (the run's rendered queries)
+        self.resized: ResizedQueries | None = None  # the ``level`` queries as model inputs, before normalising
         self.reader = ImageReader()
         self._validator: dict[int, ValidatorQuery] = {}
 
@@ -61,6 +62,8 @@ class ImageDataset(Dataset):
         i, seed = key if isinstance(key, tuple) else (key, None)
         if self.level is None:
             image = self.transform(self.image(i), i, seed)
+        elif self.resized is not None:  # the query decoded and resized once per run
+            image = self.transform.normalized(self.resized[i])
         else:
             image = self.transform(self.query(i, self.level))
         extra = self.fields(image) if self.fields is not None else {}
@@ -188,6 +191,8 @@ class RoadworkDataModule(pl.LightningDataModule):
         if self.query_cache and self.index_path is not None:
             images.queries = {int(lv): query_store(images, self.index_path.parent / "queries", name, int(lv),
                                                    self.eval_seed, self.num_workers) for lv in dict.fromkeys(levels)}
+            if level in images.queries:
+                images.resized = ResizedQueries(images.queries[level], images.transform, self.num_workers)
         return images
 
     def loader(self, dataset: ImageDataset, sampler=None, batch_size: int | None = None):

@@ -185,7 +185,7 @@ def write_modality(store: FeatureStore, name: str, modality, datamodule, split: 
     for k in todo:
         start, stop = shards[k]
         loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=datamodule.eval_batch_size,
-                            num_workers=datamodule.num_workers)
+                            num_workers=datamodule.num_workers, generator=torch.Generator())  # (no global draw)
         values, present, index, level = [], [], [], []
         for batch in loader:
             v, p = modality.encode(batch)

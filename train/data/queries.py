@@ -5,8 +5,10 @@ CPU more than a small model's forward pass, and every stage after Stage-1 reads 
 queries: calibration, the draft's acceptance, the router, the views, the thresholds, the replay. The first reader
 of a split at a level renders all its queries with the loader workers and stores them next to the run's index
 (``<run>/data/queries/<split>-L<level>-<fingerprint>.parquet``). Later readers decode the stored JPEG. The query
-*is* that JPEG, so a stored query decodes to exactly what rendering it again would give.
-``data.query_cache=false`` renders on every read instead.
+*is* that JPEG, so a stored query decodes to exactly what rendering it again would give. The model inputs are cached
+too (:class:`ResizedQueries`: decoded and resized to the model's size once, uint8), so a pass over a split costs
+the model alone. ``data.query_cache=false`` renders on every read instead. Making a cache draws no number from the
+global random generators (a run trains the same models whether its caches were made or found).
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ import time
 from pathlib import Path
 
 import albumentations as A
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from train.data.images import loader_worker_init
-from train.data.transforms import QUERY_JPEG_QUALITY, QUERY_SIZE, ValidatorQuery
+from train.data.transforms import QUERY_JPEG_QUALITY, QUERY_SIZE, ModelInput, ValidatorQuery, decode_query
 from train.runs import fingerprint
 
 log = logging.getLogger(__name__)
@@ -71,7 +75,7 @@ def query_store(images, directory: Path, split: str, level: int, seed: int, num_
         return QueryStore(path)
     start = time.perf_counter()
     loader = DataLoader(_Rendering(images, level, seed), batch_size=64, num_workers=num_workers,
-                        collate_fn=list, worker_init_fn=loader_worker_init)
+                        collate_fn=list, worker_init_fn=loader_worker_init, generator=torch.Generator())
     jpegs = [jpeg for batch in loader for jpeg in batch]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes may render the same split at once
@@ -80,3 +84,38 @@ def query_store(images, directory: Path, split: str, level: int, seed: int, num_
     log.info("validator queries of %s at level %d rendered once for this run: %d in %.1f s (%.1f MB)", split, level,
              len(jpegs), time.perf_counter() - start, path.stat().st_size / 1e6)
     return QueryStore(path)
+
+
+class _Resizing(Dataset):
+    def __init__(self, store: QueryStore, model_input: ModelInput):
+        self.store, self.model_input = store, model_input
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.model_input.resized(decode_query(self.store[i], i))
+
+
+class ResizedQueries:
+    """A store's queries decoded and resized to the model's input size (uint8, N x size x size x 3), written once
+    beside it (``<store>-<size>px.npy``) and memory-mapped: :meth:`ModelInput.normalized` of row ``i`` is exactly
+    what decoding query ``i`` and :class:`ModelInput` give."""
+
+    def __init__(self, store: QueryStore, model_input: ModelInput, num_workers: int):
+        self.path = store.path.with_name(f"{store.path.stem}-{model_input.img_size}px.npy")
+        if not (self.path.is_file() and len(np.load(self.path, mmap_mode="r")) == len(store)):
+            loader = DataLoader(_Resizing(store, model_input), batch_size=256, num_workers=num_workers,
+                                collate_fn=np.stack, worker_init_fn=loader_worker_init, generator=torch.Generator())
+            tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, np.concatenate(list(loader)))
+            tmp.replace(self.path)
+        self._rows = None
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self._rows is None:
+            self._rows = np.load(self.path, mmap_mode="r")
+        return self._rows[i]
+
+    def __getstate__(self):  # each loader worker maps the file itself
+        return {"path": self.path, "_rows": None}

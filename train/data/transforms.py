@@ -72,14 +72,22 @@ def decode_query(data: bytes, i: int) -> np.ndarray:
 
 
 class ModelInput:
-    """RGB array -> normalised CHW float tensor at the model's input size."""
+    """RGB array -> normalised CHW float tensor at the model's input size: :meth:`resized` (uint8, what the run's
+    resized-query cache stores) then :meth:`normalized`."""
 
     def __init__(self, img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.transform = A.Compose([A.Resize(img_size, img_size, interpolation=1, area_for_downscale="image"),
-                                    A.Normalize(mean=tuple(mean), std=tuple(std))])
+        self.img_size = img_size
+        self.resize = A.Compose([A.Resize(img_size, img_size, interpolation=1, area_for_downscale="image")])
+        self.normalize = A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std))])
+
+    def resized(self, image: np.ndarray) -> np.ndarray:
+        return self.resize(image=image)["image"]
+
+    def normalized(self, resized: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.normalize(image=np.asarray(resized))["image"].transpose(2, 0, 1).copy())
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.transform(image=image)["image"].transpose(2, 0, 1).copy())
+        return self.normalized(self.resized(image))
 
 
 class EvalTransform:

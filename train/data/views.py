@@ -183,7 +183,7 @@ def view_outputs(model: torch.nn.Module, datamodule, split: str, view_set: ViewS
     model = model.to(device).eval()
     dataset = view_dataset(datamodule, split, view_set, levels, every_level)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=datamodule.num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", generator=torch.Generator())  # (a cache: no global draw)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logits", "embeddings", "mask", "label", "index", "level")}
     for batch in loader:
         views, mask = batch["views"].to(device, non_blocking=True), batch["mask"]

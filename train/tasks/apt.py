@@ -28,7 +28,7 @@ from train.models.apt.model import base_patch_size
 from train.models.apt.plots import patch_grid
 from train.models.apt.selection import grayscale_255
 from train.models.saving import load_classifier, save_classifier
-from train.predictions import write_predictions
+from train.predictions import read_predictions, write_predictions
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.classifier import ClassifierModule, fit_and_test, test_figures
@@ -197,9 +197,13 @@ def run_apt(cfg: DictConfig, run: Run) -> dict:
 
     with net.base_only():  # base patches only: exactly the Stage-1 model
         val_original = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
-        trainer.test(module, datamodule=datamodule, verbose=False)
-        test_original = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        predictions_original = module.test_predictions
+        test_original, predictions_original = recorded_test(run, acfg.source, module.levels["test"])
+        if predictions_original is None:
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            test_original = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            predictions_original = module.test_predictions
+        base = {f"test/L{lv}/tokens": float(net.base_tokens) for lv in module.levels["test"]}
+        test_original = {**base, "test/tokens": float(net.base_tokens), **test_original}
     val_zero_shot = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     best, last, test_after = fit_and_test(trainer, module, datamodule,
                                           resolve_ckpt_path(cfg.get("ckpt_path"), task_dir))
@@ -242,6 +246,18 @@ def run_apt(cfg: DictConfig, run: Run) -> dict:
     artifacts.update({k: v for k, v in (("best", best), ("last", last)) if v})
     run.record("apt", artifacts=artifacts, metrics=metrics)
     return metrics
+
+
+def recorded_test(run: Run, source: str, levels) -> tuple[dict | None, dict | None]:
+    """The source stage's own test metrics and predictions (APT's base-patch model is exactly its model), when it
+    recorded them at these levels: (metrics, ``{level: {"logits", "label", "index"}}``), else (None, None)."""
+    if "test_predictions" not in run.read()["tasks"].get(source, {}).get("artifacts", {}):
+        return None, None
+    predictions = {lv: {k: torch.from_numpy(v) for k, v in cols.items()}
+                   for lv, cols in read_predictions(run.artifact(source, "test_predictions")).items()}
+    if sorted(predictions) != sorted(levels):
+        return None, None
+    return {k: float(v) for k, v in run.metrics(source).items() if k.startswith("test/")}, predictions
 
 
 def _metrics(results: list[dict]) -> dict[str, float]:

@@ -58,7 +58,7 @@ class DifficultyModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch["image"], batch["draft_logits"]), batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        self.log("train/loss", loss, batch_size=len(batch["target"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -167,8 +167,8 @@ def run_difficulty(cfg: DictConfig, run: Run) -> dict:
     def small(images: torch.Tensor) -> torch.Tensor:  # what the router sees, stored instead of the full image
         return F.adaptive_avg_pool2d(images, router.in_size)
 
-    outcomes = {split: collect_outputs({**tiers, "image": small}, datamodule, split, dcfg.levels)
-                for split in ("meta", "calib", "test")}
+    outcomes = {split: collect_outputs({**tiers, "image": small}, datamodule, split, dcfg.levels, run.path / "outputs")
+                for split in ("meta", "calib", "test")}  # calib, test: the draft stage's outputs
     wrong = {split: wrong_answers(o, targets) for split, o in outcomes.items()}
 
     meta = outcomes["meta"]

@@ -123,7 +123,7 @@ class DraftModule(pl.LightningModule):
             loss = loss + self.budget_cost * out.expected_budget
             self.log("train/budget", out.expected_budget.detach(), batch_size=len(images))
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=len(images))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        self.log("train/loss", loss, batch_size=len(images))
         return loss
 
     def _eval_step(self, split: str, batch: dict, idx: int) -> None:
@@ -241,6 +241,24 @@ def budget_report(elastic: nn.Module, test: dict[str, torch.Tensor], levels: Seq
             "forced": {str(b): scores(test[f"forced_{i}"]) for i, b in enumerate(elastic.budgets)}}
 
 
+def agreement_figures(outcomes: dict[str, torch.Tensor], split: str) -> dict[str, float]:
+    """The calibrated draft against the teacher and the labels per validator level, and their means: the keys and
+    values :class:`DraftModule` logs (``<split>/L<level>/agree_mcc`` ..., ``<split>/mcc`` = mean agreement MCC)."""
+    pred, target = ((roadwork_prob(outcomes[k]) > 0.5).long() for k in ("draft", "teacher"))
+    label = outcomes["label"].long()
+    per_level = {}
+    for level in outcomes["level"].unique().tolist():
+        rows = outcomes["level"] == level
+        per_level[level] = {"agree_mcc": float(binary_matthews_corrcoef(pred[rows], target[rows])),
+                            "agree_acc": float((pred[rows] == target[rows]).float().mean()),
+                            "mcc_label": float(binary_matthews_corrcoef(pred[rows], label[rows]))}
+    figures = {f"{split}/L{lv}/{k}": v for lv, values in per_level.items() for k, v in values.items()}
+    figures.update({f"{split}/{k}": float(np.mean([v[k] for v in per_level.values()]))
+                    for k in ("agree_mcc", "agree_acc", "mcc_label")})
+    figures[f"{split}/mcc"] = figures[f"{split}/agree_mcc"]
+    return figures
+
+
 def acceptance(outcomes: dict[str, dict], dcfg: DictConfig, seed: int) -> tuple:
     """The relaxed-acceptance threshold by Learn-then-Test on calib (one level per image), its result on test and
     the resampled check of its guarantee: (choice, test figures, check)."""
@@ -296,8 +314,6 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
     else:
         trainer.fit(module, datamodule=datamodule)
     restore_best(trainer, module, strict=False)
-    test = {k.split("/dataloader_idx")[0]: float(v) for r in trainer.test(module, datamodule=datamodule, verbose=False)
-            for k, v in r.items()}
 
     draft = module.cpu().eval().student_classifier()
     weights, config_path = save_classifier(draft, task_dir / "student", spec)
@@ -309,9 +325,11 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
 
     tiers = {"draft": draft, "teacher": module.teacher.cpu()}
     elastic = getattr(draft, "elastic", None)
-    outcomes = {"calib": collect_outputs(tiers, datamodule, "calib", dcfg.levels),
+    cache = run.path / "outputs"  # the router reads the same outputs
+    outcomes = {"calib": collect_outputs(tiers, datamodule, "calib", dcfg.levels, cache),
                 "test": collect_outputs({**tiers, **(budget_outputs(elastic) if elastic else {})}, datamodule, "test",
-                                        dcfg.levels)}
+                                        dcfg.levels, cache)}
+    test = agreement_figures(outcomes["test"], "test")
     choice, on_test, check = acceptance(outcomes, dcfg, cfg.seed)
     budgets = budget_report(elastic, outcomes["test"], dcfg.levels) if elastic else None
     flops = draft_flops(draft, module.teacher, spec["img_size"], budgets)
@@ -326,7 +344,7 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
     metrics = {**test, "acceptance/test/rate": on_test["acceptance_rate"],
                "acceptance/test/disagreement": on_test["accepted_risk"] if on_test["accepted_risk"] is not None else float("nan"),
                "flops/ratio": flops["ratio"], **fault_metrics(trainer)}
-    print_level_table({k: v for k, v in test.items()}, "draft on test: agreement with the teacher, MCC vs labels",
+    print_level_table(test, "draft (calibrated) on test: agreement with the teacher, MCC vs labels",
                       "test", ("agree_mcc", "agree_acc", "mcc_label"))
     log.info("draft acceptance at alpha=%.3g, delta=%.3g: threshold %s; on test %.1f%% accepted, %.2f%% of them "
              "disagree with the teacher; FLOPs %.3g vs teacher %.3g", dcfg.alpha, dcfg.delta, choice.threshold,

@@ -3,6 +3,7 @@
 With several processes (DDP, DeepSpeed) every rank walks the same stages: all of them run the stages that train on
 every rank (``stage1``), rank 0 alone runs the others, and the ranks meet before each stage that needs them all, so
 they read what rank 0 wrote. Once no such stage is left, the other ranks leave and rank 0 goes on alone.
+Every stage starts from ``seed``, so it trains the same model as ``task=<stage> run_dir=...`` run alone.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 import time
 from functools import partial
 
+import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from train.runs import Run
@@ -36,6 +38,7 @@ def run_pipeline(cfg: DictConfig, run: Run) -> dict:
     for i, stage in enumerate(todo):
         if runs_here(stage):
             log.info("stage '%s' starting", stage)
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the random numbers a run of it alone draws
             start = time.perf_counter()
             results[stage] = fns[stage](cfg, run)
             log.info("stage '%s' done in %.1f s", stage, time.perf_counter() - start)
