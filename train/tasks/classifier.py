@@ -22,7 +22,7 @@ from torchmetrics.aggregation import CatMetric
 from train.metrics import bootstrap_interval, by_level, per_level_metrics, roadwork_prob
 from train.optim import build_optimizer, with_schedule
 from train.predictions import unique_rows
-from train.tasks.lightning import checkpoint_paths
+from train.tasks.lightning import checkpoint_paths, testable_checkpoint
 from train.utils.faults import fault_metrics
 from train.utils.rng import capture_rng, restore_rng
 
@@ -162,6 +162,6 @@ def fit_and_test(trainer: pl.Trainer, model: ClassifierModule, datamodule: pl.Li
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
     with warnings.catch_warnings():  # ... and Lightning's reminder to keep the callback does not apply
         warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=testable_checkpoint(trainer, best), verbose=False)
     tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     return best, last, {**tested, **fault_metrics(trainer), **scores}

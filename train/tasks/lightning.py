@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.strategies import DeepSpeedStrategy
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -69,6 +70,21 @@ def checkpoint_paths(trainer: pl.Trainer) -> tuple[str | None, str | None]:
         elif getattr(cb, "best_model_path", None):
             last = last or cb.best_model_path
     return best, last
+
+
+def testable_checkpoint(trainer: pl.Trainer, best: str | None) -> str | None:
+    """The checkpoint ``trainer.test`` can load: ``best`` itself, except a ZeRO-3 folder, which DeepSpeed 0.19 cannot
+    load without optimizer states (it calls a method its parameter-offload engine lacks). That one is consolidated
+    into one fp32 file (rank 0, the others wait), which Lightning then gathers into the sharded model
+    (``load_full_weights``)."""
+    strategy = trainer.strategy
+    if not best or not isinstance(strategy, DeepSpeedStrategy) or not strategy.zero_stage_3:
+        return best
+    if trainer.is_global_zero:
+        consolidated_checkpoint(best)
+    strategy.barrier("consolidated")
+    strategy.load_full_weights = True
+    return str(Path(best) / "fp32.ckpt")
 
 
 def restore_best(trainer: pl.Trainer, module: pl.LightningModule, strict: bool = True) -> str:
