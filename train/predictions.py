@@ -115,15 +115,15 @@ def collect_outputs(outputs: dict, datamodule, split: str, levels, cache_dir: Pa
     paths = {n: Path(cache_dir) / f"{split}-{fingerprint(key, 12)}.safetensors" for n, key in keys.items()}
     cached = {n: hit for n in keys if (hit := read_cached(paths[n], keys[n])) is not None}
     todo = {n: fn for n, fn in outputs.items() if n not in cached}
-    out = _run_outputs(todo, datamodule, split, levels) if todo else dict(next(iter(cached.values())))
+    rows = ("label", "index", "level")
+    out = _run_outputs(todo, datamodule, split, levels) if todo else {k: next(iter(cached.values()))[k] for k in rows}
     for name, hit in cached.items():
-        if not all(torch.equal(hit[k], out[k]) for k in ("label", "index", "level")):
+        if not all(torch.equal(hit[k], out[k]) for k in rows):
             raise RuntimeError(f"the cached outputs of {name!r} ({paths[name]}) cover other {split} queries than "
                                "this data: delete the file to have it rewritten")
         out[name] = hit["out"]
     for name in set(keys) - set(cached):
-        write_cached(paths[name], keys[name], {"out": out[name], **{k: out[k] for k in ("label", "index", "level")}})
-    out.pop("out", None)
+        write_cached(paths[name], keys[name], {"out": out[name], **{k: out[k] for k in rows}})
     return out
 
 

@@ -225,10 +225,9 @@ def budget_report(elastic: nn.Module, test: dict[str, torch.Tensor], levels: Seq
 
     def scores(logits: torch.Tensor, rows: torch.Tensor | None = None) -> dict:
         pred = (roadwork_prob(logits) > 0.5).long()
-        t, y = (target, label) if rows is None else (target[rows], label[rows])
-        pred = pred if rows is None else pred[rows]
-        return {"n": len(pred), "agree_mcc": float(binary_matthews_corrcoef(pred, t)),
-                "agree_acc": float((pred == t).float().mean()), "mcc_label": float(binary_matthews_corrcoef(pred, y))}
+        if rows is None:
+            return {"n": len(pred), **agreement(pred, target, label)}
+        return {"n": int(rows.sum()), **agreement(pred[rows], target[rows], label[rows])}
 
     chosen = test["budget"].long()
     fractions = elastic.fractions.cpu()
@@ -241,6 +240,13 @@ def budget_report(elastic: nn.Module, test: dict[str, torch.Tensor], levels: Seq
             "forced": {str(b): scores(test[f"forced_{i}"]) for i, b in enumerate(elastic.budgets)}}
 
 
+def agreement(pred: torch.Tensor, target: torch.Tensor, label: torch.Tensor) -> dict[str, float]:
+    """A draft's answers against the teacher's (``agree_mcc``, ``agree_acc``) and the labels (``mcc_label``)."""
+    return {"agree_mcc": float(binary_matthews_corrcoef(pred, target)),
+            "agree_acc": float((pred == target).float().mean()),
+            "mcc_label": float(binary_matthews_corrcoef(pred, label))}
+
+
 def agreement_figures(outcomes: dict[str, torch.Tensor], split: str) -> dict[str, float]:
     """The calibrated draft against the teacher and the labels per validator level, and their means: the keys and
     values :class:`DraftModule` logs (``<split>/L<level>/agree_mcc`` ..., ``<split>/mcc`` = mean agreement MCC)."""
@@ -249,9 +255,7 @@ def agreement_figures(outcomes: dict[str, torch.Tensor], split: str) -> dict[str
     per_level = {}
     for level in outcomes["level"].unique().tolist():
         rows = outcomes["level"] == level
-        per_level[level] = {"agree_mcc": float(binary_matthews_corrcoef(pred[rows], target[rows])),
-                            "agree_acc": float((pred[rows] == target[rows]).float().mean()),
-                            "mcc_label": float(binary_matthews_corrcoef(pred[rows], label[rows]))}
+        per_level[level] = agreement(pred[rows], target[rows], label[rows])
     figures = {f"{split}/L{lv}/{k}": v for lv, values in per_level.items() for k, v in values.items()}
     figures.update({f"{split}/{k}": float(np.mean([v[k] for v in per_level.values()]))
                     for k in ("agree_mcc", "agree_acc", "mcc_label")})

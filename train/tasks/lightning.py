@@ -14,6 +14,7 @@ from train.utils.checkpoints import load_checkpoint
 from train.utils.loggers import build_loggers
 
 log = logging.getLogger(__name__)
+CONSOLIDATED = "fp32.ckpt"  # a DeepSpeed checkpoint folder's weights as one fp32 Lightning checkpoint
 
 
 def build_datamodule(cfg: DictConfig, run: Run, input_spec: dict | None = None) -> pl.LightningDataModule:
@@ -84,7 +85,7 @@ def testable_checkpoint(trainer: pl.Trainer, best: str | None) -> str | None:
         consolidated_checkpoint(best)
     strategy.barrier("consolidated")
     strategy.load_full_weights = True
-    return str(Path(best) / "fp32.ckpt")
+    return str(Path(best) / CONSOLIDATED)
 
 
 def restore_best(trainer: pl.Trainer, module: pl.LightningModule, strict: bool = True) -> str:
@@ -122,12 +123,12 @@ def consolidated_checkpoint(path: str | Path) -> Path:
         return path
     if not is_deepspeed_checkpoint(path):
         raise FileNotFoundError(f"no such checkpoint: {path} (a file, or the folder Lightning saves under DeepSpeed)")
-    out = path / "fp32.ckpt"
+    out = path / CONSOLIDATED
     if not out.is_file() or out.stat().st_mtime < (path / "latest").stat().st_mtime:
         from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
         log.info("converting the DeepSpeed checkpoint %s to one fp32 file", path)
-        tmp = path / "fp32.ckpt.tmp"
+        tmp = out.with_suffix(".tmp")
         convert_zero_checkpoint_to_fp32_state_dict(path, tmp)
         tmp.replace(out)
     return out
