@@ -395,3 +395,26 @@ def test_export_graph_is_batch_one():
     assert not graph.model.training
     with pytest.raises(ValueError, match="one image at a time"):
         graph(images(2))
+
+
+def test_teacher_targets_in_bf16_only_where_native():
+    """The draft's teacher runs under bf16 autocast where the CPU has it natively, else in float32; either way its
+    targets come back as float32 close to the float32 teacher's."""
+    from train.utils.precision import bf16_autocast, native_bf16
+
+    x, w = torch.randn(4, 16), torch.randn(16, 16)
+    with bf16_autocast("cpu"):
+        assert (x @ w).dtype == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
+    with bf16_autocast("cpu", enabled=False):
+        assert (x @ w).dtype == torch.float32
+
+    torch.manual_seed(0)
+    teacher = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+                                num_classes=2).eval()
+    images = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        exact = teacher(images)
+        with bf16_autocast("cpu"):
+            fast = teacher(images).float()
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast, exact, atol=0.1) and (fast.argmax(1) == exact.argmax(1)).float().mean() >= 0.75

@@ -43,6 +43,7 @@ from train.tasks.lightning import build_datamodule, build_trainer, restore_best
 from train.utils.faults import fault_metrics
 from train.utils.loggers import log_figures
 from train.utils.console import print_level_table
+from train.utils.precision import bf16_autocast
 
 log = logging.getLogger(__name__)
 TEACHER_OUTPUTS = ("online", "cache")
@@ -61,7 +62,7 @@ class DraftModule(pl.LightningModule):
 
     def __init__(self, teacher: str, student: dict, optimizer: Callable, scheduler: Callable | None = None,
                  elastic: dict | None = None, loss: dict | None = None, budget_cost: float = 0.0, head: str = "teacher",
-                 init_from_teacher: bool = True,
+                 init_from_teacher: bool = True, teacher_autocast: bool = True,
                  val_levels: Sequence[int] = (0,), test_levels: Sequence[int] = (0, 1, 2, 3)):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -76,6 +77,7 @@ class DraftModule(pl.LightningModule):
         self.projection = FeatureProjection(self.net.num_features, feature_dim(self.teacher))
         self.criterion = DistillationLoss(**(loss or {}))
         self.optimizer, self.scheduler, self.budget_cost = optimizer, scheduler, budget_cost
+        self.teacher_autocast = teacher_autocast
         if head not in HEADS:
             raise ValueError(f"draft.module.head={head!r}; allowed: {list(HEADS)}")
         self.head = head
@@ -94,7 +96,11 @@ class DraftModule(pl.LightningModule):
 
     @torch.no_grad()
     def teach(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return pooled_features(self.teacher, images)
+        """The frozen teacher's (logits, pooled features), in bf16 where native (``teacher_autocast``): the teacher's
+        forward is most of a step's cost, and its targets need no more precision than the student learns to."""
+        with bf16_autocast(images.device, self.teacher_autocast):
+            logits, features = pooled_features(self.teacher, images)
+        return logits.float(), features.float()
 
     def student(self, images: torch.Tensor) -> tuple[StudentOutput, torch.Tensor, torch.Tensor]:
         """(the student's output, its logits, its features projected into the teacher's space)."""
