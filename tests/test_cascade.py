@@ -242,3 +242,6 @@ def test_replay_decisions_equal_the_pytorch_tiers(cascade_run):
     report = json.loads(run.artifact("evaluate", "cascade").read_text())
     assert report["flops"]["ratio"] == pytest.approx(flops["stage1"] / replay["flops"].mean())
     assert {p["alpha"] for p in report["sweep"]} == {0.3} and (run.path / "evaluate" / "cascade_curve.png").is_file()
+    (point,) = report["sweep"]  # each alpha's paired interval is of its MCC against the reference's on the same queries
+    assert point["mcc_delta"] == pytest.approx(point["mcc"] - report["metrics"]["reference"]["all"]["mcc"], abs=1e-6)
+    assert point["mcc_delta_low"] <= point["mcc_delta"] <= point["mcc_delta_high"]

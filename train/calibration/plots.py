@@ -69,6 +69,10 @@ def cascade_curve(sweep: list[dict], report: dict, title: str = ""):
     ax = fig.subplots()
     xs, ys = [p["flops_fraction"] for p in sweep], [p["mcc"] for p in sweep]
     ax.plot(xs, ys, marker="o", label="cascade, thresholds re-chosen at each alpha")
+    if all("mcc_delta_low" in p for p in sweep):  # the paired interval of the difference to the reference alone
+        err = [[p["mcc_delta"] - p["mcc_delta_low"] for p in sweep], [p["mcc_delta_high"] - p["mcc_delta"] for p in sweep]]
+        ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor="tab:blue", alpha=0.5, capsize=2,
+                    label="paired 95% interval of MCC(cascade) - MCC(reference)")
     for p in sweep:
         ax.annotate(f"a={p['alpha']:g}", (p["flops_fraction"], p["mcc"]), fontsize=7, textcoords="offset points",
                     xytext=(4, 4))

@@ -107,13 +107,12 @@ def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path, lo
     if reference not in test:
         raise ValueError(f"evaluate.model={reference!r} is not a tier of the cascade {[n for n, _ in cascade.order]}")
     alone = test[reference].decision
-    label, groups = torch.from_numpy(test_meta["label"]), torch.from_numpy(test_meta["index"])
-    diff = paired_bootstrap_mcc(torch.from_numpy(alone).float(), torch.from_numpy(routed.answer).float(), label,
-                                groups=groups)
+    diff = mcc_difference(alone, routed.answer, test_meta)
+    label = test_meta["label"]
     ref_flops = cascade.costs.per_call[reference]
     latency = {"cascade": mean_latency(cascade, routed, len(label)),
                "reference": cascade.latency_per_image()[reference]}
-    sweep = alpha_sweep(cfg, run, cascade, outputs["calib"], meta["calib"], test, test_meta, ref_flops)
+    sweep = alpha_sweep(cfg, run, cascade, outputs["calib"], meta["calib"], test, test_meta, ref_flops, alone)
     report = {
         "bundle": str(bundle.path), "precision": precision, "split": ecfg.split, "n": int(len(label)),
         "reference": reference,
@@ -159,17 +158,27 @@ def _full_precision(cfg, bundle: Bundle, datamodule, reference: str) -> dict:
                                     "reference": cascade.latency_per_image()[reference]}}
 
 
-def alpha_sweep(cfg, run, cascade: BundleCascade, calib, calib_meta, test, test_meta, ref_flops: float) -> list[dict]:
+def mcc_difference(alone: np.ndarray, answer: np.ndarray, meta: dict) -> dict[str, float]:
+    """MCC(cascade) - MCC(reference alone) on the same queries, with its paired bootstrap 95% interval (images
+    resampled whole)."""
+    return paired_bootstrap_mcc(torch.from_numpy(alone).float(), torch.from_numpy(answer).float(),
+                                torch.from_numpy(meta["label"]), groups=torch.from_numpy(meta["index"]))
+
+
+def alpha_sweep(cfg, run, cascade: BundleCascade, calib, calib_meta, test, test_meta, ref_flops: float,
+                alone: np.ndarray) -> list[dict]:
     """At each alpha of ``cascade.sweep`` (the tiers without their own ``tier_alpha``): thresholds on calib (one query
-    per scene), then the test cascade's mean FLOPs relative to the reference and its MCC."""
+    per scene), then the test cascade's mean FLOPs relative to the reference, its MCC and the paired bootstrap of its
+    MCC difference to the reference alone (``alone``: the reference's answers)."""
     rows = one_per_scene(cfg, run, "calib", calib_meta["index"])
     out = []
     for alpha in cfg.cascade.sweep:
         chosen = select_cascade(cascade.order, calib, calib_meta["label"], tier_rules(cfg, cascade.order, alpha),
                                 cfg.cascade.reference, rows)
         routed = cascade.route(test, {c.name: c.threshold for c in chosen})
-        mcc = per_level(routed.answer, test_meta)["all"]["mcc"]
-        out.append({"alpha": float(alpha), "mcc": mcc, "flops_fraction": float(routed.flops.mean()) / ref_flops})
+        diff = mcc_difference(alone, routed.answer, test_meta)
+        out.append({"alpha": float(alpha), "mcc": diff["mcc_b"], "flops_fraction": float(routed.flops.mean()) / ref_flops,
+                    "mcc_delta": diff["delta"], "mcc_delta_low": diff["low"], "mcc_delta_high": diff["high"]})
     return out
 
 
