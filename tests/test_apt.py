@@ -558,8 +558,8 @@ def test_paired_bootstrap_mcc():
 def test_cascade_full_experiment_orders_every_stage_after_what_it_reads():
     cfg = compose_config("+experiment=cascade_full")
     stages = list(cfg.pipeline.stages)
-    assert stages == ["data", "stage1", "apt", "calibrate", "draft", "difficulty", "prm", "features", "fusion",
-                      "thresholds", "export", "evaluate"]
+    assert stages == ["data", "prepare", "stage1", "apt", "calibrate", "draft", "difficulty", "prm", "features",
+                      "fusion", "thresholds", "export", "evaluate"]
     assert "apt" in cfg.calibrate.tiers and "apt" in cfg.export.models and cfg.export.hf_model == "stage1"
     # the draft learns from the calibrated Stage-1; the router from the draft's and Stage-1's outcomes
     assert cfg.draft.teacher in cfg.calibrate.tiers and stages.index("calibrate") < stages.index("draft")

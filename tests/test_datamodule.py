@@ -10,7 +10,8 @@ from train.data.images import BadImageError
 
 @pytest.fixture
 def datamodule(tiny_run, tiny_config):
-    return instantiate(tiny_config().data, index_path=str(tiny_run.artifact("data", "index")))
+    """The JPEG training path (the default job trains from shards: test_prepare.py)."""
+    return instantiate(tiny_config("data.train_source=jpeg").data, index_path=str(tiny_run.artifact("data", "index")))
 
 
 def test_levels_give_different_queries_of_the_same_images(datamodule):
@@ -32,11 +33,12 @@ def test_loaders_per_level_and_batches(datamodule):
 
 def test_class_weights_and_weighted_sampler(tiny_run, tiny_config):
     index = str(tiny_run.artifact("data", "index"))
-    weighted = instantiate(tiny_config("data.balance=class_weights").data, index_path=index)
+    weighted = instantiate(tiny_config("data.balance=class_weights", "data.train_source=jpeg").data, index_path=index)
     counts = weighted.class_counts()
     w = weighted.class_weights
     assert torch.allclose(w * torch.tensor(counts, dtype=torch.float32), torch.full((2,), counts.sum() / 2))
-    sampled = instantiate(tiny_config("data.balance=sampler", "data.batch_size=64").data, index_path=index)
+    sampled = instantiate(tiny_config("data.balance=sampler", "data.batch_size=64", "data.train_source=jpeg").data,
+                          index_path=index)
     labels = torch.cat([b["label"] for b in sampled.train_dataloader()])
     assert counts[1] / counts.sum() > 0.7 and 0.3 < labels.float().mean() < 0.7  # rebalanced toward 50:50
     with pytest.raises(Exception, match=r"data.balance='oversample'; allowed: \['none', 'sampler', 'class_weights'\]"):

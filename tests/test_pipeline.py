@@ -23,8 +23,8 @@ def test_fast_dev_run_of_the_default_pipeline(tiny_config, tmp_path):
     (run_path,) = (tmp_path / "checkpoints").iterdir()
     registry = json.loads((run_path / "registry.json").read_text())
     assert list(registry["tasks"]) == list(cfg.pipeline.stages) == [
-        "data", "stage1", "apt", "calibrate", "draft", "difficulty", "prm", "features", "fusion", "thresholds",
-        "export", "evaluate"]
+        "data", "prepare", "stage1", "apt", "calibrate", "draft", "difficulty", "prm", "features", "fusion",
+        "thresholds", "export", "evaluate"]
     assert all(task["status"] == "complete" for task in registry["tasks"].values())
     assert run_path.name.startswith("pipeline-")
     tiers = json.loads((run_path / "export" / "manifest.json").read_text())["tiers"]

@@ -206,8 +206,8 @@ class RoadworkDataModule(pl.LightningDataModule):
         if self.train_source == "shards":
             if self.sample_fields is None:
                 return self.shard_loader()
-            log.warning("data.train_source=shards: this task adds per-sample fields to the final image, so it "
-                        "trains from the JPEG path")
+            log.info("data.train_source=shards: this task adds per-sample fields to the final image, so it "
+                     "trains from the JPEG path")
         ds = self.dataset("train")
         return self.loader(ds, sampler=self.train_sampler(ds.labels), batch_size=self.batch_size)
 
