@@ -85,6 +85,12 @@ def test_validator_queries_are_rendered_once_per_run_and_read_back_pixel_for_pix
     cached.queries("test", [0, 2])
     cached.dataset("test", 2)
     assert [f.stat().st_mtime_ns for f in files + resized] == stamps  # read back, not rendered again
+    # a query at another level reads that level's resized queries once some reader wrote them, else decodes it
+    k, three = len(images) // 3, cached.queries("test", [0, 2, 3])
+    assert torch.equal(three.model_input(k, 2), direct_inputs[k]["image"])  # level 2: its resized rows
+    assert torch.equal(three.model_input(k, 3), rendered.dataset("test", 3)[k]["image"])
+    assert three._resized_at[2] is not None and three._resized_at[3] is None
+    assert not list((tmp_path / "queries").glob("test-L3-*px.npy"))  # level 3 decoded: no resized file written
     reseeded = instantiate(tiny_config("data.eval_seed=1").data, index_path=index).queries("test", [2])
     assert len(list((tmp_path / "queries").glob("test-L2-*.parquet"))) == 2
     assert not np.array_equal(reseeded.query(0, 2), images.query(0, 2))

@@ -53,6 +53,7 @@ class ImageDataset(Dataset):
         self.resized: ResizedQueries | None = None  # the ``level`` queries as model inputs, before normalising
         self.reader = ImageReader()
         self._validator: dict[int, ValidatorQuery] = {}
+        self._resized_at: dict[int, ResizedQueries | None] = {}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -74,6 +75,21 @@ class ImageDataset(Dataset):
         file, row = self.files[i], int(self.rows[i])
         data = self.reader.read(file, row, self.columns[i])
         return decode_rgb(data, max_side=self.decode_side, where=where(file, row))
+
+    def model_input(self, i: int, level: int) -> torch.Tensor:
+        """Sample ``i``'s query at ``level`` as the model's normalised input (a query split's ``transform`` is its
+        :class:`ModelInput`): read from the run's resized queries when an earlier reader wrote them for that level,
+        decoded and resized here otherwise (the same values either way)."""
+        if level == self.level and self.resized is not None:
+            resized = self.resized
+        else:
+            if level not in self._resized_at:
+                store = self.queries.get(level)
+                self._resized_at[level] = None if store is None else ResizedQueries.existing(store, self.transform)
+            resized = self._resized_at[level]
+        if resized is None:
+            return self.transform(self.query(i, level))
+        return self.transform.normalized(resized[i])
 
     def query(self, i: int, level: int) -> np.ndarray:
         """Sample ``i`` as the validator's 224 px query at ``level`` (RGB): read from the run's rendered queries when

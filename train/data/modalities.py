@@ -21,7 +21,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from train.data.feature_store import FeatureStore
-from train.data.transforms import ModelInput
 from train.data.views import ViewSet, cached_view_outputs, query_plan
 from train.models.backbones import pooled_features
 from train.models.saving import weights_sha256
@@ -31,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class QueryDataset(Dataset):
-    """A split's planned queries (sample, level): ``{"x": fn(validator query), "index", "level"}``."""
+    """A split's planned queries (sample, level): ``{"x": fn(validator query), "index", "level"}``; without ``fn``,
+    ``x`` is the model input (read from the run's resized queries when they exist)."""
 
     def __init__(self, datamodule, split: str, levels: Sequence[int], every_level: bool, fn):
         self.images, self.fn = datamodule.queries(split, levels), fn
@@ -42,7 +42,8 @@ class QueryDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         i, level = int(self.samples[k]), int(self.levels[k])
-        return {"x": self.fn(self.images.query(i, level)), "index": i, "level": level}
+        x = self.images.model_input(i, level) if self.fn is None else self.fn(self.images.query(i, level))
+        return {"x": x, "index": i, "level": level}
 
 
 def embedding_and_logits(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +76,7 @@ class ClassifierModality:
                 "values": ("pooled embedding, then " if self.embedding else "") + "calibrated logits [None, Roadwork]"}
 
     def dataset(self, datamodule, split: str, levels: Sequence[int], every_level: bool) -> Dataset:
-        fn = ModelInput(datamodule.img_size, datamodule.mean, datamodule.std)
-        return QueryDataset(datamodule, split, levels, every_level, fn)
+        return QueryDataset(datamodule, split, levels, every_level, None)
 
     @torch.no_grad()
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

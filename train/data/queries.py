@@ -103,14 +103,32 @@ class ResizedQueries:
     what decoding query ``i`` and :class:`ModelInput` give."""
 
     def __init__(self, store: QueryStore, model_input: ModelInput, num_workers: int):
-        self.path = store.path.with_name(f"{store.path.stem}-{model_input.img_size}px.npy")
-        if not (self.path.is_file() and len(np.load(self.path, mmap_mode="r")) == len(store)):
+        self.path = self.path_for(store, model_input)
+        if not self.complete(self.path, store):
             loader = DataLoader(_Resizing(store, model_input), batch_size=256, num_workers=num_workers,
                                 collate_fn=np.stack, worker_init_fn=loader_worker_init, generator=torch.Generator())
             tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, np.concatenate(list(loader)))
             tmp.replace(self.path)
         self._rows = None
+
+    @staticmethod
+    def path_for(store: QueryStore, model_input: ModelInput) -> Path:
+        return store.path.with_name(f"{store.path.stem}-{model_input.img_size}px.npy")
+
+    @staticmethod
+    def complete(path: Path, store: QueryStore) -> bool:
+        return path.is_file() and len(np.load(path, mmap_mode="r")) == len(store)
+
+    @classmethod
+    def existing(cls, store: QueryStore, model_input: ModelInput) -> "ResizedQueries | None":
+        """The store's resized queries if an earlier reader wrote them (None otherwise: nothing is computed)."""
+        path = cls.path_for(store, model_input)
+        if not cls.complete(path, store):
+            return None
+        found = cls.__new__(cls)
+        found.path, found._rows = path, None
+        return found
 
     def __getitem__(self, i: int) -> np.ndarray:
         if self._rows is None:

@@ -76,7 +76,7 @@ class ModelInput:
     resized-query cache stores) then :meth:`normalized`."""
 
     def __init__(self, img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        self.img_size = img_size
+        self.img_size, self.mean, self.std = img_size, tuple(mean), tuple(std)
         self.resize = A.Compose([A.Resize(img_size, img_size, interpolation=1, area_for_downscale="image")])
         self.normalize = A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std))])
 
@@ -88,6 +88,12 @@ class ModelInput:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.normalized(self.resized(image))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ModelInput) and (self.img_size, self.mean, self.std) == (other.img_size, other.mean,
+                                                                                           other.std)
+
+    __hash__ = None
 
 
 class EvalTransform:

@@ -128,21 +128,27 @@ class ViewDataset(Dataset):
         self.model_input = ModelInput(img_size, mean, std)
         self.img_size = img_size
         self.others = _other_cameras(table, view_set.cameras)
+        # whole queries (the global slot, other cameras) as the split serves them: from the run's resized queries
+        self.whole = images.model_input if images.transform == self.model_input else self._whole
+
+    def _whole(self, i: int, level: int) -> torch.Tensor:
+        return self.model_input(self.images.query(i, level))
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, k: int) -> dict:
         i, level = int(self.samples[k]), int(self.levels[k])
-        query = self.images.query(i, level)
-        views = [self.model_input(crop(query, box)) for box in self.view_set.boxes(i)]
+        crops = self.view_set.boxes(i)[1:]  # after the global view (slot 0, the whole query)
+        query = self.images.query(i, level) if crops else None
+        views = [self.whole(i, level)] + [self.model_input(crop(query, box)) for box in crops]
         mask = [True] * len(views)
         for j in self.others[i]:
             if j < 0:
                 views.append(torch.zeros_like(views[0]))
                 mask.append(False)
             else:
-                views.append(self.model_input(self.images.query(j, level)))
+                views.append(self.whole(int(j), level))
                 mask.append(True)
         return {"views": torch.stack(views), "mask": torch.tensor(mask), "label": int(self.images.labels[i]),
                 "index": i, "level": level}
