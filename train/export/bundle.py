@@ -287,7 +287,18 @@ class BundleClassifier:
         if self.calibrator is None:
             return self.session.probs(pixel_values)
         logits, _ = self.session.logits_and_probs(pixel_values)
+        return self.calibrated(logits)
+
+    def calibrated(self, logits: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
+        """P(roadwork) as :meth:`probs` gives it, from the graph's outputs."""
+        if self.calibrator is None:
+            return probs[:, 1]
         return self.calibrator.probs(torch.from_numpy(logits)).numpy().astype(np.float32)
+
+    def probs_and_embeddings(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(:meth:`probs`, logits, pooled embeddings) in one run of the graph (``session.embeds`` graphs only)."""
+        logits, probs, embeddings = self.session.all_outputs(pixel_values)
+        return self.calibrated(logits, probs), logits, embeddings
 
 
 class Bundle:

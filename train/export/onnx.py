@@ -220,17 +220,28 @@ class OnnxClassifier:
     def probs(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.logits_and_probs(pixel_values)[1][:, 1]
 
+    @property
+    def embeds(self) -> bool:
+        """Whether the graph has the ``embeddings`` output (graphs of timm models do) and takes whole batches."""
+        return EMBEDDINGS in {o.name for o in self.session.get_outputs()}
+
     def logits_and_embeddings(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Logits and pooled embeddings (graphs of timm models have the ``embeddings`` output)."""
-        if EMBEDDINGS not in {o.name for o in self.session.get_outputs()}:
-            raise BundleError("this classifier's ONNX graph has no `embeddings` output (only timm models export one)")
-        logits, embeddings = self.session.run(["logits", EMBEDDINGS],
-                                              {INPUT: np.ascontiguousarray(pixel_values, np.float32)})
+        """Logits and pooled embeddings."""
+        logits, _, embeddings = self.all_outputs(pixel_values)
         return logits, embeddings
+
+    def all_outputs(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Logits, probabilities and pooled embeddings in one run of the graph."""
+        if not self.embeds:
+            raise BundleError("this classifier's ONNX graph has no `embeddings` output (only timm models export one)")
+        logits, probs, embeddings = self.session.run([*OUTPUTS, EMBEDDINGS],
+                                                     {INPUT: np.ascontiguousarray(pixel_values, np.float32)})
+        return logits, probs, embeddings
 
 
 class OnnxOneByOne(OnnxClassifier):
     """A classifier exported at batch 1: runs the graph once per image."""
+    embeds = False
 
     def logits_and_probs(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pixel_values = np.ascontiguousarray(pixel_values, np.float32)
@@ -240,6 +251,7 @@ class OnnxOneByOne(OnnxClassifier):
 
 class OnnxAPTClassifier(OnnxClassifier):
     """An exported APT model: picks each image's patches as the manifest says, then runs the graph per image."""
+    embeds = False
 
     def __init__(self, path: str | Path, apt: AdaptivePatches, mean, std, threads: int | None = None):
         super().__init__(path, threads)

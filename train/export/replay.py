@@ -136,9 +136,12 @@ class BundleCascade:
     def outputs(self, views: np.ndarray, mask: np.ndarray) -> dict[str, TierOutput]:
         """Every tier's outputs on a batch of queries: ``views`` (B, V, 3, S, S) as ViewDataset serves them."""
         pixels = np.ascontiguousarray(views[:, 0], np.float32)
-        out, logits = {}, {}
+        out, logits, whole = {}, {}, None
         for name, kind in self.order:
-            if kind == "classifier":
+            if kind == "classifier" and name == self._shares_global:  # its global-view run serves the PRM too
+                prob, *whole = self._timed(name, self.sessions[name].probs_and_embeddings, pixels)
+                out[name] = TierOutput("classifier", prob=prob)
+            elif kind == "classifier":
                 out[name] = TierOutput("classifier", prob=self._timed(name, self.sessions[name].probs, pixels))
             elif kind == "router":
                 draft_logits, _ = self._timed("draft", self.sessions["draft"].session.logits_and_probs, pixels)
@@ -147,23 +150,40 @@ class BundleCascade:
                 out[name] = TierOutput("router", score=scores[:, targets.index("draft")])
                 logits["draft"] = draft_logits
             else:
-                out[name] = self._prm(name, views, mask)
+                out[name] = self._prm(name, views, mask, whole)
         return out
 
-    def _prm(self, name: str, views: np.ndarray, mask: np.ndarray) -> TierOutput:
+    @property
+    def _shares_global(self) -> str | None:
+        """The classifier tier whose run on the global view also gives the PRM that view's logits and embeddings
+        (the PRM's views model, when it is a tier): the pool's first view is always the global one."""
+        search = getattr(self, "search", None)
+        if search is None or (search.views_model, "classifier") not in self.order:
+            return None
+        return search.views_model if self.sessions[search.views_model].session.embeds else None
+
+    def _prm(self, name: str, views: np.ndarray, mask: np.ndarray, whole: list | None = None) -> TierOutput:
+        """``whole``: the views model's (logits, embeddings) of the global views, when a tier already ran it."""
         s = self.search
         if len(s.order) != views.shape[1]:
             raise BundleError(f"the PRM's view order has {len(s.order)} slots, the queries {views.shape[1]}")
         pool = ordered_pool(mask, s.budget, s.order)
-        q = len(pool)
-        crops = views[np.arange(q)[:, None], pool].reshape(-1, *views.shape[2:])
+        q, first = len(pool), 0 if whole is None else 1
+        crops = views[np.arange(q)[:, None], pool[:, first:]].reshape(-1, *views.shape[2:])
         session = self.sessions[s.views_model].session
-        logits, embeddings = self._timed(s.views_model, session.logits_and_embeddings, crops)
-        margin_pool = (logits[:, 1] - logits[:, 0]).reshape(q, -1)
+        if len(crops):
+            logits, embeddings = self._timed(s.views_model, session.logits_and_embeddings, crops)
+            logits, embeddings = logits.reshape(q, len(crops) // q, -1), embeddings.reshape(q, len(crops) // q, -1)
+        else:  # a budget of one view: the global one
+            logits, embeddings = (np.zeros((q, 0, w.shape[-1]), np.float32) for w in whole)
+        if whole is not None:
+            logits = np.concatenate([whole[0][:, None], logits], 1)
+            embeddings = np.concatenate([whole[1][:, None], embeddings], 1)
+        margin_pool = logits[..., 1] - logits[..., 0]
         v = views.shape[1]
         margin, emb = np.zeros((q, v), np.float32), np.zeros((q, v, embeddings.shape[-1]), np.float32)
         margin[np.arange(q)[:, None], pool] = margin_pool
-        emb[np.arange(q)[:, None], pool] = embeddings.reshape(q, s.budget, -1)
+        emb[np.arange(q)[:, None], pool] = embeddings
         prm = self.sessions[name]
         out = beam_search(lambda *a: self._timed(name, prm.scores, *a), margin, emb, pool, s.beam, s.length,
                           s.aggregation, s.belief)
