@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "meta", "val", "calib", "test")
 
@@ -43,6 +46,8 @@ def assign_splits(scene_ids: Sequence[str], fractions: Mapping[str, float], seed
 
 def split_by_image(index: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean (train, val) masks over rows, whole images (all their levels) on one side."""
+    import torch  # here, not at the top: the data stage's spawned renderers import this package, torch costs 1-3 s
+
     images = index.unique()
     generator = torch.Generator().manual_seed(seed)
     val_images = images[torch.randperm(len(images), generator=generator)[:max(1, int(len(images) * val_fraction))]]
