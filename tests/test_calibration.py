@@ -8,7 +8,8 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from train.calibration import (CALIBRATORS, PlattScaling, TemperatureScaling, apply_isotonic_table, calibration_report,
-                               confusion_matrices, fit_calibrator, fold_into_head, reliability_diagram, save_figure)
+                               confusion_matrices, fit_calibrator, fold_into_head, folded_logits, reliability_diagram,
+                               save_figure)
 from train.calibration.scaling import TEMPERATURE_RANGE
 from train.models.finetune import head_name
 
@@ -110,14 +111,20 @@ def test_folding_into_the_head_reproduces_the_calibrated_probs(build, calibrator
         expected = calibrator.probs(logits)
         assert (raw(logits) - expected).abs().max() > 0.05  # the calibration is visible, so the check can fail
         assert fold_into_head(model, calibrator) is model
-        folded = model(images).double().softmax(dim=1)[:, 1]
+        folded_model_logits = model(images)
+        folded = folded_model_logits.double().softmax(dim=1)[:, 1]
     assert torch.allclose(folded, expected, atol=1e-5, rtol=0)
+    # the folded model's logits from the logits before (what the calibrate stage hands on instead of a second pass)
+    assert torch.allclose(folded_logits(calibrator, logits), folded_model_logits, atol=1e-5, rtol=1e-6)
+    assert not torch.allclose(folded_model_logits, logits, atol=1e-2)
 
 
 def test_folding_refuses_isotonic_and_heads_without_two_outputs():
     logits, labels = synthetic(n=500)
+    isotonic = fit_calibrator("isotonic", logits, labels)
     with pytest.raises(ValueError, match="isotonic cannot be folded; the table travels in the manifest"):
-        fold_into_head(tiny_timm(), fit_calibrator("isotonic", logits, labels))
+        fold_into_head(tiny_timm(), isotonic)
+    assert folded_logits(isotonic, logits) is logits  # the model keeps its head, and so its logits
     with pytest.raises(ValueError, match="nn.Linear with 2 outputs"):
         fold_into_head(tiny_timm(num_classes=3), TemperatureScaling(2.0))
 

@@ -14,7 +14,7 @@ from train.export import Bundle
 from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, load_router
 from train.tasks.calibrate import load_calibrated
-from train.predictions import OutcomeDataset
+from train.predictions import OutcomeDataset, cached_outputs_path, collect_outputs, outputs_cache
 from train.data.splits import split_by_image
 from train.tasks.difficulty import DifficultyModule, per_image_mean
 from train.tasks.lightning import build_datamodule
@@ -39,6 +39,23 @@ def test_draft_agrees_with_its_teacher_and_reports_it_truthfully(cheap_tiers):
     assert agree >= 0.7
     assert matthews_corrcoef(target, np.ones_like(target)) == 0  # what a constant student would score
     assert report["flops"]["ratio"] < 0.5
+
+
+def test_the_drafts_teacher_outputs_on_calib_come_from_the_calibrate_stage(cheap_tiers):
+    """calibrate hands the calibrated Stage-1's calib logits (its pass before calibration, the fold applied) to the
+    run's outputs cache before the draft trains; they equal running the calibrated model, which the draft then read."""
+    run, cfg = cheap_tiers
+    teacher, config, _ = load_calibrated(run, "stage1")
+    datamodule = build_datamodule(cfg, run, config["input"])
+    path = cached_outputs_path(outputs_cache(run), teacher, datamodule, "calib", cfg.draft.levels)
+    assert path.stat().st_mtime < run.artifact("draft", "model").stat().st_mtime  # written before the draft's model
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    handed = collect_outputs({"teacher": teacher}, datamodule, "calib", cfg.draft.levels, outputs_cache(run))
+    assert not calls
+    direct = collect_outputs({"teacher": teacher}, datamodule, "calib", cfg.draft.levels)
+    assert calls and torch.equal(handed["level"], direct["level"]) and torch.equal(handed["index"], direct["index"])
+    assert torch.allclose(handed["teacher"], direct["teacher"], atol=1e-5, rtol=1e-5)
 
 
 def test_acceptance_threshold_is_learn_then_test_valid(cheap_tiers):

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from train.predictions import collect_outputs, read_predictions, unique_rows, write_predictions
+from train.predictions import (cache_outputs, collect_outputs, predict_split, read_predictions, unique_rows,
+                               write_predictions)
 
 
 def test_predictions_round_trip_in_index_order(tmp_path):
@@ -33,6 +34,9 @@ class Queries:
 
     def loader(self, dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=4)
+
+    def split(self, name: str):
+        return type("Table", (), {"num_rows": 10})()
 
 
 class Counting(torch.nn.Module):
@@ -64,3 +68,16 @@ def test_collect_outputs_reads_a_models_cached_outputs_instead_of_running_it(tmp
     assert model.images == 40 and torch.allclose(changed["a"], first["a"] + 1)
     collect_outputs({"a": model}, queries, "test", [0, 2], tmp_path)  # another split: run again
     assert model.images == 60
+
+
+def test_outputs_handed_on_by_a_stage_are_read_instead_of_running_the_model(tmp_path):
+    queries, model = Queries(), Counting()
+    computed = predict_split(model, queries, "calib", [0, 2])  # what a stage computed anyway (e.g. calibrate)
+    assert cache_outputs(tmp_path, model, queries, "calib", computed) is not None and model.images == 20
+    read = collect_outputs({"a": model}, queries, "calib", [0, 2], tmp_path)
+    assert model.images == 20  # not run again
+    direct = collect_outputs({"a": model}, queries, "calib", [0, 2])
+    for key in ("a", "label", "index", "level"):
+        assert torch.equal(read[key], direct[key])
+    partial = {lv: {k: v[:6] for k, v in p.items()} for lv, p in computed.items()}  # a test capped at 6 samples
+    assert cache_outputs(tmp_path, model, queries, "test", partial) is None and not list(tmp_path.glob("test-*"))

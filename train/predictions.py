@@ -95,6 +95,34 @@ def predict_split(fn, datamodule, split: str, levels, output: str = "logits",
     return out
 
 
+def outputs_cache(run) -> Path:
+    """The run's folder of model outputs on validator queries (:func:`collect_outputs`)."""
+    return run.path / "outputs"
+
+
+def cached_outputs_path(cache_dir: Path, model: torch.nn.Module, datamodule, split: str, levels) -> Path:
+    """Where ``cache_dir`` keeps ``model``'s outputs on ``split`` at ``levels``."""
+    return Path(cache_dir) / f"{split}-{fingerprint(_cache_key(model, datamodule, split, levels), 12)}.safetensors"
+
+
+def cache_outputs(cache_dir: Path, model: torch.nn.Module, datamodule, split: str,
+                  per_level: dict[int, dict]) -> Path | None:
+    """Hand ``model``'s logits on every query of ``split`` (``{level: {"logits", "label", "index"}}`` in split order,
+    as :func:`predict_split` gives them) to :func:`collect_outputs` with the same ``cache_dir``: a stage that has
+    them anyway spares later stages the pass. Nothing is written (None) unless every level covers the whole split."""
+    n = datamodule.split(split).num_rows
+    if not all(np.array_equal(_numpy(p["index"]), np.arange(n)) for p in per_level.values()):
+        return None
+    key = _cache_key(model, datamodule, split, list(per_level))
+    path = cached_outputs_path(cache_dir, model, datamodule, split, list(per_level))
+    write_cached(path, key, {
+        "out": torch.cat([torch.as_tensor(p["logits"]).float() for p in per_level.values()]),
+        "label": torch.cat([torch.as_tensor(p["label"]).long() for p in per_level.values()]),
+        "index": torch.cat([torch.as_tensor(p["index"]).long() for p in per_level.values()]),
+        "level": torch.cat([torch.full((n,), int(lv)) for lv in per_level])})
+    return path
+
+
 def _cache_key(model: torch.nn.Module, datamodule, split: str, levels) -> dict:
     """What a model's outputs on a split's validator queries depend on (the cache file's fingerprint)."""
     return {"model": weights_sha256(model), "split": split, "levels": [int(lv) for lv in levels],
@@ -108,11 +136,12 @@ def collect_outputs(outputs: dict, datamodule, split: str, levels, cache_dir: Pa
     ``level``; models among ``outputs`` run on the GPU when there is one (and go back to the CPU).
 
     With ``cache_dir`` (a run's ``outputs/``), each model's outputs are kept there, keyed by its weights and the
-    queries, and any later call reads them instead of running the model again (the draft stage's teacher and draft
-    on calib and test are the router's inputs too); the data is read only for what is not cached."""
+    queries, and any later call reads them instead of running the model again (the calibrate stage hands on the
+    calibrated tiers' outputs, :func:`cache_outputs`; the draft stage's teacher and draft on calib and test are the
+    router's inputs too); the data is read only for what is not cached."""
     keys = {n: _cache_key(fn, datamodule, split, levels) for n, fn in outputs.items()
             if cache_dir is not None and isinstance(fn, torch.nn.Module)}
-    paths = {n: Path(cache_dir) / f"{split}-{fingerprint(key, 12)}.safetensors" for n, key in keys.items()}
+    paths = {n: cached_outputs_path(cache_dir, outputs[n], datamodule, split, levels) for n in keys}
     cached = {n: hit for n in keys if (hit := read_cached(paths[n], keys[n])) is not None}
     todo = {n: fn for n, fn in outputs.items() if n not in cached}
     rows = ("label", "index", "level")

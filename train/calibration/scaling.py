@@ -178,6 +178,16 @@ def fold_into_head(model: nn.Module, calibrator: Calibrator) -> nn.Module:
     return model
 
 
+def folded_logits(calibrator: Calibrator, logits: torch.Tensor) -> torch.Tensor:
+    """The logits of the classifier once ``calibrator`` is folded into its head (:func:`fold_into_head`), from its
+    logits before: the fold is affine in the logits, so this equals running the folded model up to float32 rounding.
+    A calibrator that cannot be folded leaves the model, and so its logits, as they were."""
+    if not calibrator.foldable:
+        return logits
+    weight, bias = calibrator.folded(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64))
+    return (logits.double() @ weight.T + bias).float()
+
+
 def minimise(loss: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> None:
     """Minimise ``loss()`` over ``params`` with full-batch L-BFGS (strong-Wolfe line search)."""
     optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-14,

@@ -244,7 +244,7 @@ def run_apt(cfg: DictConfig, run: Run) -> dict:
     artifacts = {"model": weights, "model_config": model_config, "test_predictions": predictions,
                  "report": task_dir / "report.json", **figures}
     artifacts.update({k: v for k, v in (("best", best), ("last", last)) if v})
-    run.record("apt", artifacts=artifacts, metrics=metrics)
+    run.record("apt", artifacts=artifacts, metrics=metrics, test_precision=str(trainer.precision))
     return metrics
 
 

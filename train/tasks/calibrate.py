@@ -14,10 +14,11 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from train.calibration import calibration_report, fit_calibrator, fold_into_head, reliability_diagram, save_figure
+from train.calibration import (calibration_report, fit_calibrator, fold_into_head, folded_logits, reliability_diagram,
+                               save_figure)
 from train.metrics import roadwork_prob, score_probs
 from train.models.saving import load_classifier, save_classifier
-from train.predictions import predict_split, read_predictions
+from train.predictions import cache_outputs, outputs_cache, predict_split, read_predictions
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.lightning import build_datamodule
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 CONSUMER_ISOTONIC = ("apply the isotonic table to the model's P(Roadwork): p = numpy.interp(p, params['x'], "
                      "params['y']); the model's own softmax (ONNX and the HF folder) is not calibrated")
 HANDED_ON = ("finetune", "source_checkpoint")  # model-config fields the calibrated file keeps
+FULL_PRECISION = ("32", "32-true")  # trainer precisions whose recorded test logits are the fp32 model's
 
 
 @torch.no_grad()
@@ -64,11 +66,26 @@ def calibrate_model(cfg: DictConfig, run: Run, model: torch.nn.Module, config: d
         _check_fold(fold_into_head(model, calibrator), images, expected)
     save_classifier(model, out_dir / name, config["input"], calibration=report,
                     **{k: config[k] for k in HANDED_ON if k in config})
+    hand_on_outputs(run, model, datamodule, name, calibrator, {ccfg.split: calib})
     title = f"{name}: {ccfg.split} split, levels {list(ccfg.levels)}, {calibrator.method} scaling"
     save_figure(reliability_diagram(labels, {"before": before, "after": after}, ccfg.n_bins, title),
                 out_dir / f"{name}_reliability.png")
     report["test"] = _test_figures(run, name, calibrator, ccfg.n_bins)
     return report
+
+
+def hand_on_outputs(run: Run, model: torch.nn.Module, datamodule, name: str, calibrator, computed: dict) -> None:
+    """The calibrated ``model``'s logits into the run's outputs cache, where the draft (its teacher) and the router
+    read them instead of running it again: on the splits of ``computed`` (``{split: predict_split's output}``, the
+    logits before calibration) and on test from the tier's recorded test predictions when it made them at full
+    precision. The fold is affine in the logits (:func:`folded_logits`)."""
+    task = run.read()["tasks"].get(name, {})
+    if "test_predictions" in task.get("artifacts", {}) and task.get("test_precision") in FULL_PRECISION:
+        computed = {**computed, "test": {lv: {k: torch.from_numpy(v) for k, v in cols.items()} for lv, cols in
+                                         read_predictions(run.artifact(name, "test_predictions")).items()}}
+    for split, per_level in computed.items():
+        cache_outputs(outputs_cache(run), model, datamodule, split,
+                      {lv: {**c, "logits": folded_logits(calibrator, c["logits"])} for lv, c in per_level.items()})
 
 
 def fit_on(method: str, calib: dict, split: str, n_bins: int):

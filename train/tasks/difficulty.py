@@ -30,7 +30,7 @@ from train.data.splits import split_by_image
 from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, save_router
 from train.optim import with_schedule
-from train.predictions import OutcomeDataset, collect_outputs
+from train.predictions import OutcomeDataset, collect_outputs, outputs_cache
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
@@ -167,7 +167,7 @@ def run_difficulty(cfg: DictConfig, run: Run) -> dict:
     def small(images: torch.Tensor) -> torch.Tensor:  # what the router sees, stored instead of the full image
         return F.adaptive_avg_pool2d(images, router.in_size)
 
-    outcomes = {split: collect_outputs({**tiers, "image": small}, datamodule, split, dcfg.levels, run.path / "outputs")
+    outcomes = {split: collect_outputs({**tiers, "image": small}, datamodule, split, dcfg.levels, outputs_cache(run))
                 for split in ("meta", "calib", "test")}  # calib, test: the draft stage's outputs
     wrong = {split: wrong_answers(o, targets) for split, o in outcomes.items()}
 

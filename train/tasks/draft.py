@@ -35,7 +35,7 @@ from train.models.draft import init_from_teacher as init_student
 from train.models.distill import DistillationLoss, FeatureProjection
 from train.models.saving import load_classifier, save_classifier
 from train.optim import with_schedule
-from train.predictions import collect_outputs, predict_split
+from train.predictions import collect_outputs, outputs_cache, predict_split
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.calibrate import calibrate_model, load_calibrated
@@ -335,7 +335,7 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
 
     tiers = {"draft": draft, "teacher": module.teacher.cpu()}
     elastic = getattr(draft, "elastic", None)
-    cache = run.path / "outputs"  # the router reads the same outputs
+    cache = outputs_cache(run)  # the calibrate stage handed on the teacher's; the router reads all of them
     outcomes = {"calib": collect_outputs(tiers, datamodule, "calib", dcfg.levels, cache),
                 "test": collect_outputs({**tiers, **(budget_outputs(elastic) if elastic else {})}, datamodule, "test",
                                         dcfg.levels, cache)}

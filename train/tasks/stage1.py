@@ -109,5 +109,5 @@ def run_stage1(cfg: DictConfig, run: Run) -> dict:
     artifacts = {"model": weights, "model_config": config, "test_predictions": predictions, **figures}
     # checkpoint files (a DeepSpeed last.ckpt is a folder: it resumes with ckpt_path=last, the registry skips it)
     artifacts.update({k: v for k, v in (("best", best), ("last", last)) if v and Path(v).is_file()})
-    run.record("stage1", artifacts=artifacts, metrics=metrics)
+    run.record("stage1", artifacts=artifacts, metrics=metrics, test_precision=str(trainer.precision))
     return metrics
