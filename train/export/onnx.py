@@ -22,6 +22,17 @@ class ExportError(RuntimeError):
     """Export produced a file that does not behave like the model it came from."""
 
 
+def to_onnx(module: nn.Module, example: tuple, path: Path, opset: int, inputs, outputs, dynamic_shapes) -> None:
+    """torch.onnx's exporter (``dynamo=True``), one graph in one file, warnings silenced. ``optimize=False``: ONNX
+    Runtime optimises a graph as it loads it (and ``task=quantize`` runs ``quant_pre_process``), so the exporter's
+    own pass bought nothing here and took about 2 s a model on 2 CPU cores."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), dynamo=True, optimize=False, verbose=False,
+                          opset_version=opset, input_names=list(inputs), output_names=list(outputs),
+                          external_data=False, dynamic_shapes=dynamic_shapes)
+
+
 class WithProbabilities(nn.Module):
     """``images -> (logits, softmax probabilities)``, and for a timm model also its pooled pre-logits ``embeddings``
     (what the PRM reads of every view it inspects)."""
@@ -49,12 +60,9 @@ def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = DEFAUL
     example = torch.randn(batch or 2, 3, img_size, img_size)
     dynamic = ({0: torch.export.Dim("batch")},) if batch is None else None
     names = list(OUTPUTS) + ([EMBEDDINGS] if model.embeds else [])
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+    with torch.no_grad():
         dims = [o.shape[-1] for o in model(example)]
-        torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False, opset_version=opset,
-                          input_names=[INPUT], output_names=names, external_data=False,
-                          dynamic_shapes=dynamic)
+    to_onnx(model, (example,), path, opset, [INPUT], names, dynamic)
     axis = "batch" if batch is None else batch
     return {"inputs": {INPUT: TensorSpec(dtype="float32", shape=[axis, 3, img_size, img_size])},
             "outputs": {name: TensorSpec(dtype="float32", shape=[axis, d]) for name, d in zip(names, dims)}}
@@ -80,11 +88,7 @@ def export_router_onnx(router: nn.Module, path: Path, img_size: int, opset: int 
     model = RouterWithScores(router).eval()
     example = (torch.randn(2, 3, img_size, img_size), torch.randn(2, 2))
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(path), dynamo=True, verbose=False, opset_version=opset,
-                          input_names=list(ROUTER_INPUTS), output_names=list(ROUTER_OUTPUTS), external_data=False,
-                          dynamic_shapes=({0: batch}, {0: batch}))
+    to_onnx(model, example, path, opset, ROUTER_INPUTS, ROUTER_OUTPUTS, ({0: batch}, {0: batch}))
     n = len(router.targets)
     return {"inputs": {ROUTER_INPUTS[0]: TensorSpec(dtype="float32", shape=["batch", 3, img_size, img_size]),
                        ROUTER_INPUTS[1]: TensorSpec(dtype="float32", shape=["batch", 2])},
@@ -127,11 +131,8 @@ def export_fusion_onnx(net: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -
         raise ExportError(f"a modality may not be named {PRESENT!r} (the presence mask's input)")
     example = tuple(torch.randn(2, d) for d in dims.values()) + (torch.ones(2, len(dims), dtype=torch.bool),)
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(FusionWithProbabilities(net.eval()).eval(), example, str(path), dynamo=True, verbose=False,
-                          opset_version=opset, input_names=[*dims, PRESENT], output_names=list(FUSION_OUTPUTS),
-                          external_data=False, dynamic_shapes={"inputs": tuple({0: batch} for _ in example)})
+    to_onnx(FusionWithProbabilities(net.eval()).eval(), example, path, opset, [*dims, PRESENT], FUSION_OUTPUTS,
+            {"inputs": tuple({0: batch} for _ in example)})
     inputs = {m: TensorSpec(dtype="float32", shape=["batch", d]) for m, d in dims.items()}
     inputs[PRESENT] = TensorSpec(dtype="bool", shape=["batch", len(dims)])
     return {"inputs": inputs, "outputs": {n: TensorSpec(dtype="float32", shape=["batch", 2]) for n in FUSION_OUTPUTS}}
@@ -183,11 +184,7 @@ def export_apt_onnx(model: nn.Module, path: Path, img_size: int, opset: int = DE
     n_table = flat_selection(model.model.select(example)).shape[1]
     index = torch.arange(0, n_table, 2)[: model.model.base_tokens // 2 + 1]  # any length: the axis is dynamic
     tokens = torch.export.Dim("tokens", min=1, max=n_table)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example, index), str(path), dynamo=True, verbose=False, opset_version=opset,
-                          input_names=[INPUT, TOKEN_INDEX], output_names=list(OUTPUTS), external_data=False,
-                          dynamic_shapes=({}, {0: tokens}))
+    to_onnx(model, (example, index), path, opset, [INPUT, TOKEN_INDEX], OUTPUTS, ({}, {0: tokens}))
     return {"inputs": {INPUT: TensorSpec(dtype="float32", shape=[1, 3, img_size, img_size]),
                        TOKEN_INDEX: TensorSpec(dtype="int64", shape=["tokens"])},
             "outputs": {name: TensorSpec(dtype="float32", shape=[1, 2]) for name in OUTPUTS}}
@@ -308,11 +305,8 @@ def export_prm_onnx(prm: nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> d
     dim, slots = prm.config["embed_dim"], prm.config["n_slots"]
     example = (torch.randn(2, 3, dim), torch.randn(2, 3), torch.randn(2, 3), torch.randint(0, slots, (2, 3)))
     batch, steps = torch.export.Dim("batch"), torch.export.Dim("steps", max=prm.config["max_steps"])
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(PRMWithScores(prm.eval()).eval(), example, str(path), dynamo=True, verbose=False,
-                          opset_version=opset, input_names=list(PRM_INPUTS), output_names=list(PRM_OUTPUTS),
-                          external_data=False, dynamic_shapes=tuple({0: batch, 1: steps} for _ in PRM_INPUTS))
+    to_onnx(PRMWithScores(prm.eval()).eval(), example, path, opset, PRM_INPUTS, PRM_OUTPUTS,
+            tuple({0: batch, 1: steps} for _ in PRM_INPUTS))
     axes = ["batch", "steps"]
     return {"inputs": {"embeddings": TensorSpec(dtype="float32", shape=[*axes, dim]),
                        **{name: TensorSpec(dtype="float32", shape=axes) for name in ("margins", "beliefs")},
