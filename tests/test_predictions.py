@@ -81,3 +81,4 @@ def test_outputs_handed_on_by_a_stage_are_read_instead_of_running_the_model(tmp_
         assert torch.equal(read[key], direct[key])
     partial = {lv: {k: v[:6] for k, v in p.items()} for lv, p in computed.items()}  # a test capped at 6 samples
     assert cache_outputs(tmp_path, model, queries, "test", partial) is None and not list(tmp_path.glob("test-*"))
+    assert cache_outputs(tmp_path, model, queries, "test", {}) is None and not list(tmp_path.glob("test-*"))

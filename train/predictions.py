@@ -111,7 +111,7 @@ def cache_outputs(cache_dir: Path, model: torch.nn.Module, datamodule, split: st
     as :func:`predict_split` gives them) to :func:`collect_outputs` with the same ``cache_dir``: a stage that has
     them anyway spares later stages the pass. Nothing is written (None) unless every level covers the whole split."""
     n = datamodule.split(split).num_rows
-    if not all(np.array_equal(_numpy(p["index"]), np.arange(n)) for p in per_level.values()):
+    if not per_level or not all(np.array_equal(_numpy(p["index"]), np.arange(n)) for p in per_level.values()):
         return None
     key = _cache_key(model, datamodule, split, list(per_level))
     path = cached_outputs_path(cache_dir, model, datamodule, split, list(per_level))
