@@ -418,3 +418,61 @@ def test_teacher_targets_in_bf16_only_where_native():
             fast = teacher(images).float()
     assert fast.dtype == torch.float32
     assert torch.allclose(fast, exact, atol=0.1) and (fast.argmax(1) == exact.argmax(1)).float().mean() >= 0.75
+
+
+def test_teacher_memo_runs_the_teacher_once_per_input():
+    """The memo hands back exactly what the teacher computes, and runs it only on inputs it has not seen: a new
+    sample, another augmentation (a flip) of a known one; a sample twice in one batch runs once; rows survive the
+    memo's growth."""
+    from train.models.distill import TeacherMemo
+
+    weights = torch.randn(48, 5)
+    seen = []
+
+    def teacher(x: torch.Tensor):
+        seen.append(len(x))
+        return x.flatten(1) @ weights, x.flatten(1)[:, :3] * 2
+
+    memo, images, index = TeacherMemo(), torch.randn(6, 3, 4, 4), torch.arange(6)
+    memo(index[:4], images[:4], teacher)
+    logits, features = memo(index, images, teacher)
+    assert seen == [4, 2] and len(memo) == 6
+    exact = teacher(images)
+    assert torch.allclose(logits, exact[0], atol=1e-5) and torch.equal(features, exact[1])
+    seen.clear()
+    memo(index, images, teacher)
+    memo(index[:1], images[:1].flip(-1), teacher)
+    memo(torch.tensor([9, 9]), torch.stack([images[5], images[5]]), teacher)
+    assert seen == [1, 1] and len(memo) == 8
+    many = torch.randn(300, 3, 4, 4)
+    memo(torch.arange(100, 400), many, teacher)
+    again = memo(index, images, teacher)
+    assert len(memo) == 308 and torch.equal(again[1], features)
+
+
+def test_draft_module_remembers_its_teachers_outputs(tmp_path):
+    """Validation queries come back every epoch: the teacher runs on them once. Training inputs are remembered only
+    with ``remember_train`` (a sampler that repeats augmentation draws)."""
+    from functools import partial
+
+    from train.models.backbones import create_backbone
+    from train.models.saving import save_classifier
+    from train.tasks.draft import DraftModule
+
+    args = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
+    save_classifier(create_backbone(**args), tmp_path / "teacher", {"img_size": 32, "mean": [0.5] * 3,
+                                                                    "std": [0.25] * 3})
+    batch = {"image": torch.randn(8, 3, 32, 32), "label": torch.randint(0, 2, (8,)), "index": torch.arange(8)}
+    for remember in (False, True):
+        module = DraftModule(str(tmp_path / "teacher"), {**args, "depth": 1}, partial(torch.optim.AdamW, lr=1e-3),
+                             remember_train=remember, val_levels=[0])
+        calls = []
+        teach = module.teach
+        module.teach = lambda images: calls.append(len(images)) or teach(images)
+        for _ in range(2):
+            module.training_step(batch, 0)
+        assert calls == ([8] if remember else [8, 8])
+        calls.clear()
+        for _ in range(3):
+            module.validation_step(batch, 0)
+        assert calls == [8]

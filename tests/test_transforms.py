@@ -67,3 +67,22 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     weighted = EpochSampler(1000, seed=0, weights=np.r_[np.full(900, 1 / 900), np.full(100, 1 / 100)])
     share = np.mean([i >= 900 for i, _ in weighted])
     assert 0.42 < share < 0.58  # the minority class is drawn about as often as the majority
+
+
+def test_epoch_sampler_draws_cycle_each_samples_augmentation():
+    """With ``draws=2`` a sample's augmentation seed comes back every 2 epochs (whatever its place in the epoch's
+    order, which still changes), so a frozen model's outputs on it can be reused; the default is unchanged."""
+    from train.data.sampling import EpochSampler
+    sampler = EpochSampler(50, seed=3, draws=2)
+    seeds, orders = [], []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        pairs = list(sampler)
+        seeds.append(dict(pairs))
+        orders.append([i for i, _ in pairs])
+    assert seeds[0] == seeds[2] and seeds[1] == seeds[3]
+    assert sum(seeds[0][i] == seeds[1][i] for i in range(50)) == 0
+    assert orders[0] != orders[2]
+    assert list(EpochSampler(50, seed=3, draws=None)) == list(EpochSampler(50, seed=3))
+    with pytest.raises(ValueError, match="draws"):
+        EpochSampler(50, draws=0)

@@ -110,7 +110,8 @@ class RoadworkDataModule(pl.LightningDataModule):
     picklable ``image -> dict`` whose entries are added to every sample (in the loader workers).
     ``train_source=shards`` trains from the run's decode-once shards (``shards_path``, written by ``task=prepare``)
     with ``gpu_augment`` (a partial of :class:`GpuAugment`) applied on the device. ``copy_stream``: batches go to a
-    CUDA device on a side stream (:meth:`transfer_batch_to_device`).
+    CUDA device on a side stream (:meth:`transfer_batch_to_device`). ``augment_draws``: each training sample's
+    augmentations cycle through that many draws over the epochs (:class:`EpochSampler`; None: new ones every epoch).
     """
 
     def __init__(self, source, splits: dict, split_seed: int = 0, verify_images: bool = True,
@@ -121,7 +122,7 @@ class RoadworkDataModule(pl.LightningDataModule):
                  test_levels: Sequence[int] = (0, 1, 2, 3), eval_seed: int = 0, query_cache: bool = True,
                  index_path: str | None = None, root: str | None = None, seed: int = 0, train_source: str = "jpeg",
                  gpu_augment=None, pin_memory: bool = True, shards_path: str | None = None,
-                 copy_stream: bool = True):
+                 copy_stream: bool = True, augment_draws: int | None = None):
         super().__init__()
         if balance not in BALANCE:
             raise ValueError(f"data.balance={balance!r}; allowed: {list(BALANCE)}")
@@ -140,6 +141,7 @@ class RoadworkDataModule(pl.LightningDataModule):
         self.sample_fields = None
         self.train_source, self.pin_memory, self.shards_path = train_source, pin_memory, shards_path
         self.copy_stream, self._streams = copy_stream, {}
+        self.augment_draws = augment_draws
         self.resume_epoch = self.resume_skip = 0  # set from a checkpoint (load_state_dict)
         self.gpu_augment = (gpu_augment or GpuAugment)(img_size=self.img_size, mean=self.mean, std=self.std)
 
@@ -231,7 +233,8 @@ class RoadworkDataModule(pl.LightningDataModule):
         """The training order (class-balanced draws with ``balance=sampler``), from the resumed epoch (and batch) on
         resume."""
         weights = (1.0 / np.maximum(self.class_counts(), 1))[labels] if self.balance == "sampler" else None
-        return EpochSampler(len(labels), self.seed, weights, epoch=self.resume_epoch, skip=self.resume_skip)
+        return EpochSampler(len(labels), self.seed, weights, epoch=self.resume_epoch, skip=self.resume_skip,
+                            draws=self.augment_draws)
 
     def state_dict(self) -> dict:
         """Saved in checkpoints: the epoch whose order the training sampler draws next, and the samples of it already

@@ -113,6 +113,61 @@ class DistillationLoss(nn.Module):
         return F.smooth_l1_loss(student_features.float(), teacher_features.detach().float(), beta=1.0)
 
 
+class TeacherMemo:
+    """A frozen teacher's outputs per input, kept as they are computed, so that an input which comes back is read
+    instead of run again: a training sample's augmentation draw that the sampler repeats (``EpochSampler(draws=)``),
+    a validation query every epoch. An input is named by its sample index and a fingerprint of its pixels (a fixed
+    random projection, in float64), so another augmentation, level or split of a sample is another input; at worst a
+    fingerprint that differs in its last bit makes the teacher run again. Rows live on the outputs' device."""
+
+    def __init__(self):
+        self.rows: dict[tuple, int] = {}
+        self.outputs: list[torch.Tensor] = []  # one [capacity, ...] tensor per output; the first len(rows) are set
+        self._projection: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keys(self, index: torch.Tensor, images: torch.Tensor) -> list[tuple[int, float]]:
+        """(sample index, pixel fingerprint) per image of the batch."""
+        flat = images.detach().flatten(1).double()
+        p = self._projection
+        if p is None or p.shape[0] != flat.shape[1] or p.device != flat.device:
+            g = torch.Generator().manual_seed(0)
+            p = self._projection = (torch.rand(flat.shape[1], generator=g, dtype=torch.float64) + 0.5).to(flat.device)
+        prints = flat @ p
+        return list(zip(index.tolist(), prints.tolist()))
+
+    def __call__(self, index: torch.Tensor, images: torch.Tensor, compute) -> tuple[torch.Tensor, ...]:
+        """``compute(images) -> tuple of [B, ...] outputs`` for the batch, run only on the inputs not remembered yet
+        (a sampler drawing with replacement brings back some inputs of a batch and not others)."""
+        keys = self.keys(index, images)
+        first: dict[tuple, int] = {}  # each input not remembered yet: its first row in the batch
+        for j, key in enumerate(keys):
+            if key not in self.rows:
+                first.setdefault(key, j)
+        if first:
+            rows = list(first.values())
+            todo = images if len(rows) == len(keys) else images[torch.tensor(rows, device=images.device)]
+            self._put(list(first), compute(todo))
+        at = torch.tensor([self.rows[key] for key in keys], device=self.outputs[0].device)
+        return tuple(o[at] for o in self.outputs)
+
+    def _put(self, keys: list[tuple], outputs: tuple[torch.Tensor, ...]) -> None:
+        if self.outputs and len(outputs) != len(self.outputs):
+            raise ValueError(f"TeacherMemo holds {len(self.outputs)} outputs per input, got {len(outputs)}")
+        start, count = len(self.rows), len(keys)
+        if not self.outputs or start + count > len(self.outputs[0]):
+            capacity = max(2 * (start + count), 256)
+            grown = [o.new_zeros((capacity, *o.shape[1:])) for o in outputs]
+            for g, o in zip(grown, self.outputs):
+                g[:start] = o[:start]
+            self.outputs = grown
+        for stored, o in zip(self.outputs, outputs):
+            stored[start:start + count] = o.detach().to(stored.dtype)
+        self.rows.update({key: start + n for n, key in enumerate(keys)})
+
+
 def _require(value: torch.Tensor | None, name: str, weight_name: str, weight: float) -> None:
     if value is None:
         raise ValueError(f"DistillationLoss: {weight_name}={weight} needs {name}; pass it or set {weight_name}=0")

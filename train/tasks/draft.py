@@ -3,7 +3,8 @@
 Loss (EAGLE / SpecVLM): ``soft_weight`` x soft cross-entropy to the teacher's tempered distribution +
 ``feature_weight`` x SmoothL1 between the projected student features and the teacher's pooled features
 (+ optional hard-label CE, + ``budget_cost`` x the gate's expected token fraction for an elastic ViT).
-The teacher runs in each step (``teacher_outputs=online``) or its outputs are written once for the train
+The teacher runs in each step (``teacher_outputs=online``; with ``augment_draws`` each image's augmentations
+cycle through that many draws and the teacher runs once per draw) or its outputs are written once for the train
 split's validator-level queries (``cache``). After training the draft is calibrated on the calib split
 (the shared calibrate code) and its relaxed-acceptance threshold chosen there with Learn-then-Test:
 accepted answers disagree with the teacher at most ``alpha`` of the time, with probability 1 - ``delta``.
@@ -32,7 +33,7 @@ from train.models.backbones import feature_dim, pooled_features
 from train.models.draft import (ElasticStudent, StudentOutput, build_student, draft_classifier,
                                 fold_teacher_head, forced_budget)
 from train.models.draft import init_from_teacher as init_student
-from train.models.distill import DistillationLoss, FeatureProjection
+from train.models.distill import DistillationLoss, FeatureProjection, TeacherMemo
 from train.models.saving import load_classifier, save_classifier
 from train.optim import with_schedule
 from train.predictions import collect_outputs, outputs_cache, predict_split
@@ -58,11 +59,15 @@ def agreement_metrics() -> MetricCollection:
 class DraftModule(pl.LightningModule):
     """A student (:func:`~train.models.draft.build_student`) learning the frozen teacher at ``teacher`` (a saved,
     calibrated classifier). Logs agreement with the teacher (``agree_mcc``, the selection metric ``val/mcc``) and
-    accuracy against the labels per validator level, and the mean token budget of an elastic student."""
+    accuracy against the labels per validator level, and the mean token budget of an elastic student.
+
+    The teacher's outputs on validation and test queries are remembered (:class:`TeacherMemo`): those inputs come
+    back every epoch. ``remember_train``: its outputs on training inputs too, for a sampler that repeats each
+    sample's augmentation draws (``draft.augment_draws``): the teacher then runs on each draw once."""
 
     def __init__(self, teacher: str, student: dict, optimizer: Callable, scheduler: Callable | None = None,
                  elastic: dict | None = None, loss: dict | None = None, budget_cost: float = 0.0, head: str = "teacher",
-                 init_from_teacher: bool = True, teacher_autocast: bool = True,
+                 init_from_teacher: bool = True, teacher_autocast: bool = True, remember_train: bool = False,
                  val_levels: Sequence[int] = (0,), test_levels: Sequence[int] = (0, 1, 2, 3)):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -87,6 +92,7 @@ class DraftModule(pl.LightningModule):
         self.label_mcc = nn.ModuleDict({s: nn.ModuleList([BinaryMatthewsCorrCoef() for _ in lv])
                                        for s, lv in self.levels.items()})
         self.budgets: dict[str, list[torch.Tensor]] = {"val": [], "test": []}
+        self.memos = {"train": TeacherMemo() if remember_train else None, "val": TeacherMemo(), "test": TeacherMemo()}
         self.strict_loading = False  # checkpoints leave the frozen teacher out (it is reloaded from its file)
 
     def train(self, mode: bool = True):
@@ -101,6 +107,11 @@ class DraftModule(pl.LightningModule):
         with bf16_autocast(images.device, self.teacher_autocast):
             logits, features = pooled_features(self.teacher, images)
         return logits.float(), features.float()
+
+    def targets(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's (logits, pooled features) on ``batch``, from its memo for the inputs seen before."""
+        memo = self.memos[split]
+        return self.teach(batch["image"]) if memo is None else memo(batch["index"], batch["image"], self.teach)
 
     def student(self, images: torch.Tensor) -> tuple[StudentOutput, torch.Tensor, torch.Tensor]:
         """(the student's output, its logits, its features projected into the teacher's space)."""
@@ -121,7 +132,7 @@ class DraftModule(pl.LightningModule):
         if "teacher_logits" in batch:
             t_logits, t_features = batch["teacher_logits"], batch["teacher_features"]
         else:
-            t_logits, t_features = self.teach(images)
+            t_logits, t_features = self.targets(batch, "train")
         out, logits, projected = self.student(images)
         losses = self.criterion(logits, t_logits.float(), projected, t_features.float(), batch["label"])
         loss = losses["loss"]
@@ -133,7 +144,7 @@ class DraftModule(pl.LightningModule):
         return loss
 
     def _eval_step(self, split: str, batch: dict, idx: int) -> None:
-        t_logits, _ = self.teach(batch["image"])
+        t_logits, _ = self.targets(batch, split)
         out, logits, _ = self.student(batch["image"])
         student, teacher = roadwork_prob(logits.float()), roadwork_prob(t_logits.float())
         self.agreement[split][idx].update(student, (teacher > 0.5).long())
@@ -311,7 +322,9 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
     save_classifier(teacher_model, task_dir / "teacher", teacher_config["input"])  # what the module loads
     spec = teacher_config["input"]
     datamodule = build_datamodule(cfg, run, spec)
-    module: DraftModule = instantiate(dcfg.module, teacher=str(task_dir / "teacher"))
+    remember = dcfg.teacher_outputs == "online" and dcfg.augment_draws is not None
+    datamodule.augment_draws = dcfg.augment_draws if remember else None  # the teacher's outputs on repeats are kept
+    module: DraftModule = instantiate(dcfg.module, teacher=str(task_dir / "teacher"), remember_train=remember)
     if isinstance(module.net, ElasticStudent) and module.net.model.selector == "entropy":
         train_set = datamodule.dataset("train", 0)  # equal shares of the budgets by image complexity
         module.net.model.fit_thresholds(torch.stack([train_set[i]["image"] for i in range(min(512, len(train_set)))]))
@@ -324,6 +337,10 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
     else:
         trainer.fit(module, datamodule=datamodule)
     restore_best(trainer, module, strict=False)
+    remembered = module.memos["train"]
+    if remembered is not None:
+        log.info("draft: the teacher ran on %d distinct training inputs (%d augmentation draws of %d images) in %d "
+                 "epochs", len(remembered), dcfg.augment_draws, len(datamodule.split("train")), dcfg.epochs)
 
     draft = module.cpu().eval().student_classifier()
     weights, config_path = save_classifier(draft, task_dir / "student", spec)
@@ -347,8 +364,9 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
                  "teacher's answer", "rule": "accept the draft's answer when max(p, 1-p) >= threshold"},
                  "calib": {"acceptance_rate": choice.acceptance_rate, "accepted_risk": choice.accepted_risk},
                  "test": on_test}
-    report = {"teacher": dcfg.teacher, "teacher_outputs": dcfg.teacher_outputs, "test": test, "threshold": threshold,
-              "resampled_guarantee": check, "flops": flops, "budgets": budgets}
+    report = {"teacher": dcfg.teacher, "teacher_outputs": dcfg.teacher_outputs, "augment_draws": dcfg.augment_draws,
+              "teacher_train_inputs": None if remembered is None else len(remembered), "test": test,
+              "threshold": threshold, "resampled_guarantee": check, "flops": flops, "budgets": budgets}
     atomic_write_json(task_dir / "report.json", report)
     atomic_write_json(task_dir / "threshold.json", threshold)
     metrics = {**test, "acceptance/test/rate": on_test["acceptance_rate"],
