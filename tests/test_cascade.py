@@ -245,3 +245,26 @@ def test_replay_decisions_equal_the_pytorch_tiers(cascade_run):
     (point,) = report["sweep"]  # each alpha's paired interval is of its MCC against the reference's on the same queries
     assert point["mcc_delta"] == pytest.approx(point["mcc"] - report["metrics"]["reference"]["all"]["mcc"], abs=1e-6)
     assert point["mcc_delta_low"] <= point["mcc_delta"] <= point["mcc_delta_high"]
+
+
+def test_the_tiers_logits_kept_by_earlier_stages_equal_running_the_tiers(cascade_run, data_dir, tmp_path, monkeypatch):
+    """The thresholds stage reads the classifiers' logits that calibrate and the draft kept for every level of calib
+    (one level per image gathered from them); without that cache it runs the tiers, and the outputs are the same."""
+    import shutil
+
+    from train.tasks import thresholds
+
+    run = copy_run(cascade_run, tmp_path)
+    cfg = compose_config(f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET,
+                         f"run_dir={run.path}", "cascade.tiers=[difficulty,draft,stage1,prm]", "task=thresholds")
+    order = thresholds.cascade_order(cfg, run)
+    seen, global_pass = [], thresholds._global_pass
+    monkeypatch.setattr(thresholds, "_global_pass", lambda *a: seen.append(dict(a[-1])) or global_pass(*a))
+    cached, meta, _ = thresholds.tier_outputs(cfg, run, order, ["calib"])
+    shutil.rmtree(run.path / "outputs")
+    ran, meta_ran, _ = thresholds.tier_outputs(cfg, run, order, ["calib"])
+    assert all(v is not None for v in seen[0].values()) and all(v is None for v in seen[1].values())
+    assert all(np.array_equal(meta["calib"][k], meta_ran["calib"][k]) for k in ("label", "index", "level"))
+    for name, kind in order:
+        field = "prob" if kind == "classifier" else "score"
+        assert np.allclose(getattr(cached["calib"][name], field), getattr(ran["calib"][name], field), atol=1e-5)

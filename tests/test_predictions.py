@@ -1,11 +1,12 @@
 """Per-sample prediction files: round trip, and padded duplicates from distributed samplers dropped; a model's
 outputs on a split cached across stages."""
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
-from train.predictions import (cache_outputs, collect_outputs, predict_split, read_predictions, unique_rows,
-                               write_predictions)
+from train.predictions import (cache_outputs, cached_queries, collect_outputs, predict_split, read_predictions,
+                               unique_rows, write_predictions)
 
 
 def test_predictions_round_trip_in_index_order(tmp_path):
@@ -35,8 +36,8 @@ class Queries:
     def loader(self, dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=4)
 
-    def split(self, name: str):
-        return type("Table", (), {"num_rows": 10})()
+    def split(self, name: str) -> pa.Table:
+        return pa.table({"label": [i % 2 for i in range(10)]})
 
 
 class Counting(torch.nn.Module):
@@ -82,3 +83,20 @@ def test_outputs_handed_on_by_a_stage_are_read_instead_of_running_the_model(tmp_
     partial = {lv: {k: v[:6] for k, v in p.items()} for lv, p in computed.items()}  # a test capped at 6 samples
     assert cache_outputs(tmp_path, model, queries, "test", partial) is None and not list(tmp_path.glob("test-*"))
     assert cache_outputs(tmp_path, model, queries, "test", {}) is None and not list(tmp_path.glob("test-*"))
+
+
+def test_one_level_per_image_is_read_from_outputs_kept_for_every_level(tmp_path):
+    """A stage that asks each image at one level (the thresholds) reads the rows a stage that ran every level kept;
+    other weights, another split or a level not kept give None (the caller runs the model)."""
+    queries, model = Queries(), Counting()
+    collect_outputs({"a": model}, queries, "calib", [0, 1, 2, 3], tmp_path)
+    index, level = np.arange(10), np.arange(10) % 4
+    got = cached_queries(tmp_path, model, queries, "calib", index, level)
+    images = torch.stack([queries.dataset("calib", int(lv))[i]["image"] for i, lv in zip(index, level)])
+    assert model.images == 40 and torch.allclose(got, model.head(images.flatten(1)))
+    assert cached_queries(tmp_path, Counting(), queries, "calib", index, level) is None
+    assert cached_queries(tmp_path, model, queries, "test", index, level) is None
+    collect_outputs({"a": model}, queries, "test", [0, 2], tmp_path)
+    assert cached_queries(tmp_path, model, queries, "test", index, level) is None
+    assert torch.equal(cached_queries(tmp_path, model, queries, "test", index, index % 2 * 2),
+                       cached_queries(tmp_path, model, queries, "calib", index, index % 2 * 2))

@@ -6,6 +6,7 @@ thresholds, the difficulty router) read them instead of running the model again.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,36 @@ def cache_outputs(cache_dir: Path, model: torch.nn.Module, datamodule, split: st
         "index": torch.cat([torch.as_tensor(p["index"]).long() for p in per_level.values()]),
         "level": torch.cat([torch.full((n,), int(lv)) for lv in per_level])})
     return path
+
+
+def cached_queries(cache_dir: Path, model: torch.nn.Module, datamodule, split: str, index: np.ndarray,
+                   level: np.ndarray) -> torch.Tensor | None:
+    """``model``'s outputs on the queries ``(index[k] at level[k])`` of ``split``, read from any file of
+    ``cache_dir`` that holds them (:func:`collect_outputs` / :func:`cache_outputs` over a set of levels), else None:
+    a stage that asks one level per image reads what a stage that ran every level kept."""
+    from safetensors import safe_open
+
+    key = _cache_key(model, datamodule, split, [])  # any levels: each file says which it holds
+    for path in sorted(Path(cache_dir).glob(f"{split}-*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            found = json.loads((f.metadata() or {}).get("fingerprint", "null"))
+        other = not isinstance(found, dict) or {**found, "levels": []} != key
+        if other or not set(level.tolist()) <= set(found["levels"]):
+            continue
+        hit = read_cached(path, found)
+        if hit is None:
+            continue
+        at = np.full((max(found["levels"]) + 1, datamodule.split(split).num_rows), -1)
+        at[hit["level"].numpy(), hit["index"].numpy()] = np.arange(len(hit["index"]))
+        rows = at[level, index]
+        if (rows < 0).any():
+            continue
+        labels = datamodule.split(split).column("label").to_numpy()[index]
+        if not np.array_equal(hit["label"].numpy()[rows], labels):
+            raise RuntimeError(f"the cached outputs in {path} have other labels than this data's {split} split: "
+                               "delete the file to have it rewritten")
+        return hit["out"][torch.from_numpy(rows)]
+    return None
 
 
 def _cache_key(model: torch.nn.Module, datamodule, split: str, levels) -> dict:

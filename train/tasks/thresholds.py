@@ -22,7 +22,7 @@ from torchmetrics.functional.classification import binary_matthews_corrcoef
 from train.calibration.cascade import TierRule, select_cascade
 from train.calibration.risk_control import one_per_group
 from train.data.splits import scene_groups
-from train.data.views import ViewSet, cached_view_outputs, view_dataset
+from train.data.views import ViewSet, cached_view_outputs, query_plan, view_dataset
 from train.export.cascade import Costs, TierOutput, beam_calls, route
 from train.export.flops import count_flops
 from train.metrics import paired_bootstrap_mcc
@@ -30,6 +30,7 @@ from train.models.difficulty import load_router
 from train.models.prm import load_prm
 from train.models.search import TraceScorer, beam_search, view_pool
 from train.models.traces import margins
+from train.predictions import cached_queries, outputs_cache
 from train.runs import Run, atomic_write_json, net_kind
 from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
@@ -91,42 +92,65 @@ def _prm_output(net, config: dict, views: dict, index: np.ndarray, levels: np.nd
 @torch.no_grad()
 def tier_outputs(cfg: DictConfig, run: Run, order, splits) -> tuple[dict, dict, dict]:
     """Every tier's PyTorch outputs on each split's queries, the models loaded once: ({split: {tier: TierOutput}},
-    {split: {"label", "index", "level"}}, FLOPs per call)."""
-    classifiers = {n: load_calibrated(run, n) for n, k in order if k == "classifier"}
-    routers = {n: load_router(run.artifact(n, "model")) for n, k in order if k == "router"}
+    {split: {"label", "index", "level"}}, FLOPs per call). A classifier's logits come from the run's outputs cache
+    when an earlier stage kept them for these queries (calibrate and the draft run every level of calib and test);
+    the rest run here, in one pass over the queries."""
+    loaded = {n: load_calibrated(run, n) for n, k in order if k == "classifier"}
+    routers = {n: load_router(run.artifact(n, "model"))[0] for n, k in order if k == "router"}
     prms = {n: load_prm(run.artifact(n, "model")) for n, k in order if k == "prm"}
-    if routers and "draft" not in classifiers:
-        classifiers["draft"] = load_calibrated(run, "draft")
-    specs = {json.dumps(c[1]["input"], sort_keys=True) for c in classifiers.values()}
+    if routers and "draft" not in loaded:
+        loaded["draft"] = load_calibrated(run, "draft")
+    specs = {json.dumps(config["input"], sort_keys=True) for _, config, _ in loaded.values()}
     if len(specs) > 1:
         raise ValueError(f"the cascade's classifiers take different inputs ({sorted(specs)}); they must share one")
-    datamodule = build_datamodule(cfg, run, next(iter(classifiers.values()))[1]["input"])
+    classifiers = {n: model for n, (model, _, _) in loaded.items()}
+    datamodule = build_datamodule(cfg, run, json.loads(specs.pop()))
     outputs, meta, flops = {}, {}, {}
     for split in splits:
-        loader = DataLoader(view_dataset(datamodule, split, GLOBAL_ONLY, cfg.cascade.levels),
-                            batch_size=cfg.cascade.batch_size, num_workers=cfg.data.num_workers)
-        probs, logits_of, scores, rows = {n: [] for n in classifiers}, {}, {n: [] for n in routers}, []
-        for batch in loader:
-            pixels = batch["views"][:, 0]
-            for n, (model, _, _) in classifiers.items():
-                logits_of[n] = model.eval()(pixels).float()
-                probs[n].append(logits_of[n].softmax(-1)[:, 1])
-            for n, (router, _) in routers.items():
-                scores[n].append(router.eval()(pixels, logits_of["draft"])[:, router.targets.index("draft")].sigmoid())
-            rows.append(torch.stack([batch["label"], batch["index"], batch["level"]], 1))
-        label, index, level = torch.cat(rows).numpy().T
-        meta[split] = {"label": label, "index": index, "level": level}
-        outputs[split] = {n: TierOutput("classifier", prob=torch.cat(p).numpy()) for n, p in probs.items()}
-        outputs[split].update({n: TierOutput("router", score=torch.cat(p).numpy()) for n, p in scores.items()})
+        index, level = query_plan(datamodule.split(split).num_rows, cfg.cascade.levels, every_level=False)
+        labels = datamodule.split(split).column("label").to_numpy().astype(np.int64)
+        meta[split] = {"label": labels[index], "index": index, "level": level}
+        logits = {n: cached_queries(outputs_cache(run), m, datamodule, split, index, level)
+                  for n, m in classifiers.items()}
+        logits, scores = _global_pass(cfg, datamodule, split, classifiers, routers, logits)
+        outputs[split] = {n: TierOutput("classifier", prob=lg.softmax(-1)[:, 1].numpy()) for n, lg in logits.items()}
+        outputs[split].update({n: TierOutput("router", score=sc.numpy()) for n, sc in scores.items()})
         for n, (net, config) in prms.items():  # the views the PRM stage computed (calib, test), else computed here
-            views_model = classifiers.get(config["views_model"]) or load_calibrated(run, config["views_model"])
-            views, _ = cached_view_outputs(run, views_model[0], datamodule, split,
+            name = config["views_model"]
+            views_model = classifiers[name] if name in classifiers else load_calibrated(run, name)[0]
+            views, _ = cached_view_outputs(run, views_model, datamodule, split,
                                            ViewSet.from_description(config["views"]), cfg.cascade.levels)
             outputs[split][n], flops[n] = _prm_output(net, config, views, index, level)
-    b = len(pixels)  # per image, the mean over the last batch (an elastic draft's tokens vary per image)
-    flops.update({n: count_flops(m, pixels) / b for n, (m, _, _) in classifiers.items()})
-    flops.update({n: count_flops(r, pixels, logits_of["draft"]) / b for n, (r, _) in routers.items()})
+    # FLOPs per image: the mean over a batch of queries (an elastic draft's tokens vary per image)
+    queries = view_dataset(datamodule, splits[-1], GLOBAL_ONLY, cfg.cascade.levels)
+    pixels = torch.stack([queries[k]["views"][0] for k in range(min(cfg.cascade.batch_size, len(queries)))])
+    b = len(pixels)
+    flops.update({n: count_flops(m, pixels) / b for n, m in classifiers.items()})
+    flops.update({n: count_flops(r, pixels, logits["draft"][:b]) / b for n, r in routers.items()})
     return outputs, meta, flops
+
+
+def _global_pass(cfg: DictConfig, datamodule, split: str, classifiers: dict, routers: dict,
+                 known: dict[str, torch.Tensor | None]) -> tuple[dict, dict]:
+    """Each classifier's logits (those ``known`` kept as they are) and each router's score on the split's global
+    queries: one pass over them when anything is left to run."""
+    todo = {n: m for n, m in classifiers.items() if known[n] is None}
+    if not todo and not routers:
+        return dict(known), {}
+    loader = DataLoader(view_dataset(datamodule, split, GLOBAL_ONLY, cfg.cascade.levels),
+                        batch_size=cfg.cascade.batch_size, num_workers=cfg.data.num_workers)
+    ran, scores, start = {n: [] for n in todo}, {n: [] for n in routers}, 0
+    for batch in loader:
+        pixels = batch["views"][:, 0]
+        end = start + len(pixels)
+        logits = {n: lg[start:end] for n, lg in known.items() if lg is not None}
+        for n, model in todo.items():
+            logits[n] = model.eval()(pixels).float()
+            ran[n].append(logits[n])
+        for n, router in routers.items():
+            scores[n].append(router.eval()(pixels, logits["draft"])[:, router.targets.index("draft")].sigmoid())
+        start = end
+    return {**known, **{n: torch.cat(v) for n, v in ran.items()}}, {n: torch.cat(v) for n, v in scores.items()}
 
 
 def costs_of(order, flops: dict[str, float], prm_views_model: str = "stage1") -> Costs:
