@@ -165,3 +165,29 @@ def test_bundle_serves_the_fusion_head_with_its_threshold(fusion_run):
     with torch.no_grad():
         keep = torch.tensor([m != "detector" for m in net.modalities])
         assert np.abs(without - roadwork_prob(net(test["features"], test["present"] & keep)).numpy()).max() <= 1e-4
+
+
+def test_classifier_column_read_from_the_view_cache_equals_running_the_tier(fusion_run):
+    """Where the run's view cache holds Stage-1 on the same queries, the Stage-1 column is its global slot: the same
+    values (embedding at float16 precision either way) as running Stage-1 on the queries."""
+    from torch.utils.data import DataLoader
+
+    from train.data.modalities import ClassifierModality, QueryDataset
+    from train.tasks.lightning import build_datamodule
+
+    run, cfg, _ = fusion_run
+    modality = ClassifierModality("stage1", embedding=True)
+    modality.setup(run)
+    datamodule = build_datamodule(cfg, run, modality.input_spec)
+    levels = list(cfg.features.levels)
+    cached = modality.dataset(datamodule, "calib", levels, False)
+    direct = QueryDataset(datamodule, "calib", levels, False, None)
+    assert not isinstance(cached, QueryDataset) and len(cached) == len(direct)
+
+    def column(dataset):
+        return torch.cat([modality.encode(batch)[0] for batch in DataLoader(dataset, batch_size=16)])
+
+    read, ran = column(cached), column(direct)
+    assert read.shape == ran.shape == (len(direct), modality.dim)
+    assert torch.allclose(read[:, -2:], ran[:, -2:], atol=1e-5)  # the logits
+    assert torch.allclose(read[:, :-2], ran[:, :-2], rtol=2e-3, atol=1e-4)  # the embedding, float16 precision

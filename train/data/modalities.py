@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from train.data.feature_store import FeatureStore
-from train.data.views import ViewSet, cached_view_outputs, query_plan
+from train.data.views import ViewSet, cached_view_outputs, global_view_outputs, query_plan
 from train.models.backbones import pooled_features
 from train.models.saving import weights_sha256
 from train.predictions import OutcomeDataset
@@ -57,7 +57,9 @@ def embedding_and_logits(model: torch.nn.Module, images: torch.Tensor) -> tuple[
 
 
 class ClassifierModality:
-    """A calibrated tier's pooled embedding and calibrated logits (``embedding=False``: the logits only)."""
+    """A calibrated tier's pooled embedding (at float16 precision, as the view cache keeps it) and calibrated logits
+    (``embedding=False``: the logits only). Read from the global slot of the run's view cache when the tier made one
+    on the same queries (the PRM's views), computed otherwise: the same values either way."""
 
     def __init__(self, tier: str = "stage1", embedding: bool = True):
         self.tier, self.embedding, self.model, self.dim = tier, embedding, None, 0
@@ -65,6 +67,7 @@ class ClassifierModality:
     def setup(self, run) -> dict:
         from train.tasks.calibrate import load_calibrated
 
+        self.run = run
         self.model, config, _ = load_calibrated(run, self.tier)
         self.model.eval()
         self.input_spec = config["input"]
@@ -73,16 +76,23 @@ class ClassifierModality:
             features, logits = embedding_and_logits(self.model, torch.zeros(1, 3, size, size))
         self.dim = (features.shape[1] if self.embedding else 0) + logits.shape[1]
         return {"kind": "classifier", "tier": self.tier, "weights_sha256": weights_sha256(self.model),
-                "values": ("pooled embedding, then " if self.embedding else "") + "calibrated logits [None, Roadwork]"}
+                "values": ("pooled embedding (float16 precision), then " if self.embedding else "")
+                + "calibrated logits [None, Roadwork]"}
 
     def dataset(self, datamodule, split: str, levels: Sequence[int], every_level: bool) -> Dataset:
+        found = global_view_outputs(self.run, self.model, datamodule, split, levels, every_level)
+        if found is not None:
+            return OutcomeDataset(found)
         return QueryDataset(datamodule, split, levels, every_level, None)
 
     @torch.no_grad()
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        features, logits = embedding_and_logits(self.model, batch["x"])
-        values = torch.cat([features, logits], 1) if self.embedding else logits
-        return values.float(), torch.ones(len(values), dtype=torch.bool)
+        if "x" in batch:
+            features, logits = embedding_and_logits(self.model, batch["x"])
+        else:  # the view cache's global slot
+            features, logits = batch["embeddings"], batch["logits"]
+        values = torch.cat([features.half().float(), logits.float()], 1) if self.embedding else logits.float()
+        return values, torch.ones(len(values), dtype=torch.bool)
 
 
 class ViewsModality:

@@ -204,16 +204,40 @@ def view_outputs(model: torch.nn.Module, datamodule, split: str, view_set: ViewS
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def _view_settings(model: torch.nn.Module, datamodule, split: str, view_set: ViewSet | None, levels: Sequence[int],
+                   every_level: bool) -> dict:
+    return {"model": weights_sha256(model), "views": None if view_set is None else view_set.describe(),
+            "levels": [int(lv) for lv in levels], "every_level": bool(every_level), "split": split,
+            "img_size": datamodule.img_size, "eval_seed": datamodule.eval_seed}
+
+
 def cached_view_outputs(run, model: torch.nn.Module, datamodule, split: str, view_set: ViewSet, levels: Sequence[int],
                         every_level: bool = False, batch_size: int = 32) -> tuple[dict[str, torch.Tensor], Path]:
     """:func:`view_outputs`, computed once per run and shared by the tasks that read views (the PRM, the feature
     store): ``<run>/views/<split>-<fingerprint>.safetensors``, keyed by the model's weights and the view settings.
     Returns (the outputs, the file)."""
-    settings = {"model": weights_sha256(model), "views": view_set.describe(), "levels": [int(lv) for lv in levels],
-                "every_level": bool(every_level), "split": split, "img_size": datamodule.img_size,
-                "eval_seed": datamodule.eval_seed}
+    settings = _view_settings(model, datamodule, split, view_set, levels, every_level)
     path = run.path / "views" / f"{split}-{fingerprint(settings, 12)}.safetensors"
     outputs = cached_tensors(path, settings, lambda: view_outputs(model, datamodule, split, view_set, levels,
                                                                   every_level, batch_size))
     return outputs, path
 
+
+
+def global_view_outputs(run, model: torch.nn.Module, datamodule, split: str, levels: Sequence[int],
+                        every_level: bool = False) -> dict[str, torch.Tensor] | None:
+    """The global slot (the whole query) of any of the run's view caches made by ``model`` on these queries:
+    ``logits`` (Q, 2), ``embeddings`` (Q, D) in float16, ``index``, ``level``; None when there is none (nothing is
+    computed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    wanted = _view_settings(model, datamodule, split, None, levels, every_level)
+    for path in sorted((Path(run.path) / "views").glob(f"{split}-*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            settings = json.loads((f.metadata() or {}).get("fingerprint", "null"))
+        if isinstance(settings, dict) and {**settings, "views": None} == wanted:
+            outputs = load_file(str(path))
+            return {"logits": outputs["logits"][:, 0], "embeddings": outputs["embeddings"][:, 0],
+                    "index": outputs["index"], "level": outputs["level"]}
+    return None
