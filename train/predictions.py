@@ -6,7 +6,6 @@ thresholds, the difficulty router) read them instead of running the model again.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from train.models.saving import weights_sha256
-from train.runs import fingerprint, read_cached, write_cached
+from train.runs import cached_files, fingerprint, read_cached, write_cached
 
 Columns = dict[str, np.ndarray]
 
@@ -129,25 +128,20 @@ def cached_queries(cache_dir: Path, model: torch.nn.Module, datamodule, split: s
     """``model``'s outputs on the queries ``(index[k] at level[k])`` of ``split``, read from any file of
     ``cache_dir`` that holds them (:func:`collect_outputs` / :func:`cache_outputs` over a set of levels), else None:
     a stage that asks one level per image reads what a stage that ran every level kept."""
-    from safetensors import safe_open
-
     key = _cache_key(model, datamodule, split, [])  # any levels: each file says which it holds
-    for path in sorted(Path(cache_dir).glob(f"{split}-*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            found = json.loads((f.metadata() or {}).get("fingerprint", "null"))
-        other = not isinstance(found, dict) or {**found, "levels": []} != key
-        if other or not set(level.tolist()) <= set(found["levels"]):
+    table = datamodule.split(split)
+    for path, found in cached_files(cache_dir, f"{split}-*.safetensors"):
+        if {**found, "levels": []} != key or not set(level.tolist()) <= set(found["levels"]):
             continue
         hit = read_cached(path, found)
         if hit is None:
             continue
-        at = np.full((max(found["levels"]) + 1, datamodule.split(split).num_rows), -1)
+        at = np.full((max(found["levels"]) + 1, table.num_rows), -1)
         at[hit["level"].numpy(), hit["index"].numpy()] = np.arange(len(hit["index"]))
         rows = at[level, index]
         if (rows < 0).any():
             continue
-        labels = datamodule.split(split).column("label").to_numpy()[index]
-        if not np.array_equal(hit["label"].numpy()[rows], labels):
+        if not np.array_equal(hit["label"].numpy()[rows], table.column("label").to_numpy()[index]):
             raise RuntimeError(f"the cached outputs in {path} have other labels than this data's {split} split: "
                                "delete the file to have it rewritten")
         return hit["out"][torch.from_numpy(rows)]

@@ -185,6 +185,18 @@ def fingerprint(obj: Any, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
+def cached_files(folder: Path, pattern: str) -> Iterator[tuple[Path, dict]]:
+    """(path, fingerprint) of each file of ``folder`` matching ``pattern`` that :func:`write_cached` wrote: for a
+    reader that looks for what it needs among caches made with other settings."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob(pattern)):
+        with safe_open(str(path), "pt") as f:
+            found = json.loads((f.metadata() or {}).get("fingerprint", "null"))
+        if isinstance(found, dict):
+            yield path, found
+
+
 def read_cached(path: Path, fingerprint: dict) -> dict | None:
     """The tensors :func:`write_cached` saved at ``path`` under the same ``fingerprint``; None if absent or stale."""
     from safetensors import safe_open

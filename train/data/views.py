@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from train.data.transforms import ModelInput
 from train.models.backbones import pooled_features
 from train.models.saving import weights_sha256
-from train.runs import cached_tensors, fingerprint
+from train.runs import cached_files, cached_tensors, fingerprint, read_cached
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the query's side
 
@@ -223,21 +223,14 @@ def cached_view_outputs(run, model: torch.nn.Module, datamodule, split: str, vie
     return outputs, path
 
 
-
 def global_view_outputs(run, model: torch.nn.Module, datamodule, split: str, levels: Sequence[int],
                         every_level: bool = False) -> dict[str, torch.Tensor] | None:
     """The global slot (the whole query) of any of the run's view caches made by ``model`` on these queries:
     ``logits`` (Q, 2), ``embeddings`` (Q, D) in float16, ``index``, ``level``; None when there is none (nothing is
     computed)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     wanted = _view_settings(model, datamodule, split, None, levels, every_level)
-    for path in sorted((Path(run.path) / "views").glob(f"{split}-*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            settings = json.loads((f.metadata() or {}).get("fingerprint", "null"))
-        if isinstance(settings, dict) and {**settings, "views": None} == wanted:
-            outputs = load_file(str(path))
+    for path, settings in cached_files(Path(run.path) / "views", f"{split}-*.safetensors"):
+        if {**settings, "views": None} == wanted and (outputs := read_cached(path, settings)) is not None:
             return {"logits": outputs["logits"][:, 0], "embeddings": outputs["embeddings"][:, 0],
                     "index": outputs["index"], "level": outputs["level"]}
     return None
