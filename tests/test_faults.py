@@ -1,8 +1,13 @@
 """Faults in training: NaN/inf losses skipped and counted, signals stop with a checkpoint, writes are atomic, crafted
 checkpoints are refused."""
+import os
+import re
 import shutil
 import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -201,3 +206,21 @@ def test_loader_workers_ignore_sigterm():
     finally:
         signal.signal(signal.SIGTERM, before[0])
         signal.signal(signal.SIGINT, before[1])
+
+
+def test_a_failing_stage_ends_the_process_promptly(tiny_run, data_dir, tmp_path):
+    """A bug in a middle stage of a pipeline while a loader's workers live (APT, once its threshold loader ran; they
+    ignore SIGTERM): the traceback, exit code 1, and the process gone within seconds, not waiting on the workers."""
+    tests = Path(__file__).resolve().parent
+    run = copy_run(tiny_run, tmp_path)  # data and stage1 complete: the pipeline skips them
+    cmd = [sys.executable, str(tests / "failing_stage.py"), "train.tasks.apt:instantiate", f"run_dir={run.path}",
+           "pipeline=stage1", "pipeline.stages=[data,stage1,apt,calibrate]", "debug=tiny", "data.num_workers=2",
+           f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "print_config=false"]
+    env = {**os.environ, "PYTHONPATH": str(tests.parent)}
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # a hang fails here
+    ended = time.time()
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" in out.stderr and "RuntimeError: injected failure" in out.stderr
+    failed_at = float(re.search(r"failing at ([0-9.]+)", out.stderr).group(1))
+    assert ended - failed_at < 5, f"exited {ended - failed_at:.1f} s after the failure"
+    assert run.is_complete("stage1") and not run.is_complete("apt")

@@ -5,7 +5,9 @@ grayscale, palette and alpha images, tiny and huge images are handled in one way
 """
 from __future__ import annotations
 
+import atexit
 import io
+import multiprocessing.util  # registers multiprocessing's exit handler before ours (see end_loader_workers)
 import signal
 import warnings
 from pathlib import Path
@@ -126,3 +128,16 @@ def loader_worker_init(worker_id: int) -> None:
     cv2.setNumThreads(1)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
+
+
+@atexit.register  # runs before multiprocessing's handler, registered earlier (atexit runs handlers last in, first out)
+def end_loader_workers() -> None:
+    """At exit, kill the daemonic child processes still alive: loader workers whose loaders an error's traceback
+    kept. They ignore SIGTERM (:func:`loader_worker_init`), which is how multiprocessing ends daemonic children at
+    exit before it waits for them: without this, a failed stage left the process waiting forever."""
+    if hasattr(signal, "SIGCHLD"):  # PyTorch's handler would raise on the first killed worker
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
