@@ -79,6 +79,33 @@ def test_pos_embed_init_errors(hf_folder):
         create_backbone(str(hf_folder()), library="transformers", pos_embed_init="sincos")
 
 
+WEIGHTS_FILES = {"vit": (TINY_VIT, "head."), "convnext": (dict(name="convnext_atto", dims=(8, 16, 32, 64)), "head.fc."),
+                 "resnet": (dict(name="resnet10t"), "fc.")}  # (architecture, the classifier's keys)
+
+
+@pytest.mark.parametrize("arch", list(WEIGHTS_FILES))
+@pytest.mark.parametrize("head_classes,suffix", [(1000, ".safetensors"), (2, ".safetensors"), (2, ".pth")])
+def test_pretrained_weights_file_loads_every_tensor(arch, head_classes, suffix, tmp_path):
+    """``model.backbone.pretrained=<file>``: every backbone tensor comes from the file (the ViT's position embeddings
+    too, although the config asks for a sin-cos start); a 2-class head loads, an ImageNet head is left out."""
+    from safetensors.torch import save_file
+
+    kwargs, head = WEIGHTS_FILES[arch]
+    torch.manual_seed(5)
+    source = create_backbone(**kwargs, num_classes=head_classes).state_dict()
+    path = tmp_path / f"weights{suffix}"
+    save_file(source, path) if suffix == ".safetensors" else torch.save({"state_dict": source}, path)
+    extra = {"pos_embed_init": "sincos"} if arch == "vit" else {}
+    torch.manual_seed(6)
+    loaded = create_backbone(**kwargs, pretrained=str(path), **extra).state_dict()
+    assert loaded.keys() == source.keys()
+    for key, value in source.items():
+        if key.startswith(head) and head_classes == 1000:  # the model's own 2-class start
+            assert loaded[key].shape[0] == 2 and value.shape[0] == 1000, key
+        else:
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+
+
 def test_create_backbone_errors(tmp_path):
     with pytest.raises(ValueError, match="not a timm model"):
         create_backbone("vit_nonexistent_model")

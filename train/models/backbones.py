@@ -35,7 +35,7 @@ def create_backbone(name: str, pretrained: bool | str = False, num_classes: int 
     args = {"library": library, "name": name, **kwargs}
     if num_classes != len(LABELS):
         args["num_classes"] = num_classes
-    if pos_embed_init is not None:
+    if pos_embed_init is not None and not _loads_weights(pretrained):  # a start for random weights only
         init_pos_embed(model, pos_embed_init)
         args["pos_embed_init"] = pos_embed_init
     model.backbone_args = args
@@ -47,12 +47,34 @@ def _create_timm(name: str, pretrained: bool | str, num_classes: int, **kwargs) 
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ValueError(f"model.backbone.name={name!r} is not a timm model; similar: {close}")
     overlay = {}
-    if isinstance(pretrained, str) and pretrained not in ("", "false", "False"):
+    if isinstance(pretrained, str) and _loads_weights(pretrained):
         path = Path(pretrained)
         if not path.is_file():
             raise FileNotFoundError(f"model.backbone.pretrained={pretrained} is not a file")
-        overlay, pretrained = {"pretrained_cfg_overlay": {"file": str(path)}}, True
+        overlay, pretrained = {"pretrained_cfg_overlay": _weights_file_overlay(name, path)}, True
     return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **overlay, **kwargs)
+
+
+def _weights_file_overlay(name: str, path: Path) -> dict:
+    """timm's pretrained-config overlay that loads ``path``: a JAX ``.npz`` through the model's own reader; any other
+    file (safetensors, a torch state dict or checkpoint) read here and handed over as a state dict, since timm before
+    1.0.31 gives every file of a ViT to its ``.npz`` reader. timm then adapts the weights as for its own (position
+    embeddings resampled, input convolution adapted); the head loads when the file's has as many classes as the
+    model, and is left at its random start otherwise (an ImageNet head)."""
+    if path.suffix == ".npz":
+        return {"file": str(path), "custom_load": True}
+    state = timm.models.load_state_dict(str(path))
+    overlay = {"state_dict": state}
+    heads = getattr(timm.models.get_pretrained_cfg(name), "classifier", None)
+    head = heads if isinstance(heads, str) or heads is None else heads[0]
+    if head is not None and f"{head}.weight" in state:
+        overlay["num_classes"] = state[f"{head}.weight"].shape[0]
+    return overlay
+
+
+def _loads_weights(pretrained: bool | str) -> bool:
+    """Whether ``model.backbone.pretrained`` asks for weights (True, a path) rather than a random start."""
+    return bool(pretrained) and pretrained not in ("false", "False")
 
 
 class HFImageClassifier(nn.Module):
@@ -89,7 +111,7 @@ def _create_transformers(name: str, pretrained: bool | str, num_classes: int, hf
         if not hasattr(config, key):
             raise ValueError(f"model.backbone.{key}: {type(config).__name__} has no attribute {key!r}")
         setattr(config, key, value)
-    if pretrained and pretrained not in ("false", "False"):
+    if _loads_weights(pretrained):
         model = AutoModelForImageClassification.from_pretrained(name, config=config, ignore_mismatched_sizes=True)
     else:
         model = AutoModelForImageClassification.from_config(config)
