@@ -106,8 +106,8 @@ class ClassifierModule(pl.LightningModule):
         for level, stores in zip(self.levels["test"], self.test_outputs):
             logits, labels, index = (s.compute() for s in stores)
             rows = unique_rows(index.long())
-            self.test_predictions[level] = {"logits": logits[rows], "label": labels[rows].long(),
-                                            "index": index[rows].long()}
+            self.test_predictions[level] = {"logits": logits[rows].cpu(), "label": labels[rows].long().cpu(),
+                                            "index": index[rows].long().cpu()}  # outputs leave a stage on the CPU
             for s in stores:
                 s.reset()
             if self.bootstrap:  # 95% interval of MCC per level, by resampling the test samples
