@@ -94,7 +94,10 @@ def test_pretrained_weights_file_loads_every_tensor(arch, head_classes, suffix, 
     torch.manual_seed(5)
     source = create_backbone(**kwargs, num_classes=head_classes).state_dict()
     path = tmp_path / f"weights{suffix}"
-    save_file(source, path) if suffix == ".safetensors" else torch.save({"state_dict": source}, path)
+    if suffix == ".safetensors":
+        save_file(source, path)
+    else:
+        torch.save({"state_dict": source}, path)  # a training checkpoint's layout
     extra = {"pos_embed_init": "sincos"} if arch == "vit" else {}
     torch.manual_seed(6)
     loaded = create_backbone(**kwargs, pretrained=str(path), **extra).state_dict()
