@@ -538,6 +538,15 @@ def test_paired_bootstrap_mcc():
     ref = mcc(target[draws], probs_b[draws] > 0.5) - mcc(target[draws], probs_a[draws] > 0.5)
     assert mcc(target[None], probs_b[None] > 0.5)[0] == pytest.approx(out["mcc_b"], abs=1e-6)
     assert out["low"] == pytest.approx(np.quantile(ref, 0.025), abs=0.03)
+
+    # strata (validator levels): the MCC within each stratum, averaged; a pair of rows per group moves together
+    strata, groups = np.arange(n) % 2, np.arange(n) // 2
+    levels = paired_bootstrap_mcc(*args, groups=torch.tensor(groups), strata=torch.tensor(strata),
+                                  num_bootstraps=500)
+    for key, probs in (("mcc_a", probs_a), ("mcc_b", probs_b)):
+        per_stratum = [matthews_corrcoef(target[strata == s], probs[strata == s] > 0.5) for s in (0, 1)]
+        assert levels[key] == pytest.approx(np.mean(per_stratum), abs=1e-6)
+    assert 0 < levels["low"] <= levels["delta"] <= levels["high"] < 1
     assert out["high"] == pytest.approx(np.quantile(ref, 0.975), abs=0.03)
     assert paired_bootstrap_mcc(*args, num_bootstraps=2000) == out  # seeded
     assert paired_bootstrap_mcc(*args, num_bootstraps=2000, seed=1)["low"] != out["low"]

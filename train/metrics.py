@@ -113,11 +113,12 @@ def score_probs(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> 
 
 def paired_bootstrap_mcc(probs_a: torch.Tensor, probs_b: torch.Tensor, target: torch.Tensor,
                          groups: torch.Tensor | None = None, num_bootstraps: int = 1000, seed: int = 0,
-                         confidence: float = 0.95) -> dict[str, float]:
+                         confidence: float = 0.95, strata: torch.Tensor | None = None) -> dict[str, float]:
     """MCC(b) - MCC(a) on the same samples, with a paired percentile bootstrap interval.
 
     Both models are scored on each resample; ``groups`` (e.g. the image behind several validator
-    levels) are resampled whole, so correlated rows move together.
+    levels, or its scene) are resampled whole, so correlated rows move together. ``strata`` (e.g. the validator
+    level of each row): the MCC is computed within each stratum and averaged (the mean over levels).
     """
     pred_a, pred_b = (torch.as_tensor(p).float().cpu() > THRESHOLD for p in (probs_a, probs_b))
     target = torch.as_tensor(target).long().cpu()
@@ -127,17 +128,22 @@ def paired_bootstrap_mcc(probs_a: torch.Tensor, probs_b: torch.Tensor, target: t
     draws = torch.randint(len(ids), (num_bootstraps, len(ids)), generator=gen)
     weights = torch.stack([torch.bincount(d, minlength=len(ids)) for d in draws])[:, member].float()  # (R, N)
 
-    def mcc(pred: torch.Tensor) -> torch.Tensor:  # weighted confusion counts -> MCC per resample
-        p, t = pred.float(), target.float()
-        tp, fp = weights @ (p * t), weights @ (p * (1 - t))
-        fn, tn = weights @ ((1 - p) * t), weights @ ((1 - p) * (1 - t))
-        den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).sqrt()
-        return torch.where(den > 0, (tp * tn - fp * fn) / den.clamp(min=1e-12), torch.zeros_like(den))
+    strata = torch.zeros_like(target) if strata is None else torch.as_tensor(strata).long().cpu()
+    rows = [(strata == s).float() for s in torch.unique(strata)]
 
-    delta = mcc(pred_b) - mcc(pred_a)
+    def mcc(pred: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # weighted confusion counts -> MCC per row
+        per_stratum = []
+        for row in rows:
+            p, t = pred.float() * row, target.float() * row  # rows of other strata count for nothing
+            tp, fp = weights @ (p * t), weights @ (p * (row - t))
+            fn, tn = weights @ ((row - p) * t), weights @ ((row - p) * (row - t))
+            den = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)).sqrt()
+            per_stratum.append(torch.where(den > 0, (tp * tn - fp * fn) / den.clamp(min=1e-12), torch.zeros_like(den)))
+        return torch.stack(per_stratum).mean(0)
+
+    delta = mcc(pred_b, weights) - mcc(pred_a, weights)
     tail = (1 - confidence) / 2
     low, high = torch.quantile(delta, torch.tensor([tail, 1 - tail], dtype=delta.dtype)).tolist()
-    point = BinaryMatthewsCorrCoef(threshold=THRESHOLD)
-    mcc_a = float(point(pred_a.float(), target))
-    mcc_b = float(point(pred_b.float(), target))
+    once = torch.ones(1, len(target))
+    mcc_a, mcc_b = float(mcc(pred_a, once)[0]), float(mcc(pred_b, once)[0])
     return {"mcc_a": mcc_a, "mcc_b": mcc_b, "delta": mcc_b - mcc_a, "low": low, "high": high}
