@@ -144,6 +144,10 @@ def paired_bootstrap_mcc(probs_a: torch.Tensor, probs_b: torch.Tensor, target: t
     delta = mcc(pred_b, weights) - mcc(pred_a, weights)
     tail = (1 - confidence) / 2
     low, high = torch.quantile(delta, torch.tensor([tail, 1 - tail], dtype=delta.dtype)).tolist()
-    once = torch.ones(1, len(target))
-    mcc_a, mcc_b = float(mcc(pred_a, once)[0]), float(mcc(pred_b, once)[0])
+    point = BinaryMatthewsCorrCoef(threshold=THRESHOLD)  # the project's MCC, degenerate confusions included
+
+    def mcc_point(pred: torch.Tensor) -> float:
+        return sum(float(point(pred[row > 0].float(), target[row > 0])) for row in rows) / len(rows)
+
+    mcc_a, mcc_b = mcc_point(pred_a), mcc_point(pred_b)
     return {"mcc_a": mcc_a, "mcc_b": mcc_b, "delta": mcc_b - mcc_a, "low": low, "high": high}
