@@ -93,7 +93,8 @@ def test_a_fused_optimizer_is_clipped_by_the_module(algorithm):
     """Lightning refuses to clip for fused optimizers under mixed precision; the module clips them itself."""
     from hydra.utils import instantiate
 
-    module = instantiate(compose_config("model.img_size=32", "model.backbone.depth=1").model)
+    module = instantiate(compose_config("model.img_size=32", "model.backbone.depth=1",
+                                         "model.backbone.pretrained=false").model)
     optimizer = torch.optim.AdamW(module.net.parameters(), fused=True)  # fused AdamW runs on the CPU too
     for p in module.net.parameters():
         p.grad = torch.full_like(p, 3.0)
@@ -131,7 +132,8 @@ def test_a_tiny_gpu_run(tmp_path, data_dir):
 def test_a_compiled_module_keeps_plain_parameter_names():
     from hydra.utils import instantiate
 
-    module = instantiate(compose_config("model.img_size=32", "model.backbone.depth=1", "model.compile=true").model)
+    module = instantiate(compose_config("model.img_size=32", "model.backbone.depth=1", "model.compile=true",
+                                         "model.backbone.pretrained=false").model)
     assert module.net._compiled_call_impl is not None  # compiled in place, once, at construction
     assert not any("_orig_mod" in k for k in module.state_dict())
 

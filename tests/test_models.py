@@ -112,7 +112,7 @@ def test_pretrained_weights_file_loads_every_tensor(arch, head_classes, suffix, 
 def test_create_backbone_errors(tmp_path):
     with pytest.raises(ValueError, match="not a timm model"):
         create_backbone("vit_nonexistent_model")
-    with pytest.raises(FileNotFoundError, match="not a file"):
+    with pytest.raises(FileNotFoundError, match="not a weights file, a run folder or one of the shipped"):
         create_backbone(TINY_VIT["name"], pretrained=str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         create_backbone(str(tmp_path / "missing_folder"), library="transformers")

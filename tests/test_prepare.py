@@ -95,6 +95,7 @@ def test_resume_with_loader_workers_is_exact(source, data_run, tmp_path):
     common = ["task=stage1", f"data.train_source={source}", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
               "model.bootstrap=0", "model.img_size=32", "model.backbone.patch_size=8", "model.backbone.depth=1",
               "model.backbone.embed_dim=32", "model.backbone.num_heads=2", "data.test_levels=[0]",
+              "model.backbone.pretrained=false",
               "data.num_workers=1"]
     straight, broken = copy_run(data_run, tmp_path / "a"), copy_run(data_run, tmp_path / "b")
     run_task(config(straight, *common))

@@ -12,7 +12,8 @@ from train.models.saving import load_classifier
 from train.runs import Run
 
 TINY_VIT = ["model.img_size=32", "model.backbone.patch_size=8", "model.backbone.depth=2",
-            "model.backbone.embed_dim=64", "model.backbone.num_heads=2"]
+            "model.backbone.embed_dim=64", "model.backbone.num_heads=2",
+            "model.backbone.pretrained=false"]
 
 
 def stage1_on_copy(tiny_config, tiny_run, tmp_path, *overrides) -> Run:
@@ -206,6 +207,7 @@ def test_tiny_vit_learns(tmp_path):
                          f"+data.source.knobs={easy}", "data.num_workers=0", "data.batch_size=32",
                          "data.test_levels=[0]", "model.img_size=48", "model.backbone.depth=2",
                          "model.backbone.embed_dim=64", "model.backbone.num_heads=2", "model.optimizer.lr=2e-3",
+                         "model.backbone.pretrained=false",
                          "trainer.max_epochs=15", "model.bootstrap=200")
     run_task(cfg)
     (run,) = (tmp_path / "checkpoints").iterdir()

@@ -24,7 +24,7 @@ from train.tasks.lightning import consolidated_checkpoint, resolve_ckpt_path
 ROOT = Path(__file__).resolve().parents[1]
 TRAINERS = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))
 TINY = ["model.img_size=32", "model.backbone.patch_size=8", "model.backbone.depth=2", "model.backbone.embed_dim=64",
-        "model.backbone.num_heads=2", "model.bootstrap=0"]
+        "model.backbone.num_heads=2", "model.bootstrap=0", "model.backbone.pretrained=false"]
 
 
 def cli(tmp_path: Path, data_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:

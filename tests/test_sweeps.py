@@ -20,7 +20,7 @@ def test_an_optuna_study_survives_a_failed_trial_and_reads_the_metric(tmp_path, 
     """Two trials of hparams_search=stage1_optuna (debug=tiny); job 0 asks for a ViT with 0 attention heads (it fails
     building the model), job 1 for 1 head. The study goes on; its best value is the completed trial's val/mcc_best."""
     cmd = [sys.executable, "-m", "train", "hparams_search=stage1_optuna", "hydra.sweeper.n_trials=2", "debug=tiny",
-           "model.backbone.num_heads=${hydra:job.num}", "trainer.limit_train_batches=3", "model.bootstrap=0",
+           "model.backbone.num_heads=${hydra:job.num}", "model.backbone.pretrained=false", "trainer.limit_train_batches=3", "model.bootstrap=0",
            f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "print_config=false",
            "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
     out = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,

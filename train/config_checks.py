@@ -15,7 +15,7 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-TRAINING_TASKS = ("stage1", "apt", "draft", "difficulty", "prm", "fusion")
+TRAINING_TASKS = ("stage1", "apt", "draft", "difficulty", "prm", "fusion", "pretrain")
 PEFT_MODES = ("lora", "dora", "rslora")
 # risk levels, probabilities and fractions: each must lie in [0, 1]
 UNIT_INTERVAL = ("*.alpha", "*.delta", "cascade.tier_alpha.*", "cascade.sweep.*", "*_fraction", "data.splits.*",
@@ -37,6 +37,20 @@ def check_config(cfg: DictConfig) -> None:
         check_devices(cfg)
     if "stage1" in training:
         check_finetune_targets(cfg)
+        check_pretrained_card(cfg)
+
+
+def check_pretrained_card(cfg: DictConfig) -> None:
+    """A pretrained timm backbone with a card (``task=pretrain``'s, or a shipped one) must be the configured
+    architecture: checked here, before the data stage runs, and again when the weights load."""
+    backbone = OmegaConf.to_container(cfg.model.backbone, resolve=True)
+    if backbone.get("library", "timm") != "timm":
+        return
+    from train.models.backbones import check_card, weights_file
+
+    path = weights_file(backbone.get("pretrained", False))
+    if path is not None:
+        check_card(path, backbone)
 
 
 def training_tasks(cfg: DictConfig) -> list[str]:

@@ -5,6 +5,7 @@ Every model gets ``backbone_args`` (``library``, ``name`` and the extra kwargs) 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import timm
@@ -12,9 +13,14 @@ import torch
 import torch.nn as nn
 
 from train import LABELS
+from train.config_checks import ConfigError
 
 LIBRARIES = ("timm", "transformers")
 POS_EMBED_INITS = ("sincos",)
+# backbone kwargs that leave the weights' shapes alone (or that timm adapts: the position grid follows img_size)
+NOT_ARCHITECTURE = ("pretrained", "pos_embed_init", "num_classes", "img_size", "drop_rate", "drop_path_rate",
+                    "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "patch_drop_rate")
+RESAMPLED = ("pos_embed", "patch_embed.proj.weight")  # tensors timm resamples to the model's grid and patch
 
 
 def create_backbone(name: str, pretrained: bool | str = False, num_classes: int = len(LABELS),
@@ -46,13 +52,85 @@ def _create_timm(name: str, pretrained: bool | str, num_classes: int, **kwargs) 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ValueError(f"model.backbone.name={name!r} is not a timm model; similar: {close}")
-    overlay = {}
-    if isinstance(pretrained, str) and _loads_weights(pretrained):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.backbone.pretrained={pretrained} is not a file")
-        overlay, pretrained = {"pretrained_cfg_overlay": _weights_file_overlay(name, path)}, True
-    return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **overlay, **kwargs)
+    path = weights_file(pretrained)
+    if path is None:
+        return timm.create_model(name, pretrained=bool(pretrained), num_classes=num_classes, **kwargs)
+    check_card(path, {"library": "timm", "name": name, **kwargs})
+    overlay = _weights_file_overlay(name, path)
+    if "state_dict" in overlay:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            check_fits(timm.create_model(name, num_classes=num_classes, **kwargs), overlay["state_dict"], path)
+    return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
+                             **kwargs)
+
+
+def weights_file(pretrained: bool | str) -> Path | None:
+    """The local file ``model.backbone.pretrained`` names, or None (random weights, or ``true``: timm's hub weights):
+    a backbone shipped with the package by name (:mod:`train.weights`), a run folder with a ``pretrain`` stage (its
+    ``backbone.safetensors``), or a weights file."""
+    if not isinstance(pretrained, str) or not _loads_weights(pretrained) or pretrained in ("true", "True"):
+        return None
+    from train.weights import SHIPPED
+
+    if pretrained in SHIPPED:
+        return SHIPPED[pretrained]
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        from train.runs import Run
+
+        return Run.open(path).artifact("pretrain", "backbone")
+    if not path.is_file():
+        raise FileNotFoundError(f"model.backbone.pretrained={pretrained} is not a weights file, a run folder or one "
+                                f"of the shipped backbones {sorted(SHIPPED)}")
+    return path
+
+
+def architecture(args: dict) -> dict:
+    """The backbone kwargs that fix the weights' shapes (``NOT_ARCHITECTURE`` left out)."""
+    return {k: v for k, v in args.items() if k not in NOT_ARCHITECTURE}
+
+
+def check_card(path: Path, args: dict) -> None:
+    """Refuse a pretrained backbone whose card (``path.json``, written by :func:`train.models.saving.save_backbone`)
+    records another architecture than ``args``, naming the first key that differs. Files without a card pass."""
+    card_path = path.with_suffix(".json")
+    if not card_path.is_file():
+        return
+    card = json.loads(card_path.read_text())
+    if "architecture" not in card:
+        return
+    theirs, ours = card["architecture"], architecture(args)
+    for key in sorted(theirs.keys() | ours.keys()):
+        if theirs.get(key) != ours.get(key):
+            raise ConfigError(f"model.backbone.{key}={ours.get(key)} but the weights {path} were pretrained with "
+                              f"{key}={theirs.get(key)}: configure that architecture ({architecture(theirs)}), "
+                              "or start from random weights with model.backbone.pretrained=false")
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a timm-layout state dict that does not fit ``model``: a missing or extra tensor (another depth) or one
+    of another shape (another width), named; the classifier head and what timm resamples (``RESAMPLED``) aside. A
+    file in another layout (no key in common) is left to the model's own converter."""
+    head = model.default_cfg.get("classifier") if hasattr(model, "default_cfg") else None
+    heads = {head} if isinstance(head, str) else set(head or ())
+
+    def body(names) -> set[str]:
+        return {n for n in names if n.rsplit(".", 1)[0] not in heads}
+
+    own = model.state_dict()
+    ours, theirs = body(own), body(state)
+    if not ours & theirs:
+        return
+    for key in sorted(ours ^ theirs):
+        where = "misses" if key in ours else "has an extra"
+        raise ConfigError(f"the weights {path} do not fit model.backbone: the file {where} tensor {key!r} (another "
+                          "depth or layout?); configure the architecture they were made for, or "
+                          "model.backbone.pretrained=false")
+    for key in sorted(ours):
+        if own[key].shape != state[key].shape and key not in RESAMPLED:
+            raise ConfigError(f"the weights {path} do not fit model.backbone: {key!r} is {tuple(state[key].shape)} in "
+                              f"the file, {tuple(own[key].shape)} in the model (another width?); configure the "
+                              "architecture they were made for, or model.backbone.pretrained=false")
 
 
 def _weights_file_overlay(name: str, path: Path) -> dict:

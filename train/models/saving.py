@@ -10,13 +10,14 @@ import json
 from pathlib import Path
 
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from train import LABELS
 from train.models.backbones import HFImageClassifier, create_backbone
-from train.runs import atomic_write_json
+from train.runs import atomic_write_bytes, atomic_write_json, sha256_file
 
 FORMAT_VERSION = 1
+BACKBONE_FORMAT = "roadwork-backbone"
 
 
 def save_classifier(model: nn.Module, path: Path, input_spec: dict, **extra) -> tuple[Path, Path]:
@@ -38,6 +39,24 @@ def save_classifier(model: nn.Module, path: Path, input_spec: dict, **extra) -> 
     atomic_write_json(config, {"format_version": FORMAT_VERSION, "backbone": model.backbone_args,
                                "id2label": {str(k): v for k, v in LABELS.items()}, "input": input_spec, **extra})
     return weights, config
+
+
+def save_backbone(model: nn.Module, path: Path, card: dict) -> tuple[Path, Path]:
+    """A pretrained backbone (head removed) as ``path.safetensors`` + its card ``path.json``: the architecture it
+    needs (:func:`train.models.backbones.architecture`), the code version, the weights' sha256 and ``card`` (method,
+    recipe, input, images seen, held-out figures). ``model.backbone.pretrained=path.safetensors`` loads it."""
+    from train.export.manifest import code_version, now_utc
+    from train.models.backbones import architecture
+
+    path = Path(path)
+    weights, card_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_bytes(weights, save(state, metadata={"format": BACKBONE_FORMAT, "version": str(FORMAT_VERSION)}))
+    atomic_write_json(card_path, {"format": BACKBONE_FORMAT, "format_version": FORMAT_VERSION,
+                                  "architecture": architecture(model.backbone_args), **card,
+                                  "code_version": code_version().model_dump(), "created": now_utc(),
+                                  "sha256": sha256_file(weights)})
+    return weights, card_path
 
 
 def load_classifier(path: str | Path) -> tuple[nn.Module, dict]:

@@ -46,4 +46,4 @@ def get_task(name: str) -> TaskFn:
 
 # Importing the task modules registers them.
 from train.tasks import apt, calibrate, data, difficulty, draft, evaluate, export, pipeline, prm, stage1  # noqa: E402,F401
-from train.tasks import features, fusion, prepare, quantize, thresholds  # noqa: E402,F401
+from train.tasks import features, fusion, prepare, pretrain, quantize, thresholds  # noqa: E402,F401

@@ -24,12 +24,12 @@ from train.optim import build_optimizer, with_schedule
 from train.predictions import unique_rows
 from train.tasks.lightning import checkpoint_paths, testable_checkpoint
 from train.utils.faults import fault_metrics
-from train.utils.rng import capture_rng, restore_rng
+from train.utils.rng import CheckpointedRNG
 
 log = logging.getLogger(__name__)
 
 
-class ClassifierModule(pl.LightningModule):
+class ClassifierModule(CheckpointedRNG, pl.LightningModule):
     """Cross-entropy training and per-level evaluation of ``self.net``; see the module docstring."""
 
     net: nn.Module
@@ -133,12 +133,6 @@ class ClassifierModule(pl.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng"] = capture_rng()  # dropout, drop path and mixup draws continue exactly on resume
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "rng" in checkpoint and self._trainer is not None and self._trainer.state.fn == "fit":
-            restore_rng(checkpoint["rng"])
 
 
 def test_figures(predictions: dict[int, dict[str, torch.Tensor]], metrics: dict[str, float], title: str) -> dict:

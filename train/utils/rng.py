@@ -25,3 +25,15 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointedRNG:
+    """A LightningModule mixin: its checkpoints carry the global generator states, restored when a fit resumes (so
+    dropout, drop path and mixup draws continue exactly)."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng"] = capture_rng()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng" in checkpoint and self._trainer is not None and self._trainer.state.fn == "fit":
+            restore_rng(checkpoint["rng"])
