@@ -1,0 +1,9 @@
+"""Backbones this project pretrained itself and ships with the package: ``model.backbone.pretrained=<name>``.
+
+Each is ``<name>.safetensors`` (a timm state dict, head removed) with its card ``<name>.json`` (architecture, input,
+method, recipe, images seen, held-out figures, code version, sha256), as ``task=pretrain`` writes them. The README
+("Pretraining") gives the command that remade each one.
+"""
+from pathlib import Path
+
+SHIPPED: dict[str, Path] = {p.stem: p for p in sorted(Path(__file__).parent.glob("*.safetensors"))}
