@@ -8,7 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from train.configs import config_dir
+
+CONF_DIR = config_dir()
 QUIET = ["print_config=false", "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
 
 

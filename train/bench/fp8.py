@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 
 from train.bench.timing import synchronize
 from train.calibration import CALIBRATORS
+from train.configs import config_dir
 from train.export.fp8 import Float8Linear, native_fp8, to_float8
 from train.metrics import roadwork_prob, score_probs, with_mean
 from train.predictions import predict_split
@@ -24,7 +24,7 @@ from train.runs import Run
 from train.tasks.calibrate import fit_on, load_calibrated
 from train.tasks.lightning import build_datamodule
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_dir()
 
 
 def calibrated(logits: torch.Tensor, calibration: dict) -> torch.Tensor:

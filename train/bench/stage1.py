@@ -39,6 +39,7 @@ from torch._dynamo.utils import counters
 
 from train.bench.profile import StepProfiler, profile_steps
 from train.bench.timing import StepTimer, matmul_peak, synchronize, time_steps
+from train.configs import config_dir
 from train.export.flops import count_flops
 from train.models.backbones import create_backbone
 from train.runs import Run, atomic_write_json
@@ -46,7 +47,7 @@ from train.tasks import get_task
 from train.tasks.lightning import build_datamodule, build_trainer, ensure_shards
 from train.utils.console import console, setup_logging
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_dir()
 TRAIN_FRACTION = 0.95  # of a bench-built run's scenes (the rest: val)
 # name: (the lever it undoes, or what it adds, in the shards loop; Hydra overrides)
 LEVERS = {

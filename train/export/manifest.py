@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from train.configs import checkout_root
 from train.runs import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
@@ -238,7 +239,7 @@ class ModelCard(Strict):
 
 def code_version() -> CodeVersion:
     """This package's version and, when it runs from a git checkout, the commit and whether it is dirty."""
-    root = Path(__file__).resolve().parents[2]
+    root = checkout_root()
 
     def git(*args: str) -> str | None:
         try:
@@ -247,7 +248,8 @@ def code_version() -> CodeVersion:
             return None
         return out.stdout.strip() if out.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
+    # an installed wheel has no checkout: git would name whatever repository the environment sits in
+    commit = git("rev-parse", "HEAD") if root else None
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     try:
         package = metadata.version("roadwork-cascade")

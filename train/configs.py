@@ -1,0 +1,19 @@
+"""Where the Hydra configs are, for ``python -m train``, the benchmarks and the tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+def checkout_root() -> Path | None:
+    """The repository this package runs from (a source checkout or an editable install); None in a wheel."""
+    root = PACKAGE.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "conf" / "config.yaml").is_file() else None
+
+
+def config_dir() -> Path:
+    """The folder holding ``config.yaml``: the repository's top-level ``conf/`` in a checkout or an editable
+    install, else the copy an installed wheel ships as ``train/conf/`` (pyproject.toml maps one onto the other)."""
+    root = checkout_root()
+    return root / "conf" if root else PACKAGE / "conf"
