@@ -1,4 +1,8 @@
-"""Config checks fail before any work, naming the key and what is allowed; every shipped config passes them."""
+"""Config checks fail before any work, naming the key and what is allowed (or the extra to install); every shipped
+config passes them."""
+import re
+import sys
+
 import pytest
 from hydra.errors import ConfigCompositionException
 
@@ -62,3 +66,52 @@ def test_target_modules_are_checked_where_the_adapters_are_made():
     net = create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
     with pytest.raises(ConfigError, match=r"target_modules: \['mlp'\]"):
         apply_finetune(net, "lora", target_modules=["qkv", "mlp"])
+
+
+@pytest.mark.parametrize("overrides,module,extra", [
+    (["logger=wandb"], "wandb", "wandb"),
+    (["task=stage1", "trainer=deepspeed_stage2"], "deepspeed", "deepspeed"),  # before DeepSpeed's CUDA check
+], ids=["wandb", "deepspeed"])
+def test_a_config_needing_a_missing_extra_names_the_pip_install(monkeypatch, overrides, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with pytest.raises(ConfigError, match=rf"needs the '{extra}' extra \({module} is not installed\): "
+                                          rf"pip install 'roadwork-cascade\[{extra}\]'"):
+        check_config(compose_config(*overrides))
+
+
+@pytest.mark.parametrize("args,module,extra", [
+    (["-m", "hparams_search=stage1_optuna"], "optuna", "sweep"),
+    (["hparams_search=stage1_optuna", "hydra/launcher=slurm"], "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    (["trainer=deepspeed_stage3_offload"], "deepspeed", "deepspeed"),
+    (["logger=wandb"], "wandb", "wandb"),
+], ids=["sweep", "slurm", "deepspeed", "wandb"])
+def test_the_command_line_stops_before_hydra_when_an_extra_is_missing(monkeypatch, capsys, args, module, extra):
+    """One line naming the pip install, no traceback: Hydra does not even compose (a missing plugin breaks that)."""
+    import train.__main__ as entry
+
+    monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setattr(sys, "argv", ["train", *args])
+    monkeypatch.setattr(entry, "job", lambda: pytest.fail("Hydra ran"))
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert re.fullmatch(rf"error: \S+ needs the '{extra}' extra \({re.escape(module)} is not installed\): pip install "
+                        rf"'roadwork-cascade\[{extra}\]' \(in a checkout: pip install -e '\.\[{extra}\]'\)",
+                        str(stop.value.code))
+
+
+def test_installed_extras_pass_the_command_line_check():
+    from train.extras import check_args
+
+    assert check_args(["-m", "hparams_search=stage1_optuna", "hydra/launcher=slurm", "trainer=deepspeed_stage2",
+                       "logger=wandb", "hparams_search=null", "+experiment=stage1_lora"]) is None
+
+
+def test_the_sweeper_stops_on_a_missing_optuna(monkeypatch):
+    """An Optuna sweep selected inside a config file (not on the command line) stops as the command line would."""
+    from hydra_plugins.roadwork_sweeper.optuna_sweeper import OptunaSweeper
+
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    sweeper = OptunaSweeper(sampler=None, direction="maximize", storage=None, study_name="s", n_trials=1)
+    with pytest.raises(SystemExit, match=r"error: hydra/sweeper=optuna needs the 'sweep' extra \(optuna is not "
+                                         r"installed\): pip install 'roadwork-cascade\[sweep\]'"):
+        sweeper.setup(hydra_context=None, task_function=None, config=None)

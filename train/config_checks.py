@@ -15,6 +15,8 @@ import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from train import extras
+
 TRAINING_TASKS = ("stage1", "apt", "draft", "difficulty", "prm", "fusion", "pretrain")
 PEFT_MODES = ("lora", "dora", "rslora")
 # risk levels, probabilities and fractions: each must lie in [0, 1]
@@ -30,6 +32,7 @@ class ConfigError(ValueError):
 def check_config(cfg: DictConfig) -> None:
     """Every check below; raises :class:`ConfigError` at the first failure."""
     plain = _plain(cfg)  # resolved once for the checks that walk every key
+    check_extras(plain)
     check_targets(plain)
     check_unit_interval(plain)
     training = training_tasks(cfg)
@@ -91,6 +94,19 @@ def check_targets(plain: dict) -> None:
                 hint = f"did you mean {close}? " if close else ""
                 raise ConfigError(f"{key}.{name}: {node['_target_']} takes no parameter {name!r}; {hint}allowed: "
                                   f"{allowed}")
+
+
+def check_extras(plain: dict) -> None:
+    """A ``_target_`` (or a Lightning strategy name) that needs an optional extra which is not installed (DeepSpeed,
+    wandb) stops here with the ``pip install`` line to run."""
+    for key, node in _nodes(plain):
+        target = node.get("_target_") if isinstance(node, dict) else node if key == "trainer.strategy" else None
+        if not isinstance(target, str):
+            continue
+        for extra in ("deepspeed", "wandb"):
+            module = extras.missing(extra) if extra in target.lower() else None
+            if module:
+                raise ConfigError(extras.message(f"{key}={target}", extra, module))
 
 
 def check_unit_interval(plain: dict) -> None:
