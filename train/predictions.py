@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from train.models.saving import weights_sha256
 from train.runs import cached_files, fingerprint, read_cached, write_cached
+from train.utils.console import progress
 
 Columns = dict[str, np.ndarray]
 
@@ -73,25 +74,29 @@ def read_predictions(path: Path) -> dict[int, Columns]:
 
 
 @torch.no_grad()
-def predict_split(fn, datamodule, split: str, levels, output: str = "logits",
-                  device: str | torch.device = "cpu") -> dict[int, dict[str, torch.Tensor]]:
+def predict_split(fn, datamodule, split: str, levels, output: str = "logits", device: str | torch.device = "cpu",
+                  description: str | None = None) -> dict[int, dict[str, torch.Tensor]]:
     """Run ``fn(images) -> scores`` over ``split`` as validator queries at each of ``levels``.
 
     Returns ``{level: {output: scores, "label": ..., "index": ...}}`` in split order (on the CPU), the
     input of :func:`write_predictions`. ``fn`` may be a PyTorch model on ``device`` (``output="logits"``)
     or any callable, e.g. an ONNX Runtime session that returns calibrated probabilities (``output="prob"``);
-    one that returns a dict of tensors gives one entry per key instead of ``output``.
+    one that returns a dict of tensors gives one entry per key instead of ``output``. ``description`` names the
+    pass in its progress (default ``predict: <split>``).
     """
     out = {}
-    for level in levels:
-        parts: dict[str, list] = {"label": [], "index": []}
-        for batch in datamodule.loader(datamodule.dataset(split, level)):
-            scores = fn(batch["image"].to(device))
-            for key, value in (scores.items() if isinstance(scores, dict) else [(output, scores)]):
-                parts.setdefault(key, []).append(torch.as_tensor(value).float().cpu())
-            parts["label"].append(batch["label"])
-            parts["index"].append(batch["index"])
-        out[int(level)] = {k: torch.cat(v) for k, v in parts.items()}
+    queries = datamodule.split(split).num_rows * len(levels)
+    with progress(description or f"predict: {split}", queries, "queries") as step:
+        for level in levels:
+            parts: dict[str, list] = {"label": [], "index": []}
+            for batch in datamodule.loader(datamodule.dataset(split, level)):
+                scores = fn(batch["image"].to(device))
+                for key, value in (scores.items() if isinstance(scores, dict) else [(output, scores)]):
+                    parts.setdefault(key, []).append(torch.as_tensor(value).float().cpu())
+                parts["label"].append(batch["label"])
+                parts["index"].append(batch["index"])
+                step.advance(len(batch["label"]))
+            out[int(level)] = {k: torch.cat(v) for k, v in parts.items()}
     return out
 
 
@@ -187,7 +192,7 @@ def _run_outputs(outputs: dict, datamodule, split: str, levels) -> dict[str, tor
     for model in models:
         model.to(device).eval()
     per_level = predict_split(lambda images: {name: fn(images) for name, fn in outputs.items()}, datamodule, split,
-                              levels, device=device)
+                              levels, device=device, description=f"predict: {', '.join(outputs)} on {split}")
     for model in models:
         model.cpu()
     out = {key: torch.cat([p[key] for p in per_level.values()]) for key in next(iter(per_level.values()))}

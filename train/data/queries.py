@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from train.data.images import loader_worker_init
 from train.data.transforms import QUERY_JPEG_QUALITY, QUERY_SIZE, ModelInput, ValidatorQuery, decode_query
 from train.runs import fingerprint
+from train.utils.console import track
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when what a stored query holds changes
@@ -76,7 +77,8 @@ def query_store(images, directory: Path, split: str, level: int, seed: int, num_
     start = time.perf_counter()
     loader = DataLoader(_Rendering(images, level, seed), batch_size=64, num_workers=num_workers,
                         collate_fn=list, worker_init_fn=loader_worker_init, generator=torch.Generator())
-    jpegs = [jpeg for batch in loader for jpeg in batch]
+    jpegs = [jpeg for batch in track(loader, f"queries: rendering {split} L{level}", len(images), "queries", count=len)
+             for jpeg in batch]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes may render the same split at once
     pq.write_table(pa.table({"jpeg": pa.array(jpegs, pa.binary())}), tmp, row_group_size=1024)

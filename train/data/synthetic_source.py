@@ -13,7 +13,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
-
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from train.data.sources import ParquetSource
 from train.runs import atomic_write_json
+from train.utils.console import progress
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +78,25 @@ class SyntheticSource(ParquetSource):
         start = time.perf_counter()
         log.info("synthetic data: rendering %d scenes x %d views into %s on %d processes",
                  self.settings["n_scenes"], self.settings["views_per_scene"], self.root, self.workers)
-        if self.workers > 1 and len(todo) > 1:
-            with mp.get_context("spawn").Pool(min(self.workers, len(todo))) as pool:
-                counts = pool.starmap(write_shard, todo)
-        else:
-            counts = [write_shard(*t) for t in todo]
+        scenes = sum(stop - begin for _, begin, stop, _ in todo)
+        with progress("synthetic data: rendering", scenes, "scenes") as step:
+            if self.workers > 1 and len(todo) > 1:
+                with mp.get_context("spawn").Pool(min(self.workers, len(todo))) as pool:
+                    jobs = [(pool.apply_async(write_shard, t), t[2] - t[1]) for t in todo]
+                    counts = []
+                    for job, n in jobs:  # in order: a shard's scenes count once it is written
+                        counts.append(job.get())
+                        step.advance(n)
+            else:
+                counts = [write_shard(*t, on_scene=step.advance) for t in todo]
         seconds = time.perf_counter() - start
         atomic_write_json(self.root / DONE, {**self.settings, "images": sum(counts), "seconds": round(seconds, 2)})
         if counts:
             log.info("synthetic data: %d images in %.1f s (%.0f img/s)", sum(counts), seconds, sum(counts) / seconds)
 
 
-def write_shard(path: str, start: int, stop: int, settings: dict) -> int:
-    """Render scenes ``start..stop-1`` and write them as one parquet shard (atomically)."""
+def write_shard(path: str, start: int, stop: int, settings: dict, on_scene: Callable[[], None] | None = None) -> int:
+    """Render scenes ``start..stop-1`` and write them as one parquet shard (atomically); ``on_scene()`` after each."""
     import cv2
 
     from train.data.synthetic import SceneKnobs, render_scene
@@ -110,6 +117,8 @@ def write_shard(path: str, start: int, stop: int, settings: dict) -> int:
             rows["scene_id"].append(f"scene{scene:07d}")
             rows["view"].append(v.view)
             rows["difficulty"].append(v.difficulty)
+        if on_scene is not None:
+            on_scene()
     tmp = Path(path).with_suffix(".tmp")
     pq.write_table(pa.table(rows, schema=SHARD_SCHEMA), tmp)
     os.replace(tmp, path)

@@ -24,6 +24,7 @@ from train.data.transforms import ModelInput
 from train.models.backbones import pooled_features
 from train.models.saving import weights_sha256
 from train.runs import cached_files, cached_tensors, fingerprint, read_cached
+from train.utils.console import track
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of the query's side
 
@@ -191,7 +192,7 @@ def view_outputs(model: torch.nn.Module, datamodule, split: str, view_set: ViewS
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=datamodule.num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator())  # (a cache: no global draw)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logits", "embeddings", "mask", "label", "index", "level")}
-    for batch in loader:
+    for batch in track(loader, f"views: {split}", len(dataset), "queries", count=lambda b: len(b["label"])):
         views, mask = batch["views"].to(device, non_blocking=True), batch["mask"]
         b, v = mask.shape
         logits, embeddings = pooled_features(model, views.flatten(0, 1))

@@ -54,7 +54,8 @@ def calibrate_model(cfg: DictConfig, run: Run, model: torch.nn.Module, config: d
     ccfg = cfg.calibrate
     datamodule = build_datamodule(cfg, run, config["input"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    calib = predict_split(model.to(device), datamodule, ccfg.split, ccfg.levels, device=device)
+    calib = predict_split(model.to(device), datamodule, ccfg.split, ccfg.levels, device=device,
+                          description=f"calibrate: {name} on {ccfg.split}")
     model.cpu()
     calibrator, report, (before, after, labels) = fit_on(ccfg.method, calib, ccfg.split, ccfg.n_bins)
     report["consumer_applies"] = None if calibrator.foldable else CONSUMER_ISOTONIC

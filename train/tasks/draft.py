@@ -212,7 +212,7 @@ def teacher_cache(path, teacher: nn.Module, datamodule, levels: Sequence[int]) -
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         teacher.to(device)
         outputs = predict_split(lambda images: dict(zip(("logits", "features"), pooled_features(teacher, images))),
-                                datamodule, "train", levels, device=device)
+                                datamodule, "train", levels, device=device, description="draft: teacher on train")
         teacher.cpu()
         tmp = path.with_suffix(".tmp")
         save_file({k: torch.cat([o[k] for o in outputs.values()]) for k in ("logits", "features")}, str(tmp))

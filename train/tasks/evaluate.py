@@ -49,7 +49,9 @@ def compare_precisions(classifiers: dict[str, BundleClassifier], datamodule, spl
             seconds[precision] += time.perf_counter() - start
         return out
 
-    predictions = predict_split(each, datamodule, split, levels)
+    model = classifiers[FULL_PRECISION].path.stem  # the ONNX file's name: the model's
+    predictions = predict_split(each, datamodule, split, levels,
+                                description=f"evaluate: {model} ({', '.join(classifiers)}) on {split}")
     n = sum(len(p["label"]) for p in predictions.values())
     figures = {}
     for precision, classifier in classifiers.items():

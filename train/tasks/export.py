@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from train.tasks import register_task
 from train.tasks.calibrate import load_calibrated
 from train.tasks.lightning import build_datamodule, consolidated_checkpoint, ensure_data
 from train.utils.checkpoints import load_checkpoint
-from train.utils.console import console
+from train.utils.console import console, track
 
 log = logging.getLogger(__name__)
 BUNDLE_DIR = "export"
@@ -185,17 +186,21 @@ def run_export(cfg: DictConfig, run: Run) -> dict:
     routers, prms, fusions = ([n for n, k in kinds.items() if k == kind] for kind in ("router", "prm", "fusion"))
     ensure_data(cfg, run)
 
+    def classifier(name: str, folder: Path):
+        model, spec, calibration, metrics = models[name]
+        pixels, queries = parity_samples(build_datamodule(cfg, run, spec), ecfg.onnx.parity_images)
+        return export_classifier(name, model, spec, calibration, folder, pixels,
+                                 queries if name == ecfg.hf_model else None, metrics,
+                                 METRICS_SOURCE.format(name=name) if metrics else None,
+                                 ecfg.onnx.opset, ecfg.onnx.parity_atol, _apt_tokens(run, model))
+
     def build(folder: Path) -> dict:
-        entries = {name: _router_entry(cfg, run, name, folder) for name in routers}  # routers lead the tiers
-        for name, (model, spec, calibration, metrics) in models.items():
-            pixels, queries = parity_samples(build_datamodule(cfg, run, spec), ecfg.onnx.parity_images)
-            entries[name] = export_classifier(name, model, spec, calibration, folder, pixels,
-                                              queries if name == ecfg.hf_model else None, metrics,
-                                              METRICS_SOURCE.format(name=name) if metrics else None,
-                                              ecfg.onnx.opset, ecfg.onnx.parity_atol, _apt_tokens(run, model))
-        entries.update({name: _prm_entry(cfg, run, name, folder) for name in prms})  # test-time search over views
-        entries.update({name: _fusion_entry(cfg, run, name, folder) for name in fusions})  # the deepest tier last
-        return entries
+        # routers lead the tiers, then the classifiers, the PRM (test-time search over views), fusion (the deepest)
+        graphs = [(name, partial(_router_entry, cfg, run, name)) for name in routers]
+        graphs += [(name, partial(classifier, name)) for name in models]
+        graphs += [(name, partial(_prm_entry, cfg, run, name)) for name in prms]
+        graphs += [(name, partial(_fusion_entry, cfg, run, name)) for name in fusions]
+        return {name: export(folder) for name, export in track(graphs, "export: ONNX graphs", unit="graphs")}
 
     tiers = None if cfg.get("ckpt") else _tiers(cfg, run)
     bundle = write_bundle(run.path / BUNDLE_DIR, build, card, OmegaConf.to_container(cfg, resolve=True),

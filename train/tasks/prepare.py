@@ -14,7 +14,7 @@ from train.data.transforms import ShardImage
 from train.runs import Run, atomic_write_json
 from train.tasks import register_task
 from train.tasks.lightning import build_datamodule
-from train.utils.console import console
+from train.utils.console import console, track
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def run_prepare(cfg: DictConfig, run: Run) -> dict:
         table = datamodule.split(split)
         dataset = ImageDataset(table, ShardImage(size), decode_side=size)
         loader = datamodule.loader(dataset, batch_size=cfg.prepare.batch_size)
-        splits[split] = write_split(folder, split, loader, table, size)
+        batches = track(loader, f"prepare: {split} split", table.num_rows, "images", count=lambda b: len(b["index"]))
+        splits[split] = write_split(folder, split, batches, table, size)
     seconds = time.perf_counter() - start
     manifest = {"size": size, "fit": "shorter side resized to size, centre-cropped square", "layout": "NHWC uint8 RGB",
                 "index_sha256": wanted["index_sha256"], "splits": splits}

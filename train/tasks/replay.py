@@ -33,7 +33,7 @@ from train.metrics import paired_bootstrap_mcc, score_probs
 from train.runs import Run, atomic_write_json
 from train.tasks.lightning import build_datamodule
 from train.tasks.thresholds import GLOBAL_ONLY, one_per_scene, tier_rules
-from train.utils.console import print_level_table
+from train.utils.console import print_level_table, track
 from train.utils.loggers import publish_figures
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,10 @@ def _concat(parts: list[dict[str, TierOutput]]) -> dict[str, TierOutput]:
 def replay_split(cascade: BundleCascade, datamodule, split: str, view_set: ViewSet, levels, batch_size: int,
                  workers: int) -> tuple[dict[str, TierOutput], dict[str, np.ndarray]]:
     """Every tier's ONNX Runtime outputs on ``split``'s queries, and their label / index / level."""
-    loader = DataLoader(view_dataset(datamodule, split, view_set, levels), batch_size=batch_size, num_workers=workers)
+    dataset = view_dataset(datamodule, split, view_set, levels)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     parts, meta = [], []
-    for batch in loader:
+    for batch in track(loader, f"replay: cascade on {split}", len(dataset), "queries", count=lambda b: len(b["label"])):
         parts.append(cascade.outputs(batch["views"].numpy(), batch["mask"].numpy()))
         meta.append(torch.stack([batch["label"], batch["index"], batch["level"]], 1).numpy())
     label, index, level = np.concatenate(meta).T
