@@ -103,6 +103,36 @@ def test_default_pipeline_writes_a_valid_bundle(tiny_run):
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in bundle.rglob("*") if p.is_file())  # others may read it
 
 
+
+def test_hf_folder_has_a_hub_model_card_from_the_manifest(tiny_run):
+    """``stage1_hf/README.md``: the Hub's metadata header (model-index = the run's recorded per-level test figures),
+    labels and input spec as the folder's config and the manifest have them; listed and verified by the manifest."""
+    from huggingface_hub import ModelCard as HubModelCard
+    from transformers import AutoConfig
+
+    from train import LABELS
+    from train.export.hf import CARD_METRICS
+
+    bundle = tiny_run.path / "export"
+    entry = load_manifest(bundle).models["stage1"]  # verifies README.md's sha256 with the other files
+    assert entry.files["hf/README.md"].path == "stage1_hf/README.md"
+    card = HubModelCard.load(bundle / "stage1_hf" / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "transformers"
+    recorded = tiny_run.metrics("calibrate")  # the calibrated model's test figures, per level
+    levels = [lv for lv in entry.metrics if lv != "mean"]
+    expected = {(lv, hub): recorded[f"stage1/test/{lv}/after/{ours}"]
+                for lv in levels for ours, (hub, _) in CARD_METRICS.items()}
+    assert levels and set(levels) == {k.split("/")[2] for k in recorded if k.startswith("stage1/test/")}
+    assert {(r.dataset_config, r.metric_type): r.metric_value
+            for r in card.data.eval_results} == pytest.approx(expected, abs=1e-6)
+    assert all(r.task_type == "image-classification" and r.dataset_split == "test" for r in card.data.eval_results)
+    assert AutoConfig.from_pretrained(bundle / "stage1_hf").id2label == LABELS  # as the miner's pipeline reads them
+    assert all(f"| {i} | {label} |" in card.text for i, label in LABELS.items())
+    spec = entry.input
+    assert f"size: {spec.img_size} x {spec.img_size}" in card.text and f"mean {spec.mean}, std {spec.std}" in card.text
+    assert entry.calibration.method in card.text and entry.metrics_source in card.text
+
+
 def test_manifest_rejects_tampering(tiny_run, tmp_path):
     bundle = shutil.copytree(tiny_run.path / "export", tmp_path / "bundle")
     raw = json.loads((bundle / "manifest.json").read_text())

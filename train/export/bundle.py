@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from train.calibration import CALIBRATORS
-from train.export.hf import check_hf_folder, save_hf_folder
+from train.export.hf import check_hf_folder, save_hf_folder, write_hf_card
 from train.export.flops import budget_flops, count_flops, each_image
 from train.export.manifest import (FULL_PRECISION, MODEL_CARD, SCHEMA, AdaptivePatches, BundleError, Calibration, Flops,
                                    FusionInputs, InputSpec, Manifest, ModelCard, ModelEntry, OnnxSpec, PRMSearch, Tier,
@@ -247,6 +247,11 @@ def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str |
                              if entry.fusion is None],
                             files={"model_card": file_entry(staging, staging / MODEL_CARD),
                                    "schema": file_entry(staging, staging / SCHEMA)}, config=config)
+        for name, entry in manifest.models.items():  # each HF folder's Hub model card (README.md), listed in it
+            if "hf/config.json" in entry.files:
+                readme = write_hf_card(manifest, name, staging / Path(entry.files["hf/config.json"].path).parent, card)
+                readme.chmod(0o644)
+                entry.files[f"hf/{readme.name}"] = file_entry(staging, readme)
         write_manifest(staging, manifest)
         load_manifest(staging)  # what we wrote reads back and verifies
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
