@@ -30,6 +30,16 @@ def test_fast_dev_run_of_the_default_pipeline(tiny_config, tmp_path):
     tiers = json.loads((run_path / "export" / "manifest.json").read_text())["tiers"]
     assert [t["name"] for t in tiers] == list(cfg.cascade.tiers)
     assert (run_path / "evaluate" / "cascade.json").is_file()
+    log = (run_path / "train.log").read_text()  # every long step's progress, with the counts done
+    prepared = json.loads((run_path / "prepare" / "shards.json").read_text())["splits"]["train"]["shape"][0]
+    graphs = len(json.loads((run_path / "export" / "manifest.json").read_text())["models"])
+    replayed = json.loads((run_path / "evaluate" / "cascade.json").read_text())["n"]
+    for done in (f"prepare: train split: {prepared}/{prepared} images in ", "calibrate: stage1 on calib: ",
+                 "calibrate: apt on calib: ", f"export: ONNX graphs: {graphs}/{graphs} graphs in ",
+                 "evaluate: stage1 (fp32) on test: ", "replay: cascade on calib: ",
+                 f"replay: cascade on test: {replayed}/{replayed} queries in "):
+        assert f"INFO train.progress: {done}" in log, done
+    assert graphs == 6
 
 
 def test_tiny_run_records_artifacts_and_metrics(tiny_run):
@@ -70,6 +80,32 @@ def test_a_stage_reruns_alone_from_run_dir(tiny_config, tiny_run, tmp_path):
     run_task(tiny_config("task=stage1", f"run_dir={copy.path}", "trainer.limit_train_batches=2"))
     assert copy.read()["tasks"]["stage1"]["finished"] >= tiny_run.read()["tasks"]["stage1"]["finished"]
     assert (copy.path / "stage1" / "config.yaml").exists()
+
+
+
+def test_each_command_on_a_run_is_kept_in_overrides_yaml(data_run, data_dir, tmp_path, monkeypatch):
+    """``python -m train`` (Hydra's entry point, in this process) twice on one run: ``overrides.yaml`` keeps both
+    commands' task and overrides in order; a config composed without Hydra's runtime adds nothing."""
+    import yaml
+    from hydra.core.hydra_config import HydraConfig
+
+    from conftest import QUIET, compose_config, copy_run
+    from train.__main__ import main
+
+    run = copy_run(data_run, tmp_path)  # its data stage is complete: the pipeline skips it
+    first = [f"run_dir={run.path}", f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET,
+             "pipeline.stages=[data]"]
+    second = [*first, "seed=7"]
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # Hydra's runtime is gone again after the test
+    for argv in (first, second):
+        monkeypatch.setattr(sys, "argv", ["train", *argv])
+        main()
+    entries = yaml.safe_load((run.path / "overrides.yaml").read_text())
+    assert [(e["task"], e["overrides"]) for e in entries] == [("pipeline", first), ("pipeline", second)]
+    assert entries[0]["time"] <= entries[1]["time"]
+    HydraConfig.instance().cfg = None  # as in a test's run_task(compose_config(...))
+    run_task(compose_config(*first))
+    assert yaml.safe_load((run.path / "overrides.yaml").read_text()) == entries
 
 
 def test_every_stage_starts_from_the_seed(monkeypatch, tmp_path):
@@ -116,7 +152,9 @@ def test_cli_multirun_in_place(tmp_path, data_dir):
            "data.source.workers=1", f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "print_config=false"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name != "multirun")
-    assert len(runs) == 2 and all(r.startswith("pipeline-") for r in runs)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["multirun"]
+    runs = sorted(p.relative_to(tmp_path / "checkpoints" / "multirun") for p in
+                  (tmp_path / "checkpoints" / "multirun").glob("*/*/pipeline-*"))  # <sweep>/<job number>/<run>
+    assert [r.parts[1] for r in runs] == ["0", "1"]
     assert not (tmp_path / "outputs").exists()
     assert out.stdout.count("bundle written to") == 2

@@ -107,6 +107,13 @@ def test_other_ranks_train_and_leave_the_rest_to_rank_zero(tmp_path, monkeypatch
     assert ran == ["b", "b"]
 
 
+def commands(run: Run) -> list[tuple[str, list[str]]]:
+    """(task, command-line overrides) of each ``python -m train`` on ``run``, from its ``overrides.yaml``."""
+    import yaml
+
+    return [(e["task"], e["overrides"]) for e in yaml.safe_load((run.path / "overrides.yaml").read_text())]
+
+
 def one_run(tmp_path: Path) -> Run:
     """The only run folder under ``tmp_path``, with the only ``train.log``; its stage1 model is the best
     checkpoint's."""
@@ -131,6 +138,7 @@ def test_ddp_on_two_cpu_processes_leaves_one_run_and_one_log(tmp_path, data_dir)
     n_train = pq.read_table(run.artifact("data", "index")).column("split").to_pylist().count("train")
     best = torch.load(run.artifact("stage1", "best"), map_location="cpu", weights_only=True)
     assert best["global_step"] == min(6, math.ceil(math.ceil(n_train / 2) / 16))  # each rank: half the data, 16 a batch
+    assert commands(run) == [("pipeline", out.args[3:])]  # the command line's overrides, from rank 0 alone
 
 
 ZERO_CHECKPOINT = """
@@ -205,15 +213,17 @@ def test_deepspeed_stage2_trains_resumes_converts_and_exports(tmp_path, data_dir
     ds = ["trainer=deepspeed_stage2", "trainer.devices=1"]
     out = cli(tmp_path, data_dir, "pipeline.stages=[data,stage1]", *ds)
     assert out.returncode == 0, out.stderr[-3000:]
-    run = one_run(tmp_path)
+    run, commands_run = one_run(tmp_path), [("pipeline", out.args[3:])]
     best = run.artifact("stage1", "best")
     assert best.name == "fp32.ckpt" and (best.parent / "latest").is_file()  # converted inside the DeepSpeed folder
     steps = torch.load(best, weights_only=True)["global_step"]
     out = cli(tmp_path, data_dir, "task=stage1", f"run_dir={run.path}", "ckpt_path=last", "trainer.max_epochs=2", *ds)
     assert out.returncode == 0, out.stderr[-3000:]
+    commands_run.append(("stage1", out.args[3:]))
     last = consolidated_checkpoint(run.path / "stage1" / "checkpoints" / "last.ckpt")
     assert torch.load(last, weights_only=True)["global_step"] == 2 * steps  # one more epoch, from where it stopped
     best = run.artifact("stage1", "best")  # a better epoch replaced the first one's folder, maybe
     out = cli(tmp_path, data_dir, "task=export", f"run_dir={run.path}", f"ckpt={best.parent}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert (run.path / "export" / "stage1.onnx").is_file() and (run.path / "export" / "stage1_hf").is_dir()
+    assert commands(run) == [*commands_run, ("export", out.args[3:])]  # each command on the run, in order

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 import pytorch_lightning as pl
@@ -10,12 +11,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from train.config_checks import ConfigError, check_config
+from train.configs import config_dir
 from train.data import BadImageError, DataError
+from train.extras import check_args
 from train.export import BundleError, ExportError
 from train.runs import Run, RunError
 from train.tasks import get_task, runs_here
 from train.utils.checkpoints import UnsafeCheckpointError
-from train.utils.console import close_log_file, log_to_file, print_config, save_config, setup_logging
+from train.utils.console import (close_log_file, log_to_file, print_config, save_config, save_overrides,
+                                 setup_logging)
 from train.utils.distributed import is_rank_zero
 from train.utils.faults import NonFiniteLossError, Preempted
 
@@ -27,19 +31,21 @@ USER_ERRORS = (DataError, BadImageError, RunError, BundleError, ExportError, Fil
 def run_task(cfg: DictConfig) -> float | None:
     """Run ``cfg.task.name`` in the run named by ``run_dir`` (or a new one); returns the optimised metric.
 
-    With several processes (DDP, DeepSpeed) they share rank 0's run; rank 0 alone logs to ``train.log``, saves
-    the config and runs what does not train (:func:`~train.tasks.runs_here`); the others print warnings only.
+    A multirun's job makes its new run inside its job folder (:func:`job_folder`). With several processes (DDP,
+    DeepSpeed) they share rank 0's run; rank 0 alone logs to ``train.log``, saves the config and runs what does not
+    train (:func:`~train.tasks.runs_here`); the others print warnings only.
     """
     rank_zero = is_rank_zero()
     setup_logging("INFO" if rank_zero else "WARNING")
     task = cfg.task.name
     fn = get_task(task)
     check_config(cfg)  # before the run folder is made: a bad key or combination costs nothing
-    run = Run.for_process(cfg.get("run_dir"), cfg.paths.checkpoints_dir,
+    run = Run.for_process(cfg.get("run_dir"), job_folder() or cfg.paths.checkpoints_dir,
                           cfg.get("run_name") or cfg.get("experiment_name") or task)
     if rank_zero:
         log_to_file(run.path / "train.log")
         save_config(cfg, run.path / task / "config.yaml")
+        save_overrides(run.path / "overrides.yaml", task)  # this command's overrides, appended
         if cfg.get("print_config", True):
             print_config(cfg)
     log.info("run %s: task '%s'", run.path, task)
@@ -65,8 +71,15 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def job_folder() -> str | None:
+    """A multirun job's folder ``<sweep dir>/<subdir>`` (subdir: the job number; under the Optuna sweeper the trial
+    number), in which the job makes its new run folder: a sweep folder holds its jobs' runs as
+    ``<sweep dir>/<number>/<run>``. None outside a multirun (runs go to ``paths.checkpoints_dir``)."""
+    return HydraConfig.get().runtime.output_dir if in_multirun() else None
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def job(cfg: DictConfig) -> float | None:
     """One job. In a multirun a failed job raises to Hydra, which records it and runs the other jobs: the basic
     sweeper reports the first failure once all jobs ran, the Optuna sweeper marks the trial failed
     (``hydra.sweeper.max_failure_rate``)."""
@@ -88,6 +101,15 @@ def main(cfg: DictConfig) -> float | None:
     finally:
         if multirun:
             close_log_file()
+
+
+def main() -> None:
+    """``roadwork-train`` / ``python -m train``: stop before Hydra composes when the command line picks a config
+    whose optional extra is missing (a missing launcher or sweeper plugin would fail composition itself)."""
+    stop = check_args(sys.argv[1:])
+    if stop:
+        raise SystemExit(f"error: {stop}")
+    job()
 
 
 if __name__ == "__main__":
