@@ -134,7 +134,6 @@ class ClassifierModule(CheckpointedRNG, pl.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
-
 def test_figures(predictions: dict[int, dict[str, torch.Tensor]], metrics: dict[str, float], title: str) -> dict:
     """The confusion matrices, per-level metric bars and reliability diagram of a module's ``test_predictions``
     and ``test/...`` metrics (:func:`train.calibration.level_figures`)."""

@@ -75,9 +75,10 @@ def save_overrides(path: Path, task: str, overrides: Sequence[str] | None = None
     continued with ``run_dir=`` keeps one entry per command. ``overrides`` defaults to Hydra's; without a Hydra
     runtime (a config from ``compose``) nothing is written."""
     import datetime as dt
-    import os
 
     import yaml
+
+    from train.runs import atomic_write_bytes
 
     if overrides is None:
         from hydra.core.hydra_config import HydraConfig
@@ -89,9 +90,7 @@ def save_overrides(path: Path, task: str, overrides: Sequence[str] | None = None
     entries = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
     entries.append({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "task": task,
                     "overrides": [str(o) for o in overrides]})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(entries, sort_keys=False))
-    os.replace(tmp, path)  # a reader never sees half a file
+    atomic_write_bytes(path, yaml.safe_dump(entries, sort_keys=False).encode())  # a reader never sees half a file
 
 
 def print_level_table(metrics: Mapping[str, float], title: str, split: str = "test",
