@@ -39,6 +39,9 @@ def test_shipped_configs_pass(overrides):
     (["cascade.tier_alpha.stage1=2"], r"cascade\.tier_alpha\.stage1=2: must lie"),
     (["prm.search.stop.alpha=1.01"], r"prm\.search\.stop\.alpha=1\.01: must lie"),
     (["data.max_bad_fraction=5"], r"data\.max_bad_fraction=5: must lie"),
+    (["data.validator_augment=1.5"], r"data\.validator_augment=1\.5: must lie"),
+    (["data.validator_augment=0.5"], r"data\.validator_augment=0\.5 with data\.train_source=shards: .*"
+                                     r"use data\.train_source=jpeg"),  # the default job trains from shards
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_bad_configs_name_the_key_and_the_allowed_values(overrides, message):
     with pytest.raises(ConfigError, match=message):

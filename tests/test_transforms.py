@@ -1,18 +1,11 @@
-"""Validator-faithful evaluation transforms and the training transform."""
+"""The validator query, the model input and the training transform."""
 import albumentations as A
 import numpy as np
 import pytest
 import torch
 
 from bad_images import photo
-from train.data.transforms import EvalTransform, ModelInput, TrainTransform, ValidatorQuery, validator_level
-
-
-def test_level0_is_square_centre_crop_then_resize():
-    image = np.zeros((300, 500, 3), np.uint8)
-    image[:, 100:400] = 255  # the centred 300x300 square is white, the sides black
-    out = validator_level(0)(image=image)["image"]
-    assert out.shape == (224, 224, 3) and out[:, 2:-2].min() == 255
+from train.data.transforms import EvalTransform, ModelInput, TrainTransform, ValidatorQuery
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
@@ -26,16 +19,22 @@ def test_queries_are_224_jpegs_reproducible_per_sample(level):
         assert not np.array_equal(a, ValidatorQuery(level, seed=8)(image, 5))
 
 
-def test_levels_add_the_validator_distortions():
-    kinds = [{type(t).__name__ for t in validator_level(level).transforms} for level in (1, 2, 3)]
-    assert {"Rotate", "RandomResizedCrop", "HorizontalFlip", "VerticalFlip"} <= kinds[0]
-    assert {"ColorJitter", "ImageCompression"} <= kinds[1] - kinds[0]
-    assert {"GaussNoise", "GaussianBlur"} <= kinds[2] - kinds[1]
-
-
 def test_unknown_level_is_rejected():
     with pytest.raises(ValueError, match="one of"):
-        validator_level(4)
+        ValidatorQuery(4)
+
+
+def test_train_transform_swaps_in_validator_queries_at_its_rate():
+    """``validator_p`` of the samples are the validator's query instead of the configured transforms (here an
+    inversion, so a bright photo comes out dark only when the configured transforms ran)."""
+    image = np.full((160, 160, 3), 230, np.uint8)
+    dark = {}
+    for p in (0.0, 0.5, 1.0):
+        train = TrainTransform([A.InvertImg(p=1.0)], img_size=32, mean=(0, 0, 0), std=(1, 1, 1), validator_p=p)
+        dark[p] = np.mean([float(train(image, 0, seed=s).mean()) < 0.25 for s in range(80)])
+    assert dark[0.0] == 1.0 and dark[1.0] == 0.0 and 0.3 < dark[0.5] < 0.7
+    with pytest.raises(ValueError, match="probability"):
+        TrainTransform([], img_size=32, validator_p=1.5)
 
 
 def test_model_input_normalises_to_chw():

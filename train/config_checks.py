@@ -21,7 +21,7 @@ TRAINING_TASKS = ("stage1", "apt", "draft", "difficulty", "prm", "fusion", "pret
 PEFT_MODES = ("lora", "dora", "rslora")
 # risk levels, probabilities and fractions: each must lie in [0, 1]
 UNIT_INTERVAL = ("*.alpha", "*.delta", "cascade.tier_alpha.*", "cascade.sweep.*", "*_fraction", "data.splits.*",
-                 "apt.quantiles.*", "fusion.module.moddrop")
+                 "apt.quantiles.*", "fusion.module.moddrop", "data.validator_augment")
 NOT_PROBABILITIES = ("model.finetune.alpha",)  # LoRA's alpha is a scale
 
 
@@ -35,6 +35,7 @@ def check_config(cfg: DictConfig) -> None:
     check_extras(plain)
     check_targets(plain)
     check_unit_interval(plain)
+    check_validator_augment(cfg)
     training = training_tasks(cfg)
     if training:
         check_devices(cfg)
@@ -116,6 +117,15 @@ def check_unit_interval(plain: dict) -> None:
             continue
         if any(fnmatch.fnmatchcase(key, p) for p in UNIT_INTERVAL) and not 0 <= value <= 1:
             raise ConfigError(f"{key}={value}: must lie in [0, 1] (a risk level, probability or fraction)")
+
+
+def check_validator_augment(cfg: DictConfig) -> None:
+    """The validator's queries are cropped from the full source image, which decode-once shards do not keep."""
+    data = cfg.get("data") or {}
+    if data.get("validator_augment", 0) and data.get("train_source", "jpeg") == "shards":
+        raise ConfigError(f"data.validator_augment={data.validator_augment} with data.train_source=shards: the "
+                          "validator's queries are cropped from the full source image, which the shards (a downscaled "
+                          "centre square) do not keep; use data.train_source=jpeg")
 
 
 def check_devices(cfg: DictConfig) -> None:

@@ -30,7 +30,6 @@ from train.runs import atomic_write_json
 log = logging.getLogger(__name__)
 BALANCE = ("none", "sampler", "class_weights")
 TRAIN_SOURCES = ("jpeg", "shards")
-EVAL_DECODE_SIDE = 512
 
 
 class ImageDataset(Dataset):
@@ -41,7 +40,7 @@ class ImageDataset(Dataset):
     ``transform(query image)``, the query as :meth:`query` gives it.
     """
 
-    def __init__(self, index: pa.Table, transform, decode_side: int = 256, fields=None, level: int | None = None,
+    def __init__(self, index: pa.Table, transform, decode_side: int | None = 256, fields=None, level: int | None = None,
                  eval_seed: int = 0, queries: dict | None = None):
         self.files = index.column("file").to_pylist()
         self.rows = index.column("row").to_numpy()
@@ -70,11 +69,12 @@ class ImageDataset(Dataset):
         extra = self.fields(image) if self.fields is not None else {}
         return {"image": image, "label": int(self.labels[i]), "index": i, **extra}
 
-    def image(self, i: int) -> np.ndarray:
-        """Sample ``i`` decoded to RGB, before any transform."""
+    def image(self, i: int, full: bool = False) -> np.ndarray:
+        """Sample ``i`` decoded to RGB, before any transform (``full``: at its own resolution, as the validator
+        reads it, instead of ``decode_side``)."""
         file, row = self.files[i], int(self.rows[i])
         data = self.reader.read(file, row, self.columns[i])
-        return decode_rgb(data, max_side=self.decode_side, where=where(file, row))
+        return decode_rgb(data, max_side=None if full else self.decode_side, where=where(file, row))
 
     def model_input(self, i: int, level: int) -> torch.Tensor:
         """Sample ``i``'s query at ``level`` as the model's normalised input (a query split's ``transform`` is its
@@ -122,12 +122,15 @@ class RoadworkDataModule(pl.LightningDataModule):
                  test_levels: Sequence[int] = (0, 1, 2, 3), eval_seed: int = 0, query_cache: bool = True,
                  index_path: str | None = None, root: str | None = None, seed: int = 0, train_source: str = "jpeg",
                  gpu_augment=None, pin_memory: bool = True, shards_path: str | None = None,
-                 copy_stream: bool = True, augment_draws: int | None = None):
+                 copy_stream: bool = True, augment_draws: int | None = None, validator_augment: float = 0.0):
         super().__init__()
         if balance not in BALANCE:
             raise ValueError(f"data.balance={balance!r}; allowed: {list(BALANCE)}")
         if train_source not in TRAIN_SOURCES:
             raise ValueError(f"data.train_source={train_source!r}; allowed: {list(TRAIN_SOURCES)}")
+        if validator_augment and train_source == "shards":
+            raise ValueError("data.validator_augment crops the validator's queries from the full source image, which "
+                             "the shards (a downscaled centre square) do not keep: use data.train_source=jpeg")
         self.source, self.splits, self.split_seed = source, dict(splits), split_seed
         self.verify_images, self.max_bad_fraction = verify_images, max_bad_fraction
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -142,6 +145,7 @@ class RoadworkDataModule(pl.LightningDataModule):
         self.train_source, self.pin_memory, self.shards_path = train_source, pin_memory, shards_path
         self.copy_stream, self._streams = copy_stream, {}
         self.augment_draws = augment_draws
+        self.validator_augment = validator_augment  # probability a training image is the validator's exact query
         self.resume_epoch = self.resume_skip = 0  # set from a checkpoint (load_state_dict)
         self.gpu_augment = (gpu_augment or GpuAugment)(img_size=self.img_size, mean=self.mean, std=self.std)
 
@@ -194,9 +198,12 @@ class RoadworkDataModule(pl.LightningDataModule):
 
     def dataset(self, name: str, level: int | None = None) -> ImageDataset:
         """Split ``name`` with training augmentation (``level=None``) or as validator ``level`` queries."""
-        if level is None:  # training crops end at img_size: decoding at 2x that is enough (JPEG draft mode)
-            transform = TrainTransform(self.train_transforms, self.img_size, self.mean, self.std)
-            return ImageDataset(self.split(name), transform, decode_side=2 * self.img_size, fields=self.sample_fields)
+        if level is None:  # training crops end at img_size: decoding at 2x that is enough (JPEG draft mode), unless
+            # some samples are the validator's queries, which it crops from the full image
+            transform = TrainTransform(self.train_transforms, self.img_size, self.mean, self.std,
+                                       self.validator_augment)
+            side = None if self.validator_augment else 2 * self.img_size
+            return ImageDataset(self.split(name), transform, decode_side=side, fields=self.sample_fields)
         return self.queries(name, [level], level=level)
 
     def queries(self, name: str, levels: Sequence[int], level: int | None = None) -> ImageDataset:
@@ -204,8 +211,8 @@ class RoadworkDataModule(pl.LightningDataModule):
         ``query_cache``); its items are the model inputs of the ``level`` queries (default: the first of ``levels``)."""
         level = levels[0] if level is None else level
         images = ImageDataset(self.split(name), ModelInput(self.img_size, self.mean, self.std),
-                              decode_side=EVAL_DECODE_SIDE, fields=self.sample_fields, level=level,
-                              eval_seed=self.eval_seed)  # the validator sees the full image; only huge ones shrink
+                              decode_side=None, fields=self.sample_fields, level=level,
+                              eval_seed=self.eval_seed)  # the validator crops from the full image
         if self.query_cache and self.index_path is not None:
             images.queries = {int(lv): query_store(images, self.index_path.parent / "queries", name, int(lv),
                                                    self.eval_seed, self.num_workers) for lv in dict.fromkeys(levels)}

@@ -17,20 +17,23 @@ import os
 import time
 from pathlib import Path
 
-import albumentations as A
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import PIL
 import torch
+import torchvision
 from torch.utils.data import DataLoader, Dataset
 
 from train.data.images import loader_worker_init
-from train.data.transforms import QUERY_JPEG_QUALITY, QUERY_SIZE, ModelInput, ValidatorQuery, decode_query
+from train.data.transforms import ModelInput, ValidatorQuery, decode_query
+from train.data.validator import QUERY_SIZE, VALIDATOR_VERSION
 from train.runs import fingerprint
 from train.utils.console import track
 
 log = logging.getLogger(__name__)
-FORMAT = 1  # bump when what a stored query holds changes
+FORMAT = 2  # bump when what a stored query holds changes
 
 
 class QueryStore:
@@ -66,11 +69,12 @@ def query_store(images, directory: Path, split: str, level: int, seed: int, num_
     """The store of ``split``'s queries at ``level`` (``images``: the split's ImageDataset), rendered if missing.
 
     The file name's fingerprint covers the split's samples, the level, the evaluation seed and what renders them
-    (query size, JPEG quality, the albumentations version), so a changed setting renders anew.
+    (the validator version the levels follow, the versions of the libraries that draw the pixels), so a changed
+    setting renders anew.
     """
     key = {"samples": fingerprint([images.files, images.rows.tolist(), images.columns]), "split": split,
-           "level": int(level), "seed": int(seed), "size": QUERY_SIZE, "quality": QUERY_JPEG_QUALITY,
-           "albumentations": A.__version__, "format": FORMAT}
+           "level": int(level), "seed": int(seed), "size": QUERY_SIZE, "validator": VALIDATOR_VERSION,
+           "torchvision": torchvision.__version__, "opencv": cv2.__version__, "pillow": PIL.__version__, "format": FORMAT}
     path = Path(directory) / f"{split}-L{level}-{fingerprint(key, 12)}.parquet"
     if path.is_file() and pq.read_metadata(path).num_rows == len(images):
         return QueryStore(path)

@@ -1,8 +1,9 @@
 """Image transforms: albumentations for training, and the validator-faithful evaluation.
 
-The NATIX validator re-encodes every query as a 224x224 JPEG after one of four augmentation
-levels (25% each). :class:`ValidatorQuery` reproduces a level, seeded per sample so a report
-is reproducible; :class:`ModelInput` then does what the miner's image processor does.
+The NATIX validator sends every query as a 224x224 JPEG after one of four augmentation levels
+(25% each). :class:`ValidatorQuery` makes it as the subnet's code does (:mod:`train.data.validator`),
+seeded per sample so a report is reproducible; :class:`ModelInput` then does what the miner's image
+processor does.
 """
 from __future__ import annotations
 
@@ -12,58 +13,36 @@ import albumentations as A
 import numpy as np
 import torch
 
-from train.data.images import decode_rgb, encode_jpeg
+from train.data.images import decode_rgb
+from train.data.validator import LEVELS, QUERY_SIZE, QueryDraw, draw_query, query_rng, render_query, wire_jpeg
 
-QUERY_SIZE = 224  # the validator's query side
-QUERY_JPEG_QUALITY = 75
-LEVELS = (0, 1, 2, 3)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _geometric(size: int) -> list[A.BasicTransform]:
-    """Level 1's geometry: rotation up to +-20 deg, RandomResizedCrop (scale 0.2-1), flips."""
-    return [A.Rotate(limit=20, p=1.0), A.RandomResizedCrop(size=(size, size), scale=(0.2, 1.0)),
-            A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
-
-
-def validator_level(level: int, size: int = QUERY_SIZE) -> A.Compose:
-    """The validator's augmentation ``level`` (0-3) as an albumentations pipeline."""
-    if level == 0:  # square centre crop, then resize
-        return A.Compose([A.SmallestMaxSize(max_size=size), A.CenterCrop(size, size)])
-    if level == 1:
-        return A.Compose(_geometric(size))
-    if level == 2:  # + saturation, contrast, JPEG
-        return A.Compose(_geometric(size) + [
-            A.ColorJitter(brightness=0, contrast=(0.7, 1.3), saturation=(0.6, 1.4), hue=0, p=1.0),
-            A.ImageCompression(quality_range=(40, 80), p=1.0)])
-    if level == 3:  # + stronger distortions, Gaussian noise, blur
-        return A.Compose(_geometric(size) + [
-            A.ColorJitter(brightness=(0.7, 1.3), contrast=(0.5, 1.5), saturation=(0.4, 1.6), hue=0, p=1.0),
-            A.ImageCompression(quality_range=(20, 60), p=1.0),
-            A.GaussNoise(std_range=(0.02, 0.08), p=1.0),
-            A.GaussianBlur(sigma_limit=(0.5, 2.0), p=1.0)])
-    raise ValueError(f"validator level must be one of {LEVELS}, got {level}")
-
-
 class ValidatorQuery:
-    """Image -> the 224 px JPEG query the validator would send at ``level`` (decoded back to RGB).
+    """Image -> the query the validator sends at ``level`` (:mod:`train.data.validator`: the subnet's own levels and
+    wire JPEG), decoded back to RGB as the miner decodes it.
 
-    Levels 1-3 are random in the validator; here sample ``i`` always gets the same draw for a
-    given ``seed``, whichever worker or order it is processed in.
+    Levels 1-3 are random in the validator; here sample ``i`` always gets the same draw for a given ``seed``,
+    whichever worker or order it is processed in. ``level=None`` draws the level too (25% each).
     """
 
-    def __init__(self, level: int, seed: int = 0):
+    def __init__(self, level: int | None, seed: int = 0):
+        if level is not None and level not in LEVELS:
+            raise ValueError(f"validator level must be one of {LEVELS}, got {level}")
         self.level, self.seed = level, seed
-        self.transform = validator_level(level)
 
-    def render(self, image: np.ndarray, i: int) -> bytes:
-        """The JPEG bytes the validator would send for sample ``i``."""
-        self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.level, i]).generate_state(1)[0]))
-        return encode_jpeg(self.transform(image=image)["image"], QUERY_JPEG_QUALITY)
+    def draw(self, image: np.ndarray, i: int, rng: np.random.Generator | None = None) -> QueryDraw:
+        rng = query_rng(self.seed, -1 if self.level is None else self.level, i) if rng is None else rng
+        return draw_query(rng, image.shape[0], image.shape[1], self.level)
 
-    def __call__(self, image: np.ndarray, i: int) -> np.ndarray:
-        return decode_query(self.render(image, i), i)
+    def render(self, image: np.ndarray, i: int, rng: np.random.Generator | None = None) -> bytes:
+        """The JPEG bytes the validator would send for sample ``i`` (``rng``: draw from it instead)."""
+        return wire_jpeg(render_query(image, self.draw(image, i, rng)))
+
+    def __call__(self, image: np.ndarray, i: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        return decode_query(self.render(image, i, rng), i)
 
 
 def decode_query(data: bytes, i: int) -> np.ndarray:
@@ -107,15 +86,23 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """Configured albumentations transforms (random), then the model's input transform."""
+    """Configured albumentations transforms (random), then the model's input transform. With probability
+    ``validator_p`` a sample is instead the validator's exact query (:class:`ValidatorQuery`, level drawn 25% each)."""
 
     def __init__(self, transforms: Sequence[A.BasicTransform], img_size: int, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD):
+                 std=IMAGENET_STD, validator_p: float = 0.0):
+        if not 0.0 <= validator_p <= 1.0:
+            raise ValueError(f"data.validator_augment={validator_p}: a probability in [0, 1]")
         self.augment = A.Compose(list(transforms))
         self.model_input = ModelInput(img_size, mean, std)
+        self.validator_p, self.validator = validator_p, ValidatorQuery(None)
 
     def __call__(self, image: np.ndarray, i: int, seed: int | None = None) -> torch.Tensor:
         """``seed`` fixes this draw (the training sampler passes one per sample and epoch)."""
+        if self.validator_p > 0:
+            rng = np.random.default_rng(seed)
+            if rng.random() < self.validator_p:
+                return self.model_input(self.validator(image, i, rng))
         if seed is not None:
             self.augment.set_random_seed(seed)
         return self.model_input(self.augment(image=image)["image"])

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from train.calibration import CALIBRATORS
+from train.data.validator import VALIDATOR_VERSION
 from train.export.hf import check_hf_folder, save_hf_folder, write_hf_card
 from train.export.flops import budget_flops, count_flops, each_image
 from train.export.manifest import (FULL_PRECISION, MODEL_CARD, SCHEMA, AdaptivePatches, BundleError, Calibration, Flops,
@@ -241,8 +242,8 @@ def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str |
         atomic_write_json(staging / SCHEMA, Manifest.model_json_schema())  # the manifest's contract, machine-readable
         for path in staging.rglob("*"):  # readable by the inference stack's user, whoever wrote them
             path.chmod(0o755 if path.is_dir() else 0o644)
-        manifest = Manifest(created=now_utc(), run=run, code_version=code_version(), models=models,
-                            tiers=[Tier(**t) for t in tiers] if tiers is not None else
+        manifest = Manifest(created=now_utc(), run=run, code_version=code_version(), validator=VALIDATOR_VERSION,
+                            models=models, tiers=[Tier(**t) for t in tiers] if tiers is not None else
                             [Tier(name=name, model=name, kind=entry.kind) for name, entry in models.items()
                              if entry.fusion is None],
                             files={"model_card": file_entry(staging, staging / MODEL_CARD),

@@ -171,7 +171,7 @@ def _calibration_section(cal) -> list[str]:
     return lines
 
 
-def _figures_section(entry) -> list[str]:
+def _figures_section(entry, validator: str | None) -> list[str]:
     """The card's test figures: one row per level and the mean, and where they come from."""
     levels = [lv for lv in entry.metrics if lv != "mean"] + (["mean"] if "mean" in entry.metrics else [])
     if not levels:
@@ -179,8 +179,9 @@ def _figures_section(entry) -> list[str]:
                 "`task=evaluate` measures the bundle."]
     shown = [k for k in ("mcc", "acc", "f1", "auroc", "ece") if any(k in entry.metrics[lv] for lv in levels)]
     rows = [[lv, *(_fmt(entry.metrics[lv].get(k, "")) for k in shown)] for lv in levels]
-    return ["L0, L1, ... are the validator's augmentation levels (L0: the image as it is); the header's `model-index` "
-            "lists MCC and accuracy per level.", "", _table(["level", *shown], rows), "",
+    follows = f"as the subnet's code at {validator} makes them" if validator else "as an older approximation made them"
+    return [f"L0, L1, ... are the validator's augmentation levels ({follows}; L0: the image framed and resized); "
+            "the header's `model-index` lists MCC and accuracy per level.", "", _table(["level", *shown], rows), "",
             f"Source: {entry.metrics_source or 'not recorded'}."]
 
 
@@ -218,7 +219,7 @@ def hf_model_card(manifest: Manifest, name: str, card: ModelCard | None = None) 
         "## Calibration", "", *_calibration_section(entry.calibration), "",
         *([f"In the bundle's cascade (tier `{tier.name}`): threshold {tier.threshold}; {tier.rule}", ""]
           if tier is not None else []),
-        "## Test figures per validator level", "", *_figures_section(entry), "",
+        "## Test figures per validator level", "", *_figures_section(entry, manifest.validator), "",
         "## Provenance", "",
         f"- code: roadwork-cascade {code.package}, git commit {code.git_commit or 'unknown'}{dirty}",
         f"- run: {manifest.run or 'none'}, exported {manifest.created}",

@@ -221,6 +221,7 @@ class Manifest(Strict):
     created: str
     run: str | None = None
     code_version: CodeVersion
+    validator: str | None = None                # the subnet code its validator levels follow (repo@commit); None: older
     models: dict[str, ModelEntry]
     tiers: list[Tier] = []
     files: dict[str, FileEntry] = {}            # bundle-level files (model_card.json, manifest.schema.json)
