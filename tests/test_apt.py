@@ -23,7 +23,7 @@ from train.models.saving import load_classifier
 from train.predictions import read_predictions
 from train.runs import Run
 from train.tasks.apt import APTModule
-from train.tasks.lightning import build_datamodule
+from train.tiers.training import build_datamodule
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 

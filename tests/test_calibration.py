@@ -8,10 +8,10 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from train.calibration import (CALIBRATORS, PlattScaling, TemperatureScaling, apply_isotonic_table, calibration_report,
-                               confusion_matrices, fit_calibrator, fold_into_head, folded_logits, reliability_diagram,
-                               save_figure)
+                               confusion_matrices, fit_calibrator, fold_into_head, folded_logits, reliability_diagram)
 from train.calibration.scaling import TEMPERATURE_RANGE
 from train.models.finetune import head_name
+from train.utils.loggers import save_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

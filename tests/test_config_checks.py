@@ -4,11 +4,12 @@ import re
 import sys
 
 import pytest
+from conftest import compose_config
 from hydra.errors import ConfigCompositionException
 
-from conftest import compose_config
 from train.__main__ import USER_ERRORS, run_task
-from train.config_checks import ConfigError, check_config
+from train.config_checks import check_config
+from train.errors import ConfigError
 
 
 @pytest.mark.parametrize("overrides", [[], ["pipeline=stage1"], ["+experiment=stage1_lora"],
@@ -40,6 +41,11 @@ def test_shipped_configs_pass(overrides):
     (["prm.search.stop.alpha=1.01"], r"prm\.search\.stop\.alpha=1\.01: must lie"),
     (["data.max_bad_fraction=5"], r"data\.max_bad_fraction=5: must lie"),
     (["data.validator_augment=1.5"], r"data\.validator_augment=1\.5: must lie"),
+    (["cascade.tiers=[draft,stage1,fusion]"], r"cascade\.tiers has the fusion head 'fusion': .*remove it"),
+    (["cascade.reference=apt"], r"cascade\.reference='apt' is not in cascade\.tiers \['draft', 'stage1', 'prm'\]"),
+    (["cascade.tiers=[difficulty,stage1]", "pipeline.stages=[data,stage1,calibrate,thresholds]"],
+     r"cascade\.tiers has \['difficulty'\], which pipeline\.stages .* does not train"),
+    (["draft.module.teacher_precision=fp16"], r"draft\.module\.teacher_precision='fp16'; allowed: auto, bf16, fp32"),
     (["data.validator_augment=0.5"], r"data\.validator_augment=0\.5 with data\.train_source=shards: .*"
                                      r"use data\.train_source=jpeg"),  # the default job trains from shards
 ], ids=lambda v: v[0] if isinstance(v, list) else None)

@@ -10,14 +10,14 @@ from conftest import TIERS
 from scipy.stats import binom
 from sklearn.metrics import matthews_corrcoef, roc_auc_score
 
+from train.data.splits import split_by_image
 from train.export import Bundle
 from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, load_router
-from train.tasks.calibrate import load_calibrated
 from train.predictions import OutcomeDataset, cached_outputs_path, collect_outputs, outputs_cache
-from train.data.splits import split_by_image
 from train.tasks.difficulty import DifficultyModule, per_image_mean
-from train.tasks.lightning import build_datamodule
+from train.tiers.calibration import load_calibrated
+from train.tiers.training import build_datamodule
 
 
 def test_draft_agrees_with_its_teacher_and_reports_it_truthfully(cheap_tiers):

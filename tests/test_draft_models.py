@@ -397,16 +397,20 @@ def test_export_graph_is_batch_one():
         graph(images(2))
 
 
-def test_teacher_targets_in_bf16_only_where_native():
-    """The draft's teacher runs under bf16 autocast where the CPU has it natively, else in float32; either way its
-    targets come back as float32 close to the float32 teacher's."""
-    from train.utils.precision import bf16_autocast, native_bf16
+def test_teacher_precision_is_a_choice_and_auto_says_what_ran():
+    """``bf16`` and ``fp32`` run as named on any CPU; ``auto`` resolves to bf16 only where the CPU has it natively, and
+    the resolved name is what the autocast does. Either way the teacher's targets come back as float32 close to the
+    float32 teacher's."""
+    from train.utils.precision import native_bf16, precision_autocast, resolve_precision
 
     x, w = torch.randn(4, 16), torch.randn(16, 16)
-    with bf16_autocast("cpu"):
-        assert (x @ w).dtype == (torch.bfloat16 if native_bf16("cpu") else torch.float32)
-    with bf16_autocast("cpu", enabled=False):
-        assert (x @ w).dtype == torch.float32
+    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    for precision in ("auto", "bf16", "fp32"):
+        with precision_autocast("cpu", precision):
+            ran = {torch.bfloat16: "bf16", torch.float32: "fp32"}[(x @ w).dtype]
+        assert ran == resolve_precision(precision, "cpu")
+    with pytest.raises(ValueError, match="'fp16'; allowed"):
+        resolve_precision("fp16", "cpu")
 
     torch.manual_seed(0)
     teacher = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
@@ -414,7 +418,7 @@ def test_teacher_targets_in_bf16_only_where_native():
     images = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         exact = teacher(images)
-        with bf16_autocast("cpu"):
+        with precision_autocast("cpu", "bf16"):
             fast = teacher(images).float()
     assert fast.dtype == torch.float32
     assert torch.allclose(fast, exact, atol=0.1) and (fast.argmax(1) == exact.argmax(1)).float().mean() >= 0.75

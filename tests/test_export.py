@@ -20,9 +20,10 @@ from train.metrics import roadwork_prob
 from train.models import create_backbone
 from train.models.saving import load_classifier
 from train.predictions import predict_split, read_predictions
-from train.runs import Run, sha256_file
+from train.runs import Run
 from train.tasks.export import model_card
-from train.tasks.lightning import build_datamodule
+from train.tiers.training import build_datamodule
+from train.utils.files import sha256_file
 
 SPEC = {"img_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "area"}
 

@@ -13,13 +13,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-
 from conftest import copy_run
 from interrupt import SignalAtStep
+
 from train.__main__ import USER_ERRORS, run_task
-from train.runs import atomic_file
 from train.utils.checkpoints import AtomicCheckpointIO, UnsafeCheckpointError, load_checkpoint
 from train.utils.faults import NONFINITE_METRIC, NonFiniteLoss, NonFiniteLossError, Preempted, Preemption
+from train.utils.files import atomic_file
 
 
 class Toy(pl.LightningModule):
@@ -132,9 +132,8 @@ def test_a_write_killed_halfway_leaves_the_old_file_whole(writer, tmp_path, monk
 
 
 def test_the_trainer_writes_checkpoints_atomically():
-    from hydra.utils import instantiate
-
     from conftest import compose_config
+    from hydra.utils import instantiate
 
     trainer = instantiate(compose_config().trainer, logger=False, enable_progress_bar=False)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from train.data.feature_store import FeatureStore, FeatureStoreError, join_external, read_external
-from train.data.modalities import ImageStats
+from train.tiers.modalities import ImageStats
 
 
 def keys(n: int, start: int = 0) -> dict[str, np.ndarray]:

@@ -10,11 +10,10 @@ import torch
 from conftest import QUIET, TIERS, compose_config, copy_run
 
 from train.__main__ import run_task
-from train.data.feature_store import FeatureStore
+from train.data.feature_store import FeatureStore, load_split
 from train.export import Bundle
 from train.metrics import roadwork_prob
-from train.models.fusion import FusionNet, load_fusion, modality_dropout
-from train.tasks.fusion import conditions, load_split
+from train.models.fusion import FusionNet, conditions, load_fusion, modality_dropout
 
 VARIANTS = [{"kind": "bottleneck"}, {"kind": "concat"}, {"kind": "gmu"}, {"kind": "late"},
             {"kind": "bottleneck", "meta": True}, {"kind": "concat", "meta": True}]
@@ -172,8 +171,8 @@ def test_classifier_column_read_from_the_view_cache_equals_running_the_tier(fusi
     values (embedding at float16 precision either way) as running Stage-1 on the queries."""
     from torch.utils.data import DataLoader
 
-    from train.data.modalities import ClassifierModality, QueryDataset
-    from train.tasks.lightning import build_datamodule
+    from train.tiers.modalities import ClassifierModality, QueryDataset
+    from train.tiers.training import build_datamodule
 
     run, cfg, _ = fusion_run
     modality = ClassifierModality("stage1", embedding=True)

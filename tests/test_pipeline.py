@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from train.__main__ import run_task
-from train.runs import Run, RunError
+from train.errors import RunError
+from train.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,9 +88,9 @@ def test_each_command_on_a_run_is_kept_in_overrides_yaml(data_run, data_dir, tmp
     """``python -m train`` (Hydra's entry point, in this process) twice on one run: ``overrides.yaml`` keeps both
     commands' task and overrides in order; a config composed without Hydra's runtime adds nothing."""
     import yaml
+    from conftest import QUIET, compose_config, copy_run
     from hydra.core.hydra_config import HydraConfig
 
-    from conftest import QUIET, compose_config, copy_run
     from train.__main__ import main
 
     run = copy_run(data_run, tmp_path)  # its data stage is complete: the pipeline skips it
@@ -112,8 +113,8 @@ def test_every_stage_starts_from_the_seed(monkeypatch, tmp_path):
     """A stage draws the same random numbers after other stages in one process as when run alone."""
     from omegaconf import OmegaConf
 
-    from train.tasks import RANKS, TASKS
     from train.tasks.pipeline import run_pipeline
+    from train.tasks.registry import RANKS, TASKS
     draws: dict[str, list] = {}
     for name in ("first", "second"):
         monkeypatch.setitem(TASKS, name, lambda cfg, run, name=name: draws.setdefault(name, []).append(torch.rand(4)))

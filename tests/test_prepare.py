@@ -7,13 +7,13 @@ import pyarrow.parquet as pq
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from conftest import QUIET, compose_config, copy_run
+
 from train.__main__ import run_task
 from train.data.datamodule import ImageDataset
 from train.data.transforms import ShardImage
 from train.runs import Run
-from train.tasks.lightning import build_datamodule
+from train.tiers.training import build_datamodule
 
 
 def config(run: Run, *overrides: str):

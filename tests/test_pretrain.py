@@ -5,14 +5,15 @@ import json
 
 import pytest
 import torch
+from conftest import QUIET, compose_config, copy_run
 from safetensors.torch import load_file
 
-from conftest import QUIET, compose_config, copy_run
 from train.__main__ import run_task
-from train.config_checks import ConfigError
+from train.errors import ConfigError
 from train.models import create_backbone
-from train.runs import Run, sha256_file
+from train.runs import Run
 from train.utils.faults import Preempted
+from train.utils.files import sha256_file
 from train.weights import SHIPPED
 
 SMALL_VIT = ["model.img_size=32", "model.backbone.patch_size=8", "model.backbone.depth=2",

@@ -14,8 +14,8 @@ from train.export import Bundle, load_manifest
 from train.models.prm import load_prm
 from train.models.search import TraceScorer
 from train.models.traces import margins
-from train.tasks.calibrate import load_calibrated
-from train.tasks.lightning import build_datamodule
+from train.tiers.calibration import load_calibrated
+from train.tiers.training import build_datamodule
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,16 @@ from conftest import QUIET, compose_config, copy_run
 
 from train.__main__ import run_task
 from train.calibration.cascade import select_cascade
+from train.data.views import GLOBAL_ONLY
 from train.export import Bundle, load_manifest
 from train.export.cascade import TierOutput
 from train.export.manifest import Manifest
 from train.export.replay import BundleCascade
 from train.predictions import read_predictions
-from train.tasks.lightning import build_datamodule
 from train.tasks.quantize import recorded_rules
-from train.tasks.replay import replay_split
-from train.tasks.thresholds import GLOBAL_ONLY, one_per_scene
+from train.tiers.cascade import one_per_scene
+from train.tiers.replay import replay_split
+from train.tiers.training import build_datamodule
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def test_fp8_simulation_keeps_stage1s_answers(quant_run):
     """The FP8 (e4m3) twin on the CPU (the dequantise simulation): every Linear converted, logits moved but close, the
     test queries' answers kept."""
     from train.export.fp8 import Float8Linear, to_float8
-    from train.tasks.calibrate import load_calibrated
+    from train.tiers.calibration import load_calibrated
 
     run, cfg = quant_run
     model, _, _ = load_calibrated(run, "stage1")

@@ -10,16 +10,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import CONF_DIR, QUIET, compose_config
 from hydra.utils import instantiate
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy
 from pytorch_lightning.utilities import rank_zero_only
 from safetensors.torch import load_file
 
-from conftest import CONF_DIR, QUIET, compose_config
+from train.errors import RunError
 from train.models.saving import load_classifier
-from train.runs import RUN_ENV, Run, RunError
-from train.tasks import RANKS, TASKS
-from train.tasks.lightning import consolidated_checkpoint, resolve_ckpt_path
+from train.runs import RUN_ENV, Run
+from train.tasks.registry import RANKS, TASKS, get_task
+from train.tiers.training import consolidated_checkpoint, resolve_ckpt_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINERS = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))
@@ -100,10 +101,10 @@ def test_other_ranks_train_and_leave_the_rest_to_rank_zero(tmp_path, monkeypatch
     monkeypatch.setattr("train.tasks.pipeline.wait_for_rank_zero", lambda done: waited.append(done.args[0]))
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    TASKS["pipeline"](compose_config("pipeline.stages=[a,b,c]"), Run.create(tmp_path, "p"))
+    get_task("pipeline")(compose_config("pipeline.stages=[a,b,c]"), Run.create(tmp_path, "p"))
     assert ran == ["b"] and waited == ["a"]
     with pytest.raises(RunError, match="'d' trains on one process only"):  # every rank stops once b is done
-        TASKS["pipeline"](compose_config("pipeline.stages=[b,c,d]"), Run.create(tmp_path, "q"))
+        get_task("pipeline")(compose_config("pipeline.stages=[b,c,d]"), Run.create(tmp_path, "q"))
     assert ran == ["b", "b"]
 
 

@@ -10,16 +10,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from train.config_checks import ConfigError, check_config
+from train.config_checks import check_config
 from train.configs import config_dir
 from train.data import BadImageError, DataError
-from train.extras import check_args
+from train.errors import ConfigError, RunError
 from train.export import BundleError, ExportError
-from train.runs import Run, RunError
-from train.tasks import get_task, runs_here
+from train.extras import check_args
+from train.runs import Run
+from train.tasks.registry import get_task, runs_here
 from train.utils.checkpoints import UnsafeCheckpointError
-from train.utils.console import (close_log_file, log_to_file, print_config, save_config, save_overrides,
-                                 setup_logging)
+from train.utils.console import close_log_file, log_to_file, print_config, save_config, save_overrides, setup_logging
 from train.utils.distributed import is_rank_zero
 from train.utils.faults import NonFiniteLossError, Preempted
 

@@ -16,6 +16,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from train import extras
+from train.errors import ConfigError
 
 TRAINING_TASKS = ("stage1", "apt", "draft", "difficulty", "prm", "fusion", "pretrain")
 PEFT_MODES = ("lora", "dora", "rslora")
@@ -25,17 +26,15 @@ UNIT_INTERVAL = ("*.alpha", "*.delta", "cascade.tier_alpha.*", "cascade.sweep.*"
 NOT_PROBABILITIES = ("model.finetune.alpha",)  # LoRA's alpha is a scale
 
 
-class ConfigError(ValueError):
-    """A config value or combination that cannot work; the message names the key and the allowed values."""
-
-
 def check_config(cfg: DictConfig) -> None:
     """Every check below; raises :class:`ConfigError` at the first failure."""
     plain = _plain(cfg)  # resolved once for the checks that walk every key
     check_extras(plain)
     check_targets(plain)
     check_unit_interval(plain)
+    check_precisions(plain)
     check_validator_augment(cfg)
+    check_cascade(cfg)
     training = training_tasks(cfg)
     if training:
         check_devices(cfg)
@@ -57,11 +56,36 @@ def check_pretrained_card(cfg: DictConfig) -> None:
         check_card(path, backbone)
 
 
-def training_tasks(cfg: DictConfig) -> list[str]:
-    """The tasks of this job that train a model (a pipeline's stages, or the task itself)."""
+def job_stages(cfg: DictConfig) -> list[str]:
+    """The tasks this job runs: a pipeline's stages, or the task itself."""
     name = cfg.task.name
-    stages = list(cfg.pipeline.stages) if name == "pipeline" and cfg.get("pipeline") else [name]
-    return [s for s in stages if s in TRAINING_TASKS]
+    return list(cfg.pipeline.stages) if name == "pipeline" and cfg.get("pipeline") else [name]
+
+
+def training_tasks(cfg: DictConfig) -> list[str]:
+    """The tasks of this job that train a model."""
+    return [s for s in job_stages(cfg) if s in TRAINING_TASKS]
+
+
+def check_cascade(cfg: DictConfig) -> None:
+    """For a job that chooses the cascade's thresholds: its reference and baseline are among its tiers, no tier is the
+    fusion head (the cascade cannot route to it: it needs every view of a sample and the feature store), and a new
+    pipeline trains every tier (one that goes on in ``run_dir`` may have trained them before)."""
+    stages = job_stages(cfg)
+    if not {"thresholds", "quantize"} & set(stages) or not cfg.get("cascade"):
+        return
+    tiers = list(cfg.cascade.tiers)
+    for key in ("reference", "baseline"):
+        value = cfg.cascade.get(key)
+        if value is not None and value not in tiers:
+            raise ConfigError(f"cascade.{key}={value!r} is not in cascade.tiers {tiers}")
+    if "fusion" in tiers:
+        raise ConfigError("cascade.tiers has the fusion head 'fusion': the cascade does not route to it (it needs "
+                          "every view of a sample and the feature store); remove it from cascade.tiers")
+    untrained = [t for t in tiers if t not in stages]
+    if cfg.task.name == "pipeline" and not cfg.get("run_dir") and untrained:
+        raise ConfigError(f"cascade.tiers has {untrained}, which pipeline.stages {stages} does not train: add the "
+                          "stages or remove the tiers")
 
 
 def _nodes(node, key: str = "") -> Iterator[tuple[str, object]]:
@@ -117,6 +141,15 @@ def check_unit_interval(plain: dict) -> None:
             continue
         if any(fnmatch.fnmatchcase(key, p) for p in UNIT_INTERVAL) and not 0 <= value <= 1:
             raise ConfigError(f"{key}={value}: must lie in [0, 1] (a risk level, probability or fraction)")
+
+
+def check_precisions(plain: dict) -> None:
+    """A tier's own precision (``*_precision``, e.g. the draft's teacher) is one of ``auto``, ``bf16``, ``fp32``."""
+    from train.utils.precision import PRECISIONS
+
+    for key, value in _nodes(plain):
+        if key.endswith("_precision") and value not in PRECISIONS:
+            raise ConfigError(f"{key}={value!r}; allowed: {', '.join(PRECISIONS)}")
 
 
 def check_validator_augment(cfg: DictConfig) -> None:

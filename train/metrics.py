@@ -102,15 +102,6 @@ def bootstrap_interval(preds: torch.Tensor, target: torch.Tensor, num_bootstraps
     return low, high
 
 
-def score_probs(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict[str, float]:
-    """Classification metrics and calibration errors (ECE, adaptive ECE, Brier, NLL) of P(roadwork)."""
-    from train.calibration import calibration_report
-
-    probs, target = torch.as_tensor(probs).float().cpu(), torch.as_tensor(target).long().cpu()
-    scores = {k: float(v) for k, v in classification_metrics()(probs, target).items()}
-    return {**scores, **calibration_report(probs, target, n_bins)}
-
-
 def paired_bootstrap_mcc(probs_a: torch.Tensor, probs_b: torch.Tensor, target: torch.Tensor,
                          groups: torch.Tensor | None = None, num_bootstraps: int = 1000, seed: int = 0,
                          confidence: float = 0.95, strata: torch.Tensor | None = None) -> dict[str, float]:

@@ -2,7 +2,7 @@
 :mod:`train.export.fp8`) against themselves in fp32, in PyTorch on the run's test queries.
 
 The FP8 twin is recalibrated on calib with the fp32 calibration's method, split and levels (the calibrate stage's
-:func:`~train.tasks.calibrate.fit_on`); reported per validator level: MCC and ECE of both, the FP8 answers' agreement
+:func:`~train.tiers.calibration.fit_on`); reported per validator level: MCC and ECE of both, the FP8 answers' agreement
 with fp32, and latency per image (batches of ``--batch``, the device synchronised around each; on a GPU with float8
 tensor cores the Linear layers run in ``torch._scaled_mm``, elsewhere the simulation, which says nothing of speed).
 """
@@ -16,13 +16,14 @@ from hydra import compose, initialize_config_dir
 
 from train.bench.timing import synchronize
 from train.calibration import CALIBRATORS
+from train.calibration.metrics import score_probs
 from train.configs import config_dir
 from train.export.fp8 import Float8Linear, native_fp8, to_float8
-from train.metrics import roadwork_prob, score_probs, with_mean
+from train.metrics import roadwork_prob, with_mean
 from train.predictions import predict_split
 from train.runs import Run
-from train.tasks.calibrate import fit_on, load_calibrated
-from train.tasks.lightning import build_datamodule
+from train.tiers.calibration import fit_on, load_calibrated
+from train.tiers.training import build_datamodule
 
 CONF_DIR = config_dir()
 

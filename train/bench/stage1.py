@@ -42,10 +42,11 @@ from train.bench.timing import StepTimer, matmul_peak, synchronize, time_steps
 from train.configs import config_dir
 from train.export.flops import count_flops
 from train.models.backbones import create_backbone
-from train.runs import Run, atomic_write_json
-from train.tasks import get_task
-from train.tasks.lightning import build_datamodule, build_trainer, ensure_shards
+from train.runs import Run
+from train.tasks.registry import ensure_shards, get_task
+from train.tiers.training import build_datamodule, build_trainer
 from train.utils.console import console, setup_logging
+from train.utils.files import atomic_write_json
 
 CONF_DIR = config_dir()
 TRAIN_FRACTION = 0.95  # of a bench-built run's scenes (the rest: val)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchmetrics.functional import mean_squared_error
 from torchmetrics.functional.classification import binary_calibration_error
 
-from train.metrics import THRESHOLD
+from train.metrics import THRESHOLD, classification_metrics
 
 EPS = 1e-7  # NLL clamps p to [EPS, 1 - EPS]
 
@@ -54,3 +54,10 @@ def calibration_report(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 
             "ece_adaptive": float(adaptive_ece(confidence, correct, n_bins)),
             "brier": float(mean_squared_error(probs, labels.double())),
             "nll": float(F.binary_cross_entropy(probs.clamp(EPS, 1 - EPS), labels.double()))}
+
+
+def score_probs(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict[str, float]:
+    """Classification metrics and calibration errors (ECE, adaptive ECE, Brier, NLL) of P(roadwork)."""
+    probs, target = torch.as_tensor(probs).float().cpu(), torch.as_tensor(target).long().cpu()
+    scores = {k: float(v) for k, v in classification_metrics()(probs, target).items()}
+    return {**scores, **calibration_report(probs, target, n_bins)}

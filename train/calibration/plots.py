@@ -1,6 +1,7 @@
 """Evaluation figures: reliability diagrams (e.g. before / after), per-level confusion matrices and metric bars, the
-cascade's cost/accuracy curve. Each function returns a ``matplotlib.figure.Figure``; :func:`save_figure` writes it as
-PNG (tasks: :func:`train.utils.loggers.publish_figures`, which also logs it), a notebook shows it.
+cascade's cost/accuracy curve. Each function returns a ``matplotlib.figure.Figure``;
+:func:`train.utils.loggers.save_figure` writes it as PNG (tasks: :func:`train.utils.loggers.publish_figures`, which
+also logs it), a notebook shows it.
 
 Figures are built on ``Figure`` and saved by its Agg canvas, never through pyplot, so they work headless and leave
 the caller's backend (a notebook's, say) alone. matplotlib is imported only here, when drawing.
@@ -8,7 +9,6 @@ the caller's backend (a notebook's, say) alone. matplotlib is imported only here
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -133,11 +133,3 @@ def _titled(fig, title: str):
     if title:
         fig.suptitle(title)
     return fig
-
-
-def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
-    """Write ``fig`` as a PNG file at ``path`` (folders made)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path

@@ -23,9 +23,8 @@ from train.data.sampling import EpochSampler
 from train.data.shards import ShardDataset, as_batch
 from train.data.sources import DataError
 from train.data.splits import SPLITS
-from train.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, ModelInput, TrainTransform, ValidatorQuery,
-                                   decode_query)
-from train.runs import atomic_write_json
+from train.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ModelInput, TrainTransform, ValidatorQuery, decode_query
+from train.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 BALANCE = ("none", "sampler", "class_weights")

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
-from train.runs import atomic_write_json, fingerprint, sha256_file
+from train.runs import fingerprint
+from train.utils.files import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "roadwork-feature-store"
@@ -210,3 +212,13 @@ def join_external(ids: np.ndarray, values: np.ndarray, known_ids: Iterable[str],
     out = np.zeros((len(wanted_ids), values.shape[1]), np.float32)
     out[present] = values[pos[present]]
     return out, present, int((~present).sum())
+
+
+def load_split(store: FeatureStore, split: str, modalities: list[str]) -> dict:
+    """A split of the store as tensors: ``features`` (one per modality), ``present`` (N, M), ``label``, ``index``,
+    ``level``."""
+    cols = store.read_split(split, modalities)
+    return {"features": [torch.from_numpy(np.array(cols[m])) for m in modalities],
+            "present": torch.from_numpy(np.stack([cols[presence_column(m)] for m in modalities], 1)),
+            "label": torch.from_numpy(cols["label"].astype(np.int64)), "index": torch.from_numpy(cols["index"]),
+            "level": torch.from_numpy(cols["level"].astype(np.int64))}

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from train.data.sources import ParquetSource
-from train.runs import atomic_write_json
 from train.utils.console import progress
+from train.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from train.data.images import decode_rgb
-from train.data.validator import LEVELS, QUERY_SIZE, QueryDraw, draw_query, query_rng, render_query, wire_jpeg
+from train.data.validator import LEVELS, QueryDraw, draw_query, query_rng, render_query, wire_jpeg
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -99,6 +99,9 @@ class ViewSet:
                                                  "resized to the model input"}
 
 
+GLOBAL_ONLY = ViewSet(tiles=(), zooms=(), random_zooms=0, cameras=0)  # slot 0 only: the validator query itself
+
+
 def crop(image: np.ndarray, box: Box) -> np.ndarray:
     h, w = image.shape[:2]
     x0, y0 = int(round(box[0] * w)), int(round(box[1] * h))

@@ -18,16 +18,17 @@ import torch.nn as nn
 
 from train.calibration import CALIBRATORS
 from train.data.validator import VALIDATOR_VERSION
-from train.export.hf import check_hf_folder, save_hf_folder, write_hf_card
 from train.export.flops import budget_flops, count_flops, each_image
-from train.export.manifest import (FULL_PRECISION, MODEL_CARD, SCHEMA, AdaptivePatches, BundleError, Calibration, Flops,
-                                   FusionInputs, InputSpec, Manifest, ModelCard, ModelEntry, OnnxSpec, PRMSearch, Tier,
-                                   code_version, file_entry, load_manifest, now_utc, write_manifest)
+from train.export.hf import check_hf_folder, save_hf_folder, write_hf_card
+from train.export.manifest import (FULL_PRECISION, MODEL_CARD, SCHEMA, AdaptivePatches, BundleError, Calibration,
+                                   CodeVersion, Flops, FusionInputs, InputSpec, Manifest, ModelCard, ModelEntry,
+                                   OnnxSpec, PRMSearch, Tier, file_entry, load_manifest, write_manifest)
 from train.export.onnx import (DEFAULT_OPSET, INPUT, ExportError, OnnxAPTClassifier, OnnxClassifier, OnnxFusion,
                                OnnxOneByOne, OnnxPRM, OnnxRouter, check_parity, export_apt_onnx, export_fusion_onnx,
                                export_onnx, export_prm_onnx, export_router_onnx)
 from train.metrics import roadwork_prob
-from train.runs import atomic_write_json
+from train.utils.files import atomic_write_json
+from train.utils.provenance import code_version, now_utc
 
 
 def export_classifier(name: str, model: nn.Module, input_spec: dict, calibration: Calibration, bundle: Path,
@@ -242,7 +243,8 @@ def write_bundle(out_dir: Path, build, card: ModelCard, config: dict, run: str |
         atomic_write_json(staging / SCHEMA, Manifest.model_json_schema())  # the manifest's contract, machine-readable
         for path in staging.rglob("*"):  # readable by the inference stack's user, whoever wrote them
             path.chmod(0o755 if path.is_dir() else 0o644)
-        manifest = Manifest(created=now_utc(), run=run, code_version=code_version(), validator=VALIDATOR_VERSION,
+        manifest = Manifest(created=now_utc(), run=run, code_version=CodeVersion(**code_version()),
+                            validator=VALIDATOR_VERSION,
                             models=models, tiers=[Tier(**t) for t in tiers] if tiers is not None else
                             [Tier(name=name, model=name, kind=entry.kind) for name, entry in models.items()
                              if entry.fusion is None],

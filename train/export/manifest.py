@@ -8,17 +8,13 @@ hand-edited or foreign file fails loudly instead of being half-read.
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
-import subprocess
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from train.configs import checkout_root
-from train.runs import atomic_write_json, sha256_file
+from train.utils.files import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 MODEL_CARD = "model_card.json"
@@ -236,32 +232,6 @@ class ModelCard(Strict):
     version: str
     submitted_by: str
     submission_time: str
-
-
-def code_version() -> CodeVersion:
-    """This package's version and, when it runs from a git checkout, the commit and whether it is dirty."""
-    root = checkout_root()
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    # an installed wheel has no checkout: git would name whatever repository the environment sits in
-    commit = git("rev-parse", "HEAD") if root else None
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    try:
-        package = metadata.version("roadwork-cascade")
-    except metadata.PackageNotFoundError:  # run from a source tree without installing it
-        package = "not installed"
-    return CodeVersion(package=package, git_commit=commit,
-                       git_dirty=None if status is None else bool(status))
-
-
-def now_utc() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def file_entry(bundle: Path, path: Path) -> FileEntry:

@@ -25,7 +25,7 @@ class ExportError(RuntimeError):
 def to_onnx(module: nn.Module, example: tuple, path: Path, opset: int, inputs, outputs, dynamic_shapes) -> None:
     """torch.onnx's exporter (``dynamo=True``), one graph in one file, warnings silenced. ``optimize=False``: ONNX
     Runtime optimises a graph as it loads it (and ``task=quantize`` runs ``quant_pre_process``), so the exporter's
-    own pass bought nothing here and took about 2 s a model on 2 CPU cores."""
+    own pass would repeat that work (README, "What the default job does")."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), dynamo=True, optimize=False, verbose=False,

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from train import LABELS
-from train.config_checks import ConfigError
+from train.errors import ConfigError
 
 LIBRARIES = ("timm", "transformers")
 POS_EMBED_INITS = ("sincos",)

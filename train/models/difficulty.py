@@ -70,11 +70,6 @@ class DifficultyRouter(nn.Module):
         self.output.bias.div_(t.squeeze(1))
 
 
-def difficulty_router(**kwargs) -> DifficultyRouter:
-    """Factory (the config's ``_target_``)."""
-    return DifficultyRouter(**kwargs)
-
-
 def save_router(router: DifficultyRouter, path: Path, input_spec: dict, **extra) -> tuple[Path, Path]:
     """``path.safetensors`` + ``path.json`` (architecture, input spec and ``extra``, e.g. its calibration)."""
     return save_net(router, path, "roadwork-router", {"router": router.router_args, "input": input_spec, **extra})

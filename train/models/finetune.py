@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from train.config_checks import ConfigError
+from train.errors import ConfigError
 from train.models.backbones import HFImageClassifier
 
 FINETUNE_MODES = ("full", "linear_probe", "lora", "dora", "rslora")

@@ -237,11 +237,6 @@ def modality_dropout(present: torch.Tensor, p: float, generator: torch.Generator
     return torch.where(emptied[:, None], rescue & present, kept)
 
 
-def fusion_net(**kwargs) -> FusionNet:
-    """Factory (the config's ``_target_``)."""
-    return FusionNet(**kwargs)
-
-
 def save_fusion(net: FusionNet, path: Path, **extra) -> tuple[Path, Path]:
     """``path.safetensors`` + ``path.json`` (architecture, modality order and ``extra``: calibration, store, ...)."""
     return save_net(net, path, "roadwork-fusion", {"fusion": net.fusion_args, **extra})
@@ -250,3 +245,11 @@ def save_fusion(net: FusionNet, path: Path, **extra) -> tuple[Path, Path]:
 def load_fusion(path: str | Path) -> tuple[FusionNet, dict]:
     """Inverse of :func:`save_fusion`: (fusion net in eval mode, its config)."""
     return load_net(path, lambda config: FusionNet(**config["fusion"]))
+
+
+def conditions(modalities: list[str]) -> dict[str, torch.Tensor]:
+    """Which modalities are kept: all, each one missing, each one alone."""
+    eye = torch.eye(len(modalities), dtype=torch.bool)
+    return {"all": torch.ones(len(modalities), dtype=torch.bool),
+            **{f"without {m}": ~eye[k] for k, m in enumerate(modalities)},
+            **{f"only {m}": eye[k] for k, m in enumerate(modalities)}}

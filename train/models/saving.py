@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save, save_file
 
 from train import LABELS
 from train.models.backbones import HFImageClassifier, create_backbone
-from train.runs import atomic_write_bytes, atomic_write_json, sha256_file
+from train.utils.files import atomic_write_bytes, atomic_write_json, sha256_file
+from train.utils.provenance import code_version, now_utc
 
 FORMAT_VERSION = 1
 BACKBONE_FORMAT = "roadwork-backbone"
@@ -45,7 +46,6 @@ def save_backbone(model: nn.Module, path: Path, card: dict) -> tuple[Path, Path]
     """A pretrained backbone (head removed) as ``path.safetensors`` + its card ``path.json``: the architecture it
     needs (:func:`train.models.backbones.architecture`), the code version, the weights' sha256 and ``card`` (method,
     recipe, input, images seen, held-out figures). ``model.backbone.pretrained=path.safetensors`` loads it."""
-    from train.export.manifest import code_version, now_utc
     from train.models.backbones import architecture
 
     path = Path(path)
@@ -54,7 +54,7 @@ def save_backbone(model: nn.Module, path: Path, card: dict) -> tuple[Path, Path]
     atomic_write_bytes(weights, save(state, metadata={"format": BACKBONE_FORMAT, "version": str(FORMAT_VERSION)}))
     atomic_write_json(card_path, {"format": BACKBONE_FORMAT, "format_version": FORMAT_VERSION,
                                   "architecture": architecture(model.backbone_args), **card,
-                                  "code_version": code_version().model_dump(), "created": now_utc(),
+                                  "code_version": code_version(), "created": now_utc(),
                                   "sha256": sha256_file(weights)})
     return weights, card_path
 

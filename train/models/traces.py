@@ -94,12 +94,3 @@ def rollout_labels(margin: torch.Tensor, mask: torch.Tensor, label: torch.Tensor
         correct = (answers(belief) == label[:, None, None]).float()                      # (Q, K, R)
         hard[..., t], soft[..., t] = correct.amax(-1), correct.mean(-1)
     return hard, soft
-
-
-def gather_steps(values: torch.Tensor, traces: torch.Tensor) -> torch.Tensor:
-    """Per-view ``(Q, V, ...)`` values in trace order: ``(Q, K, T, ...)``."""
-    q, k, t = traces.shape
-    index = traces.reshape(q, k * t)
-    rows = torch.arange(q).unsqueeze(1)
-    return values[rows, index].reshape(q, k, t, *values.shape[2:])
-

@@ -29,11 +29,12 @@ from train.models.apt.plots import patch_grid
 from train.models.apt.selection import grayscale_255
 from train.models.saving import load_classifier, save_classifier
 from train.predictions import read_predictions, write_predictions
-from train.runs import Run, atomic_write_json
-from train.tasks import register_task
-from train.tasks.classifier import ClassifierModule, fit_and_test, test_figures
-from train.tasks.lightning import build_datamodule, build_trainer, resolve_ckpt_path
+from train.runs import Run
+from train.tasks.registry import register_task
+from train.tiers.classifier import ClassifierModule, fit_and_test, test_figures
+from train.tiers.training import build_datamodule, build_trainer, resolve_ckpt_path
 from train.utils.console import print_level_table
+from train.utils.files import atomic_write_json
 from train.utils.loggers import publish_figures
 
 log = logging.getLogger(__name__)

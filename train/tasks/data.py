@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from train.runs import Run
-from train.tasks import register_task
+from train.tasks.registry import register_task
 from train.utils.console import console
 
 log = logging.getLogger(__name__)

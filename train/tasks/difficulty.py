@@ -31,13 +31,14 @@ from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, save_router
 from train.optim import with_schedule
 from train.predictions import OutcomeDataset, collect_outputs, outputs_cache
-from train.runs import Run, atomic_write_json
-from train.tasks import register_task
-from train.tasks.calibrate import load_calibrated
-from train.tasks.lightning import build_datamodule, build_trainer, restore_best
-from train.utils.faults import fault_metrics
-from train.utils.loggers import log_figures
+from train.runs import Run
+from train.tasks.registry import register_task
+from train.tiers.calibration import load_calibrated
+from train.tiers.training import build_datamodule, build_trainer, restore_best
 from train.utils.console import print_level_table
+from train.utils.faults import fault_metrics
+from train.utils.files import atomic_write_json
+from train.utils.loggers import log_figures
 
 log = logging.getLogger(__name__)
 TARGET_KINDS = ("hard", "soft")

@@ -30,21 +30,22 @@ from train.calibration.risk_control import evaluate_threshold, one_per_group, re
 from train.export.flops import budget_flops, model_flops
 from train.metrics import roadwork_prob
 from train.models.backbones import feature_dim, pooled_features
-from train.models.draft import (ElasticStudent, StudentOutput, build_student, draft_classifier,
-                                fold_teacher_head, forced_budget)
-from train.models.draft import init_from_teacher as init_student
 from train.models.distill import DistillationLoss, FeatureProjection, TeacherMemo
+from train.models.draft import (ElasticStudent, StudentOutput, build_student, draft_classifier, fold_teacher_head,
+                                forced_budget)
+from train.models.draft import init_from_teacher as init_student
 from train.models.saving import load_classifier, save_classifier
 from train.optim import with_schedule
 from train.predictions import collect_outputs, outputs_cache, predict_split
-from train.runs import Run, atomic_write_json
-from train.tasks import register_task
-from train.tasks.calibrate import calibrate_model, load_calibrated
-from train.tasks.lightning import build_datamodule, build_trainer, restore_best
-from train.utils.faults import fault_metrics
-from train.utils.loggers import log_figures
+from train.runs import Run
+from train.tasks.registry import register_task
+from train.tiers.calibration import calibrate_model, load_calibrated
+from train.tiers.training import build_datamodule, build_trainer, restore_best
 from train.utils.console import print_level_table
-from train.utils.precision import bf16_autocast
+from train.utils.faults import fault_metrics
+from train.utils.files import atomic_write_json
+from train.utils.loggers import log_figures
+from train.utils.precision import precision_autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 TEACHER_OUTPUTS = ("online", "cache")
@@ -67,7 +68,7 @@ class DraftModule(pl.LightningModule):
 
     def __init__(self, teacher: str, student: dict, optimizer: Callable, scheduler: Callable | None = None,
                  elastic: dict | None = None, loss: dict | None = None, budget_cost: float = 0.0, head: str = "teacher",
-                 init_from_teacher: bool = True, teacher_autocast: bool = True, remember_train: bool = False,
+                 init_from_teacher: bool = True, teacher_precision: str = "auto", remember_train: bool = False,
                  val_levels: Sequence[int] = (0,), test_levels: Sequence[int] = (0, 1, 2, 3)):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -82,7 +83,8 @@ class DraftModule(pl.LightningModule):
         self.projection = FeatureProjection(self.net.num_features, feature_dim(self.teacher))
         self.criterion = DistillationLoss(**(loss or {}))
         self.optimizer, self.scheduler, self.budget_cost = optimizer, scheduler, budget_cost
-        self.teacher_autocast = teacher_autocast
+        resolve_precision(teacher_precision, "cpu")  # an unknown name fails here, not in the first step
+        self.teacher_precision = teacher_precision
         if head not in HEADS:
             raise ValueError(f"draft.module.head={head!r}; allowed: {list(HEADS)}")
         self.head = head
@@ -102,9 +104,9 @@ class DraftModule(pl.LightningModule):
 
     @torch.no_grad()
     def teach(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen teacher's (logits, pooled features), in bf16 where native (``teacher_autocast``): the teacher's
-        forward is most of a step's cost, and its targets need no more precision than the student learns to."""
-        with bf16_autocast(images.device, self.teacher_autocast):
+        """The frozen teacher's (logits, pooled features) at ``teacher_precision``: the teacher's forward is most of a
+        step's cost, and its targets need no more precision than the student learns to."""
+        with precision_autocast(images.device, self.teacher_precision):
             logits, features = pooled_features(self.teacher, images)
         return logits.float(), features.float()
 
@@ -337,6 +339,10 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
     else:
         trainer.fit(module, datamodule=datamodule)
     restore_best(trainer, module, strict=False)
+    teacher_precision = (resolve_precision(module.teacher_precision, trainer.strategy.root_device)
+                         if dcfg.teacher_outputs == "online" else "fp32")  # the cache is written in float32
+    log.info("draft: the teacher ran in %s (draft.module.teacher_precision=%s)", teacher_precision,
+             module.teacher_precision)
     remembered = module.memos["train"]
     if remembered is not None:
         log.info("draft: the teacher ran on %d distinct training inputs (%d augmentation draws of %d images) in %d "
@@ -364,7 +370,8 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
                  "teacher's answer", "rule": "accept the draft's answer when max(p, 1-p) >= threshold"},
                  "calib": {"acceptance_rate": choice.acceptance_rate, "accepted_risk": choice.accepted_risk},
                  "test": on_test}
-    report = {"teacher": dcfg.teacher, "teacher_outputs": dcfg.teacher_outputs, "augment_draws": dcfg.augment_draws,
+    report = {"teacher": dcfg.teacher, "teacher_outputs": dcfg.teacher_outputs, "teacher_precision": teacher_precision,
+              "augment_draws": dcfg.augment_draws,
               "teacher_train_inputs": None if remembered is None else len(remembered), "test": test,
               "threshold": threshold, "resampled_guarantee": check, "flops": flops, "budgets": budgets}
     atomic_write_json(task_dir / "report.json", report)

@@ -10,61 +10,22 @@ queries (MCC and ECE per level, agreement, size on disk, ONNX Runtime CPU latenc
 from __future__ import annotations
 
 import logging
-import time
-from pathlib import Path
 
 from omegaconf import DictConfig
 
 from train.calibration import level_figures
 from train.export import Bundle
-from train.export.bundle import BundleClassifier
 from train.export.manifest import FULL_PRECISION, MANIFEST
-from train.metrics import THRESHOLD, score_probs, with_mean
-from train.predictions import predict_split, write_predictions
-from train.runs import Run, atomic_write_json, sha256_file
-from train.tasks import register_task
-from train.tasks.lightning import build_datamodule, ensure_data
+from train.predictions import write_predictions
+from train.runs import Run
+from train.tasks.registry import ensure_data, register_task
+from train.tiers.replay import bundle_path, compare_precisions, replay_cascade
+from train.tiers.training import build_datamodule
 from train.utils.console import print_level_table
+from train.utils.files import atomic_write_json, sha256_file
 from train.utils.loggers import build_loggers, publish_figures
 
 log = logging.getLogger(__name__)
-
-
-def bundle_path(cfg: DictConfig, run: Run) -> Path:
-    """``bundle=PATH``, else the run's own export."""
-    return Path(cfg.bundle) if cfg.get("bundle") else run.artifact("export", "manifest").parent
-
-
-def compare_precisions(classifiers: dict[str, BundleClassifier], datamodule, split: str, levels, n_bins: int):
-    """Every classifier (one model at several precisions, fp32 among them) on the same queries, batch by batch in
-    turn: ``({level: {precision: P, "label", "index"}}, {precision: metrics per level, agreement with fp32 per level,
-    max |P - P_fp32|, size on disk, latency per image})``."""
-    seconds = dict.fromkeys(classifiers, 0.0)
-
-    def each(images):
-        out = {}
-        for precision, classifier in classifiers.items():
-            start = time.perf_counter()
-            out[precision] = classifier.probs(images.numpy())
-            seconds[precision] += time.perf_counter() - start
-        return out
-
-    model = classifiers[FULL_PRECISION].path.stem  # the ONNX file's name: the model's
-    predictions = predict_split(each, datamodule, split, levels,
-                                description=f"evaluate: {model} ({', '.join(classifiers)}) on {split}")
-    n = sum(len(p["label"]) for p in predictions.values())
-    figures = {}
-    for precision, classifier in classifiers.items():
-        fp32 = {lv: p[FULL_PRECISION] for lv, p in predictions.items()}
-        agree = {f"L{lv}": float(((p[precision] > THRESHOLD) == (fp32[lv] > THRESHOLD)).float().mean())
-                 for lv, p in predictions.items()}
-        figures[precision] = {
-            "metrics": with_mean({f"L{lv}": score_probs(p[precision], p["label"], n_bins)
-                                  for lv, p in predictions.items()}),
-            "agreement_with_fp32": {**agree, "mean": sum(agree.values()) / len(agree)},
-            "max_abs_diff_p_fp32": max(float((p[precision] - fp32[lv]).abs().max()) for lv, p in predictions.items()),
-            "size_bytes": classifier.path.stat().st_size, "latency_ms_per_image": 1e3 * seconds[precision] / n}
-    return predictions, figures
 
 
 @register_task("evaluate")
@@ -102,8 +63,6 @@ def run_evaluate(cfg: DictConfig, run: Run) -> dict:
                         for lv, v in comparison[precision]["agreement_with_fp32"].items()})
     artifacts = {"report": task_dir / "report.json", "predictions": task_dir / "predictions.parquet", **figures}
     if ecfg.cascade and any(t.rule for t in bundle.manifest.tiers):  # tiers from the thresholds stage
-        from train.tasks.replay import replay_cascade
-
         cascade_metrics, cascade_artifacts = replay_cascade(cfg, run, bundle, task_dir, loggers, precision)
         metrics.update(cascade_metrics)
         artifacts.update(cascade_artifacts)

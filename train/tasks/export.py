@@ -19,17 +19,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.export import Calibration, ExportError, ModelCard, export_classifier, write_bundle
 from train.export.bundle import export_fusion, export_prm, export_router
-from train.export.manifest import MANIFEST, MODEL_CARD, SCHEMA, load_manifest, now_utc
+from train.export.manifest import MANIFEST, MODEL_CARD, SCHEMA, load_manifest
 from train.metrics import with_mean
 from train.models.difficulty import load_router
 from train.models.fusion import load_fusion
 from train.models.prm import load_prm
 from train.runs import Run, net_kind
-from train.tasks import register_task
-from train.tasks.calibrate import load_calibrated
-from train.tasks.lightning import build_datamodule, consolidated_checkpoint, ensure_data
+from train.tasks.registry import ensure_data, register_task
+from train.tiers.calibration import load_calibrated
+from train.tiers.training import build_datamodule, consolidated_checkpoint
 from train.utils.checkpoints import load_checkpoint
 from train.utils.console import console, track
+from train.utils.provenance import now_utc
 
 log = logging.getLogger(__name__)
 BUNDLE_DIR = "export"
@@ -58,7 +59,7 @@ def metrics_per_level(report: dict) -> dict[str, dict[str, float]]:
 def from_checkpoint(path: str) -> tuple[nn.Module, dict]:
     """A Stage-1 Lightning checkpoint's plain model and input spec (no run registry needed); the checkpoint is a file
     or the folder Lightning saves under DeepSpeed."""
-    from train.tasks.stage1 import Stage1Module
+    from train.tiers.stage1 import Stage1Module
 
     ckpt = consolidated_checkpoint(path)  # a DeepSpeed checkpoint folder: one fp32 file inside it
     hparams = load_checkpoint(ckpt).get("hyper_parameters", {})
@@ -93,8 +94,8 @@ def _calibrated_models(cfg: DictConfig, run: Run) -> dict[str, tuple[nn.Module, 
 
 def _fusion_entry(cfg: DictConfig, run: Run, name: str, folder: Path):
     """Export a fusion head, its parity checked on real feature-store rows (calib) under varied presence masks."""
-    from train.data.feature_store import FeatureStore
-    from train.tasks.fusion import conditions, load_split
+    from train.data.feature_store import FeatureStore, load_split
+    from train.models.fusion import conditions
 
     net, config = load_fusion(run.artifact(name, "model"))
     data = load_split(FeatureStore(config["store"]), "calib", net.modalities)

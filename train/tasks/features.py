@@ -1,6 +1,6 @@
 """``task=features``: run the run's trained models over its splits and write the feature store.
 
-Each modality of ``features.modalities`` (:mod:`train.data.modalities`) is computed for the planned queries of every
+Each modality of ``features.modalities`` (:mod:`train.tiers.modalities`) is computed for the planned queries of every
 split in ``features.splits`` into ``<run>/features/`` (:class:`~train.data.feature_store.FeatureStore`), shard by
 shard; shards already written by the same producer are kept, so an interrupted run resumes. External modalities
 (``features.external``: name -> a user's parquet / npz keyed by ``sample_id``) are joined by id: ids that are no
@@ -16,12 +16,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from train.data.feature_store import FeatureStore, join_external, read_external
-from train.data.modalities import split_keys, write_modality
 from train.data.splits import SPLITS
 from train.data.transforms import LEVELS
-from train.runs import Run, atomic_write_json, sha256_file
-from train.tasks import register_task
-from train.tasks.lightning import build_datamodule
+from train.runs import Run
+from train.tasks.registry import register_task
+from train.tiers.modalities import split_keys, write_modality
+from train.tiers.training import build_datamodule
+from train.utils.files import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 STORE_DIR = "features"

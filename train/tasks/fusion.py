@@ -22,17 +22,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.classification import binary_matthews_corrcoef
 
-from train.calibration import calibration_report, fit_calibrator, reliability_diagram, save_figure
+from train.calibration import calibration_report, fit_calibrator, reliability_diagram
 from train.calibration.risk_control import evaluate_threshold, one_per_group, select_threshold
-from train.data.feature_store import FeatureStore, presence_column
-from train.metrics import paired_bootstrap_mcc, roadwork_prob
-from train.models.fusion import FusionNet, modality_dropout, save_fusion
-from train.optim import with_schedule
-from train.runs import Run, atomic_write_json
-from train.tasks import register_task
+from train.data.feature_store import FeatureStore, load_split
 from train.data.splits import split_by_image
-from train.tasks.lightning import build_trainer, restore_best
+from train.metrics import paired_bootstrap_mcc, roadwork_prob
+from train.models.fusion import FusionNet, conditions, modality_dropout, save_fusion
+from train.optim import with_schedule
+from train.runs import Run
+from train.tasks.registry import register_task
+from train.tiers.training import build_trainer, restore_best
 from train.utils.console import print_level_table
+from train.utils.files import atomic_write_json
+from train.utils.loggers import save_figure
 
 log = logging.getLogger(__name__)
 SPLITS = ("meta", "calib", "test")
@@ -78,16 +80,6 @@ class FusionModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return with_schedule(self, self.optimizer(self.parameters()), self.scheduler)
-
-
-def load_split(store: FeatureStore, split: str, modalities: list[str]) -> dict:
-    """A split of the store as tensors: ``features`` (one per modality), ``present`` (N, M), ``label``, ``index``,
-    ``level``."""
-    cols = store.read_split(split, modalities)
-    return {"features": [torch.from_numpy(np.array(cols[m])) for m in modalities],
-            "present": torch.from_numpy(np.stack([cols[presence_column(m)] for m in modalities], 1)),
-            "label": torch.from_numpy(cols["label"].astype(np.int64)), "index": torch.from_numpy(cols["index"]),
-            "level": torch.from_numpy(cols["level"].astype(np.int64))}
 
 
 def rows_of(data: dict, rows: torch.Tensor) -> dict:
@@ -146,14 +138,6 @@ def fused_logits(net: FusionNet, data: dict, keep: torch.Tensor | None = None, b
     present = data["present"] & keep if keep is not None else data["present"]
     return torch.cat([net([f[i:i + batch] for f in data["features"]], present[i:i + batch])
                       for i in range(0, len(present), batch)])
-
-
-def conditions(modalities: list[str]) -> dict[str, torch.Tensor]:
-    """Which modalities are kept: all, each one missing, each one alone."""
-    eye = torch.eye(len(modalities), dtype=torch.bool)
-    return {"all": torch.ones(len(modalities), dtype=torch.bool),
-            **{f"without {m}": ~eye[k] for k, m in enumerate(modalities)},
-            **{f"only {m}": eye[k] for k, m in enumerate(modalities)}}
 
 
 def mcc_by_level(probs: torch.Tensor, data: dict) -> dict[str, float]:

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from train.runs import Run
-from train.tasks import RANKS, get_task, register_task, runs_here, single_process_only
+from train.tasks.registry import get_task, register_task, runs_here, single_process_only, task_ranks
 from train.utils.distributed import is_rank_zero, leave_process_group, wait_for_rank_zero
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def run_pipeline(cfg: DictConfig, run: Run) -> dict:
             results[stage] = fns[stage](cfg, run)
             log.info("stage '%s' done in %.1f s", stage, time.perf_counter() - start)
         rest = todo[i + 1:]
-        if any(RANKS[s] == "all" for s in rest):
+        if any(task_ranks(s) == "all" for s in rest):
             wait_for_rank_zero(partial(run.is_complete, stage))
             continue
         single_process_only(rest)  # every rank stops here, while the number of processes is known

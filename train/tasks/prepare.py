@@ -11,10 +11,11 @@ from omegaconf import DictConfig
 from train.data.datamodule import ImageDataset
 from train.data.shards import MANIFEST, write_split
 from train.data.transforms import ShardImage
-from train.runs import Run, atomic_write_json
-from train.tasks import register_task
-from train.tasks.lightning import build_datamodule
+from train.runs import Run
+from train.tasks.registry import register_task
+from train.tiers.training import build_datamodule
 from train.utils.console import console, track
+from train.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from train.models import create_backbone
 from train.models.mae import MaskedAutoencoder
 from train.models.saving import save_backbone
 from train.optim import build_optimizer, with_schedule
-from train.runs import Run, atomic_write_bytes
-from train.tasks import register_task
-from train.tasks.lightning import (batch_size, build_datamodule, build_trainer, checkpoint_paths, ensure_data,
-                                   ensure_shards, resolve_ckpt_path)
+from train.runs import Run
+from train.tasks.registry import ensure_data, ensure_shards, register_task
+from train.tiers.training import batch_size, build_datamodule, build_trainer, checkpoint_paths, resolve_ckpt_path
 from train.utils.faults import fault_metrics
+from train.utils.files import atomic_write_bytes
 from train.utils.rng import CheckpointedRNG
 
 log = logging.getLogger(__name__)

@@ -28,19 +28,19 @@ from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc, binary_matthews_corrcoef
 
 from train.calibration.risk_control import ltt_from_counts, one_per_group
+from train.data.splits import scene_groups, split_by_image
 from train.data.views import ViewSet, cached_view_outputs
 from train.metrics import paired_bootstrap_mcc
 from train.models.prm import ProcessRewardModel, save_prm
-from train.models.search import (TraceScorer, beam_search, best_of_n, greedy_view_order, pool_mean, pool_vote,
-                                 view_pool)
+from train.models.search import TraceScorer, beam_search, best_of_n, greedy_view_order, pool_mean, pool_vote, view_pool
 from train.models.traces import LABELS, margins, rollout_labels, running_belief, sample_traces
 from train.optim import with_schedule
-from train.runs import Run, atomic_write_json, cached_tensors
-from train.tasks import register_task
-from train.tasks.calibrate import load_calibrated
-from train.data.splits import scene_groups, split_by_image
-from train.tasks.lightning import build_datamodule, build_trainer, restore_best
+from train.runs import Run, cached_tensors
+from train.tasks.registry import register_task
+from train.tiers.calibration import load_calibrated
+from train.tiers.training import build_datamodule, build_trainer, restore_best
 from train.utils.console import print_level_table
+from train.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 SPLITS = ("meta", "calib", "test")

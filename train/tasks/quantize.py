@@ -3,7 +3,7 @@
 For every model of ``quantize.models`` and variant of ``quantize.variants`` (static INT8 from calib queries,
 dynamic INT8 as the baseline; :mod:`train.export.quantize`): the variant's ONNX file is written next to the fp32
 one (``<model>.<variant>.onnx``); its calibration is fitted again on its own calib outputs with the method, split
-and levels the fp32 entry records (:func:`train.tasks.calibrate.fit_on`); its test metrics per level and its
+and levels the fp32 entry records (:func:`train.tiers.calibration.fit_on`); its test metrics per level and its
 agreement with fp32 are measured; where the bundle has a cascade with thresholds, the whole cascade is replayed on
 calib at that precision and every threshold re-derived with the fp32 tier's guarantee (method, alpha, delta) by
 the thresholds stage's code. The manifest gains ``models[m].variants`` and ``tiers[].precisions`` and is written
@@ -28,13 +28,13 @@ from train.export.onnx import INPUT
 from train.export.quantize import MODES
 from train.export.replay import BundleCascade
 from train.predictions import predict_split
-from train.runs import Run, atomic_write_json
-from train.tasks import register_task
-from train.tasks.calibrate import fit_on
-from train.tasks.evaluate import bundle_path, compare_precisions
-from train.tasks.lightning import build_datamodule, ensure_data
-from train.tasks.replay import cascade_views, replay_split
-from train.tasks.thresholds import one_per_scene, tier_record, tier_rules
+from train.runs import Run
+from train.tasks.registry import ensure_data, register_task
+from train.tiers.calibration import fit_on
+from train.tiers.cascade import one_per_scene, tier_record, tier_rules
+from train.tiers.replay import bundle_path, cascade_views, compare_precisions, replay_split
+from train.tiers.training import build_datamodule
+from train.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 CONSUMER = ("apply this calibration to the variant graph's logits (the fp32 calibration is already folded into them): "

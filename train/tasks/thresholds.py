@@ -19,10 +19,8 @@ from safetensors.numpy import save_file
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_matthews_corrcoef
 
-from train.calibration.cascade import TierRule, select_cascade
-from train.calibration.risk_control import one_per_group
-from train.data.splits import scene_groups
-from train.data.views import ViewSet, cached_view_outputs, query_plan, view_dataset
+from train.calibration.cascade import select_cascade
+from train.data.views import GLOBAL_ONLY, ViewSet, cached_view_outputs, query_plan, view_dataset
 from train.export.cascade import Costs, TierOutput, beam_calls, route
 from train.export.flops import count_flops
 from train.metrics import paired_bootstrap_mcc
@@ -31,14 +29,16 @@ from train.models.prm import load_prm
 from train.models.search import TraceScorer, beam_search, view_pool
 from train.models.traces import margins
 from train.predictions import cached_queries, outputs_cache
-from train.runs import Run, atomic_write_json, net_kind
-from train.tasks import register_task
-from train.tasks.calibrate import load_calibrated
-from train.tasks.lightning import build_datamodule
+from train.errors import RunError
+from train.runs import Run, net_kind
+from train.tasks.registry import register_task
+from train.tiers.calibration import load_calibrated
+from train.tiers.cascade import one_per_scene, tier_record, tier_rules
+from train.tiers.training import build_datamodule
+from train.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 SPLITS = ("calib", "test")
-GLOBAL_ONLY = ViewSet(tiles=(), zooms=(), random_zooms=0, cameras=0)  # slot 0 only: the validator query itself
 KIND_OF_NET = {"router": "router", "prm": "prm"}
 
 
@@ -47,26 +47,14 @@ def cascade_order(cfg: DictConfig, run: Run) -> list[tuple[str, str]]:
     order = []
     for name in cfg.cascade.tiers:
         if not run.is_complete(name) and not (run.is_complete("calibrate") and name in cfg.calibrate.tiers):
-            raise ValueError(f"cascade.tiers has {name!r}, which run {run.path.name} has not trained (add its stage, "
+            raise RunError(f"cascade.tiers has {name!r}, which run {run.path.name} has not trained (add its stage, "
                              f"or remove it from cascade.tiers)")
         kind = net_kind(run, name)
         if kind == "fusion":
-            raise ValueError(f"cascade.tiers has the fusion head {name!r}: the thresholds stage and the replay do not "
+            raise RunError(f"cascade.tiers has the fusion head {name!r}: the thresholds stage and the replay do not "
                              "route to a fusion tier (it needs every view of a sample and the feature store); remove it")
         order.append((name, KIND_OF_NET.get(kind, "classifier")))
-    for key in ("reference", "baseline"):
-        value = cfg.cascade.get(key)
-        if value is not None and value not in cfg.cascade.tiers:
-            raise ValueError(f"cascade.{key}={value!r} is not in cascade.tiers {list(cfg.cascade.tiers)}")
     return order
-
-
-def tier_rules(cfg: DictConfig, order, alpha: float | None = None) -> dict[str, TierRule]:
-    """Each tier's rule: ``cascade.tier_alpha`` or else ``alpha`` (default ``cascade.alpha``)."""
-    c = cfg.cascade
-    alpha = c.alpha if alpha is None else alpha
-    return {name: TierRule(alpha=float(c.tier_alpha.get(name, alpha)), delta=float(c.delta), method=c.method,
-                           p_value=c.p_value, min_accepted=int(c.min_accepted)) for name, _ in order}
 
 
 def _prm_output(net, config: dict, views: dict, index: np.ndarray, levels: np.ndarray) -> tuple[TierOutput, float]:
@@ -165,12 +153,6 @@ def save_outputs(path, outputs: dict[str, TierOutput], meta: dict) -> None:
     save_file({**tensors, **{k: np.ascontiguousarray(v) for k, v in meta.items()}}, str(path))
 
 
-def one_per_scene(cfg: DictConfig, run: Run, split: str, index: np.ndarray) -> np.ndarray:
-    """Row positions of ``split``'s queries (sample positions ``index``) keeping one query per scene: independent
-    samples for the threshold tests."""
-    return one_per_group(scene_groups(build_datamodule(cfg, run).split(split))[index], cfg.seed)
-
-
 def choose_alpha(cfg: DictConfig, order, outputs: dict, meta: dict, rows: np.ndarray,
                  costs: Costs) -> tuple[float, list[dict]]:
     """The operating point (``cascade.operating_point``): at each alpha of ``cascade.sweep``, every threshold chosen
@@ -193,25 +175,6 @@ def choose_alpha(cfg: DictConfig, order, outputs: dict, meta: dict, rows: np.nda
     eligible = [r for r in rows_out if r["eligible"]]
     best = max(eligible, key=lambda r: (r["flops_ratio"], r["mcc"])) if eligible else rows_out[0]
     return best["alpha"], rows_out
-
-
-def tier_record(c) -> dict:
-    """A chosen tier as ``thresholds.json`` (and the manifest) states it."""
-    if c.choice is None:
-        return {"kind": c.kind, "threshold": c.threshold, "risk": c.risk, "n_reaching": c.n_reaching,
-                "guarantee": None}
-    ch = c.choice
-    statement = ch.guarantee()["statement"]
-    if c.kind == "router" and ch.threshold is not None:  # its test ran on -score: say it on the score itself
-        bound = (f"with probability >= {1 - ch.delta:g} over the draw of the {ch.n_calibration} calibration samples"
-                 if ch.delta is not None else "in expectation")
-        statement = (f"{bound}, the {c.risk} (kept: router score <= {c.threshold:g}) is <= alpha = {ch.alpha:g}"
-                     + ("" if ch.delta is not None else " (joint rate: kept and wrong)"))
-    return {"kind": c.kind, "threshold": c.threshold, "risk": c.risk, "n_reaching": c.n_reaching,
-            "guarantee": {"method": ch.method, "alpha": ch.alpha, "delta": ch.delta, "n_calibration": ch.n_calibration,
-                          "n_accepted": ch.n_accepted, "acceptance_rate": ch.acceptance_rate,
-                          "empirical_risk": ch.accepted_risk, "p_value": ch.p_value, "risk": c.risk,
-                          "statement": statement, "note": ch.note}}
 
 
 def preview(order, outputs, meta, thresholds, costs: Costs, reference: str) -> dict:

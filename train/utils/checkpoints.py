@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from train.runs import atomic_file
+from train.utils.files import atomic_file
 
 
 class UnsafeCheckpointError(RuntimeError):

@@ -78,7 +78,7 @@ def save_overrides(path: Path, task: str, overrides: Sequence[str] | None = None
 
     import yaml
 
-    from train.runs import atomic_write_bytes
+    from train.utils.files import atomic_write_bytes
 
     if overrides is None:
         from hydra.core.hydra_config import HydraConfig

@@ -64,12 +64,18 @@ def _finish_wandb_run() -> None:
         wandb.finish()
 
 
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG file at ``path`` (folders made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def publish_figures(loggers: Sequence[Logger], task_dir: Path, figures: Mapping[str, object],
                     step: int = 0) -> dict[str, Path]:
     """The one way a task shows figures: each matplotlib Figure is saved as ``<task_dir>/<name>.png`` (a path is a
     PNG the task wrote itself), then all are logged (:func:`log_figures`); returns name -> PNG path."""
-    from train.calibration.plots import save_figure
-
     paths = {name: Path(f) if isinstance(f, (str, Path)) else save_figure(f, task_dir / f"{name}.png")
              for name, f in figures.items()}
     log_figures(loggers, paths, step)

@@ -65,7 +65,7 @@ class ClassifierModality:
         self.tier, self.embedding, self.model, self.dim = tier, embedding, None, 0
 
     def setup(self, run) -> dict:
-        from train.tasks.calibrate import load_calibrated
+        from train.tiers.calibration import load_calibrated
 
         self.run = run
         self.model, config, _ = load_calibrated(run, self.tier)

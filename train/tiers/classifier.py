@@ -22,7 +22,7 @@ from torchmetrics.aggregation import CatMetric
 from train.metrics import bootstrap_interval, by_level, per_level_metrics, roadwork_prob
 from train.optim import build_optimizer, with_schedule
 from train.predictions import unique_rows
-from train.tasks.lightning import checkpoint_paths, testable_checkpoint
+from train.tiers.training import checkpoint_paths, testable_checkpoint
 from train.utils.faults import fault_metrics
 from train.utils.rng import CheckpointedRNG
 

@@ -5,9 +5,9 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.strategies import DeepSpeedStrategy
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.strategies import DeepSpeedStrategy
 
 from train.runs import Run
 from train.utils.checkpoints import load_checkpoint
@@ -26,23 +26,6 @@ def build_datamodule(cfg: DictConfig, run: Run, input_spec: dict | None = None) 
     spec = {k: input_spec[k] for k in ("img_size", "mean", "std")} if input_spec else {}
     shards = {"shards_path": str(run.artifact("prepare", "shards"))} if run.is_complete("prepare") else {}
     return instantiate(cfg.data, index_path=str(run.artifact("data", "index")), **spec, **shards)
-
-
-def ensure_data(cfg: DictConfig, run: Run) -> None:
-    """Run the ``data`` stage in ``run`` unless it is complete (tasks that only need images, e.g. evaluate)."""
-    if not run.is_complete("data"):
-        from train.tasks import get_task
-
-        log.info("run %s has no data stage yet: indexing the configured data first", run.path.name)
-        get_task("data")(cfg, run)
-
-
-def ensure_shards(cfg: DictConfig, run: Run) -> None:
-    """With ``data.train_source=shards``, run ``task=prepare`` in ``run`` (it skips when the shards are up to date)."""
-    if cfg.data.get("train_source", "jpeg") == "shards":
-        from train.tasks import get_task
-
-        get_task("prepare")(cfg, run)
 
 
 def build_trainer(cfg: DictConfig, task_dir: Path, monitor: tuple[str, str] | None = None, **overrides) -> pl.Trainer:

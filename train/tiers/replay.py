@@ -1,4 +1,5 @@
-"""The cascade replay of ``task=evaluate``: every query of calib and test through the bundle's tiers in ONNX Runtime
+"""The bundle on validator queries, for ``task=evaluate`` and ``task=quantize``: its classifiers at each precision
+side by side (:func:`compare_precisions`), and the cascade replay: every query of calib and test through the bundle's tiers in ONNX Runtime
 (:class:`train.export.replay.BundleCascade`), as the manifest says; reported against Stage-1 alone.
 
 Queries are one validator level per image, in turn (``cascade.levels``), with every view the PRM may inspect (what
@@ -12,6 +13,7 @@ next to it (``compare``: MCC per level, exits, FLOPs, latency).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,21 +25,63 @@ from safetensors.numpy import save_file
 from torch.utils.data import DataLoader
 
 from train.calibration.cascade import select_cascade
+from train.calibration.metrics import score_probs
 from train.calibration.plots import cascade_curve
-from train.data.views import ViewSet, view_dataset
+from train.data.views import GLOBAL_ONLY, ViewSet, view_dataset
 from train.export import Bundle
+from train.export.bundle import BundleClassifier
 from train.export.cascade import TierOutput
 from train.export.manifest import FULL_PRECISION
 from train.export.replay import BundleCascade
-from train.metrics import paired_bootstrap_mcc, score_probs
-from train.runs import Run, atomic_write_json
-from train.tasks.lightning import build_datamodule
-from train.tasks.thresholds import GLOBAL_ONLY, one_per_scene, tier_rules
+from train.metrics import THRESHOLD, paired_bootstrap_mcc, with_mean
+from train.predictions import predict_split
+from train.runs import Run
+from train.tiers.cascade import one_per_scene, tier_rules
+from train.tiers.training import build_datamodule
 from train.utils.console import print_level_table, track
+from train.utils.files import atomic_write_json
 from train.utils.loggers import publish_figures
 
 log = logging.getLogger(__name__)
 FIELDS = ("prob", "score", "answer", "views", "prm_flops")
+
+
+def bundle_path(cfg: DictConfig, run: Run) -> Path:
+    """``bundle=PATH``, else the run's own export."""
+    return Path(cfg.bundle) if cfg.get("bundle") else run.artifact("export", "manifest").parent
+
+
+def compare_precisions(classifiers: dict[str, BundleClassifier], datamodule, split: str, levels, n_bins: int):
+    """Every classifier (one model at several precisions, fp32 among them) on the same queries, batch by batch in
+    turn: ``({level: {precision: P, "label", "index"}}, {precision: metrics per level, agreement with fp32 per level,
+    max |P - P_fp32|, size on disk, latency per image})``."""
+    seconds = dict.fromkeys(classifiers, 0.0)
+
+    def each(images):
+        out = {}
+        for precision, classifier in classifiers.items():
+            start = time.perf_counter()
+            out[precision] = classifier.probs(images.numpy())
+            seconds[precision] += time.perf_counter() - start
+        return out
+
+    model = classifiers[FULL_PRECISION].path.stem  # the ONNX file's name: the model's
+    predictions = predict_split(each, datamodule, split, levels,
+                                description=f"evaluate: {model} ({', '.join(classifiers)}) on {split}")
+    n = sum(len(p["label"]) for p in predictions.values())
+    figures = {}
+    for precision, classifier in classifiers.items():
+        fp32 = {lv: p[FULL_PRECISION] for lv, p in predictions.items()}
+        agree = {f"L{lv}": float(((p[precision] > THRESHOLD) == (fp32[lv] > THRESHOLD)).float().mean())
+                 for lv, p in predictions.items()}
+        figures[precision] = {
+            "metrics": with_mean({f"L{lv}": score_probs(p[precision], p["label"], n_bins)
+                                  for lv, p in predictions.items()}),
+            "agreement_with_fp32": {**agree, "mean": sum(agree.values()) / len(agree)},
+            "max_abs_diff_p_fp32": max(float((p[precision] - fp32[lv]).abs().max()) for lv, p in predictions.items()),
+            "size_bytes": classifier.path.stat().st_size, "latency_ms_per_image": 1e3 * seconds[precision] / n}
+    return predictions, figures
+
 
 
 def _concat(parts: list[dict[str, TierOutput]]) -> dict[str, TierOutput]:
