@@ -59,10 +59,21 @@ def test_real_data_options_need_a_root(data, tmp_path):
         instantiate(compose_config(f"data={data}").data)
 
 
-def test_experiment_overlays_compose():
+def test_experiment_overlays_compose_and_pass_the_checks():
+    """Every experiment, pipeline and debug option composes and passes the checks a new run makes: the group schemas
+    know every key the shipped config files set, and every stage's inputs come from an earlier stage."""
+    from train.config_checks import check_config, job_stages
+    from train.tasks.registry import check_needs
+
     assert options("experiment")
+    configs = []
     for name in options("experiment"):
-        assert compose_config(f"+experiment={name}").experiment_name == name
+        configs.append(compose_config(f"+experiment={name}"))
+        assert configs[-1].experiment_name == name
+    configs += [compose_config(f"{group}={name}") for group in ("pipeline", "debug") for name in options(group)]
+    for cfg in configs:
+        check_config(cfg)
+        check_needs(cfg, job_stages(cfg), None)
 
 
 def test_default_data_has_2000_calib_and_test_samples():

@@ -48,6 +48,23 @@ def test_shipped_configs_pass(overrides):
     (["draft.module.teacher_precision=fp16"], r"draft\.module\.teacher_precision='fp16'; allowed: auto, bf16, fp32"),
     (["data.validator_augment=0.5"], r"data\.validator_augment=0\.5 with data\.train_source=shards: .*"
                                      r"use data\.train_source=jpeg"),  # the default job trains from shards
+    # the group schemas: an unknown key (with the close match), a value outside the allowed ones, a bound, a rule
+    # across keys, one key of each group
+    (["+apt.epoch=2"], r"apt\.epoch: no such key; did you mean \['epochs'\]\? allowed: \['source', "),
+    (["calibrate.method=beta"], r"calibrate\.method='beta': Input should be 'temperature', 'platt' or 'isotonic'"),
+    (["cascade.p_value=bonferroni"], r"cascade\.p_value='bonferroni': Input should be 'hoeffding_bentkus' or 'binomial'"),
+    (["+cascade.operating_point={split:test,max_mcc_drop:0}"], r"cascade\.operating_point\.split='test'"),
+    (["difficulty.target=medium"], r"difficulty\.target='medium': Input should be 'hard' or 'soft'"),
+    (["draft.teacher_outputs=cached"], r"draft\.teacher_outputs='cached': Input should be 'online' or 'cache'"),
+    (["evaluate.split=holdout"], r"evaluate\.split='holdout': Input should be 'train', 'meta', 'val', 'calib' or "),
+    (["export.onnx.parity_images=0"], r"export\.onnx\.parity_images=0: Input should be greater than or equal to 1"),
+    (["features.every_level=[calib]", "features.splits=[meta]"], r"features: every_level \['calib'\] must be among"),
+    (["+fusion.epoch=3"], r"fusion\.epoch: no such key; did you mean \['epochs'\]"),
+    (["prepare.size=0"], r"prepare\.size=0: Input should be greater than or equal to 1"),
+    (["pretrain.method=simclr"], r"pretrain\.method='simclr': Input should be 'fdsl' or 'mae'"),
+    (["prm.search.aggregation=mean"], r"prm\.search\.aggregation='mean': Input should be 'min', 'prod' or 'last'"),
+    (["quantize.variants.int8.mode=fast"], r"quantize\.variants\.int8\.mode='fast': Input should be 'static' or "),
+    (["pipeline.stages=[data,pipeline]"], r"pipeline: stages cannot contain 'pipeline'"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_bad_configs_name_the_key_and_the_allowed_values(overrides, message):
     with pytest.raises(ConfigError, match=message):

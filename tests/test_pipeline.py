@@ -130,7 +130,8 @@ def test_missing_inputs_fail_clearly(tiny_config, tmp_path):
     with pytest.raises(RunError, match="does not exist"):
         run_task(tiny_config(f"run_dir={tmp_path / 'nope'}"))
     run = Run.create(tmp_path / "checkpoints", "empty")
-    with pytest.raises(RunError, match=r"no completed 'data' stage; run `python -m train task=data"):
+    with pytest.raises(RunError, match=r"stage 'stage1' reads the outputs of \['data'\]: no earlier stage makes them "
+                                       r"and run empty-\S+ does not hold them"):
         run_task(tiny_config("task=stage1", f"run_dir={run.path}"))
     with pytest.raises(ValueError, match=r"unknown task 'nope'; allowed: \["):
         run_task(tiny_config("pipeline.stages=[data,nope]"))
@@ -159,3 +160,20 @@ def test_cli_multirun_in_place(tmp_path, data_dir):
     assert [r.parts[1] for r in runs] == ["0", "1"]
     assert not (tmp_path / "outputs").exists()
     assert out.stdout.count("bundle written to") == 2
+
+
+def test_a_stage_whose_inputs_no_stage_makes_stops_before_the_run_folder(tiny_config, tiny_run, tmp_path):
+    """The stages' needs are checked before anything runs: the draft reads the calibrated Stage-1, so a pipeline
+    without calibrate stops naming it, and no run folder is made; in a run that holds those stages it may run alone."""
+    from train.tasks.registry import check_needs
+
+    with pytest.raises(RunError, match=r"stage 'draft' reads the outputs of \['calibrate'\]: no earlier stage makes "
+                                       r"them and this is a new run; add them before 'draft'"):
+        run_task(tiny_config("pipeline.stages=[data,stage1,draft]"))
+    assert not (tmp_path / "checkpoints").exists()
+    with pytest.raises(RunError, match=r"stage 'thresholds' reads the outputs of \['draft', 'prm'\]: .* run "
+                                       + tiny_run.path.name):
+        check_needs(tiny_config("task=thresholds"), ["thresholds"], tiny_run)  # it holds stage1 and calibrate
+    check_needs(tiny_config("task=draft"), ["draft"], tiny_run)
+    default = tiny_config()
+    check_needs(default, default.pipeline.stages, None)  # the default job: every stage's inputs come first

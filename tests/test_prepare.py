@@ -12,7 +12,9 @@ from conftest import QUIET, compose_config, copy_run
 from train.__main__ import run_task
 from train.data.datamodule import ImageDataset
 from train.data.transforms import ShardImage
+from train.errors import RunError
 from train.runs import Run
+from train.tasks.registry import get_task
 from train.tiers.training import build_datamodule
 
 
@@ -84,8 +86,10 @@ def test_stage1_trains_from_shards_and_prepares_them_first(data_run, tmp_path):
 
 def test_a_missing_data_stage_is_named(tmp_path):
     run = Run.create(tmp_path, "empty")
-    with pytest.raises(Exception, match="no completed 'data' stage"):
+    with pytest.raises(RunError, match=r"stage 'prepare' reads the outputs of \['data'\]"):
         run_task(config(run, "task=prepare"))
+    with pytest.raises(RunError, match="no completed 'data' stage"):  # the task itself, called without the check
+        get_task("prepare")(config(run, "task=prepare"), run)
 
 
 @pytest.mark.parametrize("source", ["shards", "jpeg"])

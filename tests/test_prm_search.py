@@ -8,8 +8,7 @@ import torch
 from train.calibration.risk_control import ltt_from_counts, select_threshold
 from train.data.views import ViewSet, crop, query_plan
 from train.models.prm import ProcessRewardModel
-from train.models.search import (aggregate, beam_search, best_of_n, greedy_view_order, pool_mean, pool_vote,
-                                 view_pool)
+from train.models.search import aggregate, beam_search, best_of_n, greedy_view_order, pool_mean, pool_vote, view_pool
 from train.models.traces import final_belief, rollout_labels, running_belief, sample_traces
 
 
@@ -193,8 +192,9 @@ def test_ltt_from_counts_matches_select_threshold():
 def test_prm_learns_which_views_to_trust(one_thread):
     """A controlled case: two informative view slots among noisy ones. The PRM, trained on Monte Carlo step labels,
     must rank held-out steps far better than the running belief's own confidence."""
-    import pytorch_lightning as pl
     from functools import partial
+
+    import pytorch_lightning as pl
     from torch.utils.data import DataLoader
     from torchmetrics.functional.classification import binary_auroc
 
@@ -243,13 +243,20 @@ def test_greedy_view_order_and_ordered_pools():
 
 
 def test_prm_task_rejects_bad_settings(tmp_path):
+    """Values the schema knows fail in check_config; the trace budget, bounded by the views a query has, in the
+    task before any work."""
     from conftest import compose_config
 
+    from train.config_checks import check_config
+    from train.errors import ConfigError
     from train.runs import Run
     from train.tasks.prm import run_prm
 
-    run = Run.create(tmp_path, "prm")
-    for override, message in (("prm.search.pool=best", "prm.search.pool"), ("prm.every_level=[train]", "every_level"),
-                              ("prm.traces.budget=40", "prm.traces.budget"), ("prm.traces.label=maybe", "label")):
-        with pytest.raises(ValueError, match=message):
-            run_prm(compose_config(override), run)
+    for override, message in (("prm.search.pool=best", r"prm\.search\.pool='best': Input should be 'ordered' or "
+                                                        "'random'"),
+                              ("prm.every_level=[train]", r"prm\.every_level\.0='train'"),
+                              ("prm.traces.label=maybe", r"prm\.traces\.label='maybe'")):
+        with pytest.raises(ConfigError, match=message):
+            check_config(compose_config(override))
+    with pytest.raises(ValueError, match=r"prm\.traces\.budget=40 must be in \[1, \d+\]"):
+        run_prm(compose_config("prm.traces.budget=40"), Run.create(tmp_path, "prm"))

@@ -10,14 +10,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from train.config_checks import check_config
+from train.config_checks import check_config, job_stages
 from train.configs import config_dir
 from train.data import BadImageError, DataError
 from train.errors import ConfigError, RunError
 from train.export import BundleError, ExportError
 from train.extras import check_args
 from train.runs import Run
-from train.tasks.registry import get_task, runs_here
+from train.tasks.registry import check_needs, get_task, runs_here
 from train.utils.checkpoints import UnsafeCheckpointError
 from train.utils.console import close_log_file, log_to_file, print_config, save_config, save_overrides, setup_logging
 from train.utils.distributed import is_rank_zero
@@ -40,6 +40,7 @@ def run_task(cfg: DictConfig) -> float | None:
     task = cfg.task.name
     fn = get_task(task)
     check_config(cfg)  # before the run folder is made: a bad key or combination costs nothing
+    check_needs(cfg, job_stages(cfg), Run.open(cfg.run_dir) if cfg.get("run_dir") else None)  # and missing inputs
     run = Run.for_process(cfg.get("run_dir"), job_folder() or cfg.paths.checkpoints_dir,
                           cfg.get("run_name") or cfg.get("experiment_name") or task)
     if rank_zero:

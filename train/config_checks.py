@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel
 
 from train import extras
 from train.errors import ConfigError
@@ -33,6 +34,7 @@ def check_config(cfg: DictConfig) -> None:
     check_targets(plain)
     check_unit_interval(plain)
     check_precisions(plain)
+    check_schemas(plain)
     check_validator_augment(cfg)
     check_cascade(cfg)
     training = training_tasks(cfg)
@@ -72,7 +74,7 @@ def check_cascade(cfg: DictConfig) -> None:
     fusion head (the cascade cannot route to it: it needs every view of a sample and the feature store), and a new
     pipeline trains every tier (one that goes on in ``run_dir`` may have trained them before)."""
     stages = job_stages(cfg)
-    if not {"thresholds", "quantize"} & set(stages) or not cfg.get("cascade"):
+    if "thresholds" not in stages or not cfg.get("cascade"):
         return
     tiers = list(cfg.cascade.tiers)
     for key in ("reference", "baseline"):
@@ -141,6 +143,37 @@ def check_unit_interval(plain: dict) -> None:
             continue
         if any(fnmatch.fnmatchcase(key, p) for p in UNIT_INTERVAL) and not 0 <= value <= 1:
             raise ConfigError(f"{key}={value}: must lie in [0, 1] (a risk level, probability or fraction)")
+
+
+def check_schemas(plain: dict) -> None:
+    """Each group without a ``_target_`` against its schema (:mod:`train.config_schema`): unknown keys, types and
+    allowed values, named by their dotted key."""
+    from pydantic import ValidationError
+
+    from train.config_schema import GROUPS
+
+    for group, schema in GROUPS.items():
+        if group not in plain:
+            continue
+        try:
+            schema.model_validate(plain[group])
+        except ValidationError as e:
+            error = e.errors()[0]
+            key = ".".join([group, *map(str, error["loc"])])
+            if error["type"] == "extra_forbidden":
+                node = schema
+                for part in error["loc"][:-1]:  # the schema of the key's parent, for its allowed names
+                    annotation = node.model_fields[part].annotation if isinstance(part, str) else None
+                    node = next((a for a in getattr(annotation, "__args__", (annotation,))
+                                 if isinstance(a, type) and issubclass(a, BaseModel)), None) or node
+                allowed = list(node.model_fields)
+                close = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=3)
+                hint = f"did you mean {close}? " if close else ""
+                raise ConfigError(f"{key}: no such key; {hint}allowed: {allowed}") from None
+            if error["type"] == "value_error":  # a rule across keys (the schema's model validator)
+                raise ConfigError(f"{key}: {error['msg'].removeprefix('Value error, ')}") from None
+            where = f"{key}={error['input']!r}" if error["type"] != "missing" else key
+            raise ConfigError(f"{where}: {error['msg']}") from None
 
 
 def check_precisions(plain: dict) -> None:

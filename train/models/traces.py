@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 BELIEFS = ("mean", "max")
-LABELS = ("hard", "soft")
 
 
 def margins(logits: torch.Tensor) -> torch.Tensor:

@@ -170,11 +170,9 @@ def _paired(before: dict, after: dict, n_boot: int) -> dict:
     return out
 
 
-@register_task("apt", ranks="one")
+@register_task("apt", ranks="one", needs=lambda cfg: [cfg.apt.source])
 def run_apt(cfg: DictConfig, run: Run) -> dict:
     acfg, task_dir = cfg.apt, run.task_dir("apt")
-    if acfg.bootstrap < 100:  # checked before any work: the paired interval is the task's verdict
-        raise ValueError(f"apt.bootstrap={acfg.bootstrap}: the paired test-MCC interval needs >= 100 resamples")
     stage1 = run.artifact(acfg.source, "model")
     vit, config = load_classifier(stage1)
     spec = config["input"]

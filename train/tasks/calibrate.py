@@ -29,7 +29,7 @@ def calibrate_tier(cfg: DictConfig, run: Run, tier: str) -> dict:
     return calibrate_model(cfg, run, model, config, tier, run.task_dir("calibrate"))
 
 
-@register_task("calibrate")
+@register_task("calibrate", needs=lambda cfg: list(cfg.calibrate.tiers))
 def run_calibrate(cfg: DictConfig, run: Run) -> dict:
     task_dir = run.task_dir("calibrate")
     reports, artifacts, metrics = {}, {}, {}

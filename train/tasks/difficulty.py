@@ -32,7 +32,7 @@ from train.models.difficulty import DifficultyRouter, save_router
 from train.optim import with_schedule
 from train.predictions import OutcomeDataset, collect_outputs, outputs_cache
 from train.runs import Run
-from train.tasks.registry import register_task
+from train.tasks.registry import calibrated, register_task
 from train.tiers.calibration import load_calibrated
 from train.tiers.training import build_datamodule, build_trainer, restore_best
 from train.utils.console import print_level_table
@@ -41,7 +41,6 @@ from train.utils.files import atomic_write_json
 from train.utils.loggers import log_figures
 
 log = logging.getLogger(__name__)
-TARGET_KINDS = ("hard", "soft")
 
 
 class DifficultyModule(pl.LightningModule):
@@ -153,11 +152,9 @@ def plot_routing(path, curves: dict[str, tuple[torch.Tensor, torch.Tensor]], tit
     plt.close(fig)
 
 
-@register_task("difficulty", ranks="one")
+@register_task("difficulty", ranks="one", needs=lambda cfg: ["draft", *calibrated(cfg, "stage1")])
 def run_difficulty(cfg: DictConfig, run: Run) -> dict:
     dcfg, task_dir = cfg.difficulty, run.task_dir("difficulty")
-    if dcfg.target not in TARGET_KINDS:
-        raise ValueError(f"difficulty.target={dcfg.target!r}; allowed: {list(TARGET_KINDS)}")
     tiers, spec = {}, None
     for name in ("draft", "stage1"):
         tiers[name], config, _ = load_calibrated(run, name)

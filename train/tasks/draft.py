@@ -38,7 +38,7 @@ from train.models.saving import load_classifier, save_classifier
 from train.optim import with_schedule
 from train.predictions import collect_outputs, outputs_cache, predict_split
 from train.runs import Run
-from train.tasks.registry import register_task
+from train.tasks.registry import calibrated, register_task
 from train.tiers.calibration import calibrate_model, load_calibrated
 from train.tiers.training import build_datamodule, build_trainer, restore_best
 from train.utils.console import print_level_table
@@ -48,7 +48,6 @@ from train.utils.loggers import log_figures
 from train.utils.precision import precision_autocast, resolve_precision
 
 log = logging.getLogger(__name__)
-TEACHER_OUTPUTS = ("online", "cache")
 HEADS = ("teacher", "own")  # teacher: logits = the frozen teacher's head on the projected features (EAGLE)
 
 
@@ -315,11 +314,9 @@ def draft_flops(draft: nn.Module, teacher: nn.Module, img_size: int, budgets: di
     return flops
 
 
-@register_task("draft", ranks="one")
+@register_task("draft", ranks="one", needs=lambda cfg: calibrated(cfg, cfg.draft.teacher))
 def run_draft(cfg: DictConfig, run: Run) -> dict:
     dcfg, task_dir = cfg.draft, run.task_dir("draft")
-    if dcfg.teacher_outputs not in TEACHER_OUTPUTS:
-        raise ValueError(f"draft.teacher_outputs={dcfg.teacher_outputs!r}; allowed: {list(TEACHER_OUTPUTS)}")
     teacher_model, teacher_config, _ = load_calibrated(run, dcfg.teacher)
     save_classifier(teacher_model, task_dir / "teacher", teacher_config["input"])  # what the module loads
     spec = teacher_config["input"]

@@ -28,7 +28,7 @@ from train.utils.loggers import build_loggers, publish_figures
 log = logging.getLogger(__name__)
 
 
-@register_task("evaluate")
+@register_task("evaluate", needs=lambda cfg: [] if cfg.get("bundle") else ["export"])
 def run_evaluate(cfg: DictConfig, run: Run) -> dict:
     ecfg, task_dir = cfg.evaluate, run.task_dir("evaluate")
     bundle = Bundle(bundle_path(cfg, run))

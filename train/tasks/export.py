@@ -25,7 +25,7 @@ from train.models.difficulty import load_router
 from train.models.fusion import load_fusion
 from train.models.prm import load_prm
 from train.runs import Run, net_kind
-from train.tasks.registry import ensure_data, register_task
+from train.tasks.registry import calibrated, ensure_data, register_task
 from train.tiers.calibration import load_calibrated
 from train.tiers.training import build_datamodule, consolidated_checkpoint
 from train.utils.checkpoints import load_checkpoint
@@ -178,7 +178,12 @@ def _apt_tokens(run: Run, model: nn.Module) -> dict[str, dict[str, float]] | Non
     return {name: {k: t[k] for k in ("mean_tokens", "reduction", "n")} for name, t in tokens.items()}
 
 
-@register_task("export")
+def _needs(cfg: DictConfig) -> list[str]:
+    """The models to export (the classifiers calibrated); none when a Lightning checkpoint is exported (``ckpt=``)."""
+    return [] if cfg.get("ckpt") else [stage for name in cfg.export.models for stage in calibrated(cfg, name)]
+
+
+@register_task("export", needs=_needs)
 def run_export(cfg: DictConfig, run: Run) -> dict:
     ecfg = cfg.export
     card = model_card(cfg, run)

@@ -16,32 +16,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from train.data.feature_store import FeatureStore, join_external, read_external
-from train.data.splits import SPLITS
-from train.data.transforms import LEVELS
 from train.runs import Run
-from train.tasks.registry import register_task
+from train.tasks.registry import calibrated, register_task
 from train.tiers.modalities import split_keys, write_modality
 from train.tiers.training import build_datamodule
 from train.utils.files import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 STORE_DIR = "features"
-
-
-def check_config(fcfg: DictConfig) -> None:
-    """Bad settings fail before any work, naming the key and the allowed values."""
-    for key, values, allowed in (("splits", fcfg.splits, SPLITS), ("levels", fcfg.levels, LEVELS),
-                                 ("every_level", fcfg.every_level, fcfg.splits)):
-        bad = [v for v in values if v not in allowed]
-        if bad or not len(values) and key != "every_level":
-            raise ValueError(f"features.{key}={list(values)}: {bad or 'empty'} not allowed; allowed: {list(allowed)}")
-    if int(fcfg.shard_size) < 1:
-        raise ValueError(f"features.shard_size={fcfg.shard_size} must be >= 1")
-    clash = set(fcfg.external or {}) & set(fcfg.modalities or {})
-    if clash:
-        raise ValueError(f"features.external names {sorted(clash)} are also features.modalities names")
-    if not [m for m in (fcfg.modalities or {}).values() if m is not None] and not fcfg.external:
-        raise ValueError("features.modalities and features.external are both empty: nothing to store")
 
 
 def store_external(store: FeatureStore, name: str, path: str, datamodule, fcfg: DictConfig) -> dict:
@@ -64,10 +46,15 @@ def store_external(store: FeatureStore, name: str, path: str, datamodule, fcfg: 
     return missing
 
 
-@register_task("features")
+def _needs(cfg: DictConfig) -> list[str]:
+    """The calibrated tiers the modalities read."""
+    tiers = [m["tier"] for m in (cfg.features.modalities or {}).values() if m is not None and m.get("tier")]
+    return [stage for tier in tiers for stage in calibrated(cfg, tier)]
+
+
+@register_task("features", needs=_needs)
 def run_features(cfg: DictConfig, run: Run) -> dict:
     fcfg = cfg.features
-    check_config(fcfg)
     store = FeatureStore(run.task_dir(STORE_DIR))
     report: dict = {"modalities": {}, "external_missing": {}}
     datamodule = None

@@ -208,7 +208,7 @@ def single_modality_heads(cfg: DictConfig, data: dict, modalities: list[str], ta
     return out
 
 
-@register_task("fusion", ranks="one")
+@register_task("fusion", ranks="one", needs=lambda cfg: ["features"])
 def run_fusion(cfg: DictConfig, run: Run) -> dict:
     fcfg, task_dir = cfg.fusion, run.task_dir("fusion")
     store = FeatureStore(run.artifact("features", "manifest").parent)

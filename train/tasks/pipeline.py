@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 @register_task("pipeline", ranks="all")
 def run_pipeline(cfg: DictConfig, run: Run) -> dict:
     stages = list(cfg.pipeline.stages)
-    if "pipeline" in stages:
-        raise ValueError("pipeline.stages cannot contain 'pipeline'")
     fns = {stage: get_task(stage) for stage in stages}  # unknown names fail before any work
     results: dict = {}
     todo = []

@@ -32,7 +32,7 @@ def settings(cfg: DictConfig, run: Run) -> dict:
     return {"splits": list(cfg.prepare.splits), "size": shard_size(cfg), "index_sha256": index_sha}
 
 
-@register_task("prepare")
+@register_task("prepare", needs=lambda cfg: ["data"])
 def run_prepare(cfg: DictConfig, run: Run) -> dict:
     wanted = settings(cfg, run)
     if run.is_complete("prepare") and run.read()["tasks"]["prepare"].get("settings") == wanted:

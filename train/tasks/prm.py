@@ -33,10 +33,10 @@ from train.data.views import ViewSet, cached_view_outputs
 from train.metrics import paired_bootstrap_mcc
 from train.models.prm import ProcessRewardModel, save_prm
 from train.models.search import TraceScorer, beam_search, best_of_n, greedy_view_order, pool_mean, pool_vote, view_pool
-from train.models.traces import LABELS, margins, rollout_labels, running_belief, sample_traces
+from train.models.traces import margins, rollout_labels, running_belief, sample_traces
 from train.optim import with_schedule
 from train.runs import Run, cached_tensors
-from train.tasks.registry import register_task
+from train.tasks.registry import calibrated, register_task
 from train.tiers.calibration import load_calibrated
 from train.tiers.training import build_datamodule, build_trainer, restore_best
 from train.utils.console import print_level_table
@@ -285,15 +285,9 @@ def evaluate_prm(cfg: DictConfig, net: ProcessRewardModel, views: dict, traces: 
             "stop_choice": choice}
 
 
-@register_task("prm", ranks="one")
+@register_task("prm", ranks="one", needs=lambda cfg: calibrated(cfg, cfg.prm.views_model))
 def run_prm(cfg: DictConfig, run: Run) -> dict:
     pcfg, task_dir = cfg.prm, run.task_dir("prm")
-    if pcfg.traces.label not in LABELS:
-        raise ValueError(f"prm.traces.label={pcfg.traces.label!r}; allowed: {list(LABELS)}")
-    if pcfg.search.pool not in POOLS:
-        raise ValueError(f"prm.search.pool={pcfg.search.pool!r}; allowed: {list(POOLS)}")
-    if not set(pcfg.every_level) <= set(SPLITS):
-        raise ValueError(f"prm.every_level={list(pcfg.every_level)}; allowed splits: {list(SPLITS)}")
     view_set = ViewSet(**OmegaConf.to_container(pcfg.views))
     if not 1 <= pcfg.traces.budget <= view_set.n_crops:
         raise ValueError(f"prm.traces.budget={pcfg.traces.budget} must be in [1, {view_set.n_crops}]: the views every "

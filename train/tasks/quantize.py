@@ -162,7 +162,7 @@ def rerecord(run: Run, task: str) -> None:
                metrics=entry["metrics"], **info)
 
 
-@register_task("quantize")
+@register_task("quantize", needs=lambda cfg: [] if cfg.get("bundle") else ["export"])
 def run_quantize(cfg: DictConfig, run: Run) -> dict:
     qcfg, task_dir = cfg.quantize, run.task_dir("quantize")
     bundle = Bundle(bundle_path(cfg, run))

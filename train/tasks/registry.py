@@ -17,18 +17,41 @@ from train.utils.distributed import is_rank_zero, world_size
 
 log = logging.getLogger(__name__)
 TaskFn = Callable[[DictConfig, Run], dict]
+NeedsFn = Callable[[DictConfig], list[str]]
 TASKS: dict[str, TaskFn] = {}
 RANKS: dict[str, str] = {}  # task -> which processes of a multi-process launch run it (see register_task)
+NEEDS: dict[str, NeedsFn] = {}  # task -> the stages whose outputs it reads, for a config
 
 
-def register_task(name: str, ranks: str = "zero") -> Callable[[TaskFn], TaskFn]:
+def register_task(name: str, ranks: str = "zero", needs: NeedsFn | None = None) -> Callable[[TaskFn], TaskFn]:
     """Register ``fn`` as ``task=name``. ``ranks`` says which processes of a multi-process launch (DDP, DeepSpeed)
     run it: ``zero`` (rank 0 alone: it trains nothing), ``all`` (every rank: its Trainer needs them all; rank 0
-    alone writes the results) or ``one`` (it trains, but on one process only for now)."""
+    alone writes the results) or ``one`` (it trains, but on one process only for now). ``needs(cfg)``: the stages
+    whose outputs it reads (:func:`check_needs`); a stage it runs itself when missing (data, prepare) is not one."""
     def add(fn: TaskFn) -> TaskFn:
-        TASKS[name], RANKS[name] = fn, ranks
+        TASKS[name], RANKS[name], NEEDS[name] = fn, ranks, needs or (lambda cfg: [])
         return fn
     return add
+
+
+def calibrated(cfg: DictConfig, tier: str) -> list[str]:
+    """The stages a calibrated ``tier`` comes from: its own, and calibrate when ``calibrate.tiers`` holds it (a tier
+    that is not there calibrates itself, as the draft does)."""
+    return [tier, "calibrate"] if tier in cfg.calibrate.tiers else [tier]
+
+
+def check_needs(cfg: DictConfig, stages: Iterable[str], run: Run | None) -> None:
+    """Before the first of ``stages`` runs: each one's inputs come from an earlier one or a stage complete in ``run``
+    (None: a new run, which holds nothing)."""
+    load_tasks()
+    made = {name for name in TASKS if run is not None and run.is_complete(name)}
+    for stage in stages:
+        missing = [need for need in dict.fromkeys(NEEDS.get(stage, lambda cfg: [])(cfg)) if need not in made]
+        if missing:
+            where = f"run {run.path.name} does not hold them" if run is not None else "this is a new run"
+            raise RunError(f"stage '{stage}' reads the outputs of {missing}: no earlier stage makes them and {where}; "
+                           f"add them before '{stage}' (pipeline.stages), or give run_dir= a run that has them")
+        made.add(stage)
 
 
 def load_tasks() -> None:

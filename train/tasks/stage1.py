@@ -22,7 +22,7 @@ from train.utils.loggers import publish_figures
 log = logging.getLogger(__name__)
 
 
-@register_task("stage1", ranks="all")
+@register_task("stage1", ranks="all", needs=lambda cfg: ["data"])
 def run_stage1(cfg: DictConfig, run: Run) -> dict:
     task_dir = run.task_dir("stage1")
     ensure_shards(cfg, run)

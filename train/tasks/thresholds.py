@@ -21,6 +21,7 @@ from torchmetrics.functional.classification import binary_matthews_corrcoef
 
 from train.calibration.cascade import select_cascade
 from train.data.views import GLOBAL_ONLY, ViewSet, cached_view_outputs, query_plan, view_dataset
+from train.errors import RunError
 from train.export.cascade import Costs, TierOutput, beam_calls, route
 from train.export.flops import count_flops
 from train.metrics import paired_bootstrap_mcc
@@ -29,9 +30,8 @@ from train.models.prm import load_prm
 from train.models.search import TraceScorer, beam_search, view_pool
 from train.models.traces import margins
 from train.predictions import cached_queries, outputs_cache
-from train.errors import RunError
 from train.runs import Run, net_kind
-from train.tasks.registry import register_task
+from train.tasks.registry import calibrated, register_task
 from train.tiers.calibration import load_calibrated
 from train.tiers.cascade import one_per_scene, tier_record, tier_rules
 from train.tiers.training import build_datamodule
@@ -192,14 +192,17 @@ def preview(order, outputs, meta, thresholds, costs: Costs, reference: str) -> d
             "flops_ratio": ref_flops / float(routed.flops.mean()), "mean_views": float(routed.views.mean())}
 
 
-@register_task("thresholds")
+def _needs(cfg: DictConfig) -> list[str]:
+    """The cascade's tiers (the classifiers calibrated); a router reads the draft's answers."""
+    needs = [stage for tier in cfg.cascade.tiers for stage in calibrated(cfg, tier)]
+    return needs + (["draft"] if "difficulty" in cfg.cascade.tiers else [])
+
+
+@register_task("thresholds", needs=_needs)
 def run_thresholds(cfg: DictConfig, run: Run) -> dict:
     task_dir, c = run.task_dir("thresholds"), cfg.cascade
     order = cascade_order(cfg, run)
     op = c.get("operating_point")
-    if op is not None and op.split in SPLITS:
-        raise ValueError(f"cascade.operating_point.split={op.split!r} must be a split the thresholds and the report do "
-                         f"not use (not {list(SPLITS)}): e.g. val")
     splits = SPLITS + ((op.split,) if op is not None else ())
     outputs, meta, flops = tier_outputs(cfg, run, order, splits)
     for split in SPLITS:
