@@ -43,8 +43,6 @@ def test_shipped_configs_pass(overrides):
     (["data.validator_augment=1.5"], r"data\.validator_augment=1\.5: must lie"),
     (["cascade.tiers=[draft,stage1,fusion]"], r"cascade\.tiers has the fusion head 'fusion': .*remove it"),
     (["cascade.reference=apt"], r"cascade\.reference='apt' is not in cascade\.tiers \['draft', 'stage1', 'prm'\]"),
-    (["cascade.tiers=[difficulty,stage1]", "pipeline.stages=[data,stage1,calibrate,thresholds]"],
-     r"cascade\.tiers has \['difficulty'\], which pipeline\.stages .* does not train"),
     (["draft.module.teacher_precision=fp16"], r"draft\.module\.teacher_precision='fp16'; allowed: auto, bf16, fp32"),
     (["data.validator_augment=0.5"], r"data\.validator_augment=0\.5 with data\.train_source=shards: .*"
                                      r"use data\.train_source=jpeg"),  # the default job trains from shards

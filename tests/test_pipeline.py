@@ -175,5 +175,9 @@ def test_a_stage_whose_inputs_no_stage_makes_stops_before_the_run_folder(tiny_co
                                        + tiny_run.path.name):
         check_needs(tiny_config("task=thresholds"), ["thresholds"], tiny_run)  # it holds stage1 and calibrate
     check_needs(tiny_config("task=draft"), ["draft"], tiny_run)
+    cascade = tiny_config("cascade.tiers=[difficulty,stage1]", "calibrate.tiers=[stage1]",
+                          "pipeline.stages=[data,stage1,calibrate,thresholds]")
+    with pytest.raises(RunError, match=r"stage 'thresholds' reads the outputs of \['difficulty', 'draft'\]"):
+        check_needs(cascade, cascade.pipeline.stages, None)  # a cascade tier no stage trains
     default = tiny_config()
     check_needs(default, default.pipeline.stages, None)  # the default job: every stage's inputs come first

@@ -24,6 +24,14 @@ def test_unknown_level_is_rejected():
         ValidatorQuery(4)
 
 
+def test_a_drawn_level_query_is_reproducible_per_sample():
+    """``ValidatorQuery(None)`` draws the level too, from sample ``i``'s own generator: the same query every time."""
+    image = np.random.default_rng(0).integers(0, 256, (180, 240, 3), dtype=np.uint8)
+    query = ValidatorQuery(None, seed=3)
+    assert query.render(image, 7) == query.render(image, 7)
+    assert query(image, 7).shape == (224, 224, 3)
+
+
 def test_train_transform_swaps_in_validator_queries_at_its_rate():
     """``validator_p`` of the samples are the validator's query instead of the configured transforms (here an
     inversion, so a bright photo comes out dark only when the configured transforms ran)."""

@@ -34,7 +34,7 @@ class ValidatorQuery:
         self.level, self.seed = level, seed
 
     def draw(self, image: np.ndarray, i: int, rng: np.random.Generator | None = None) -> QueryDraw:
-        rng = query_rng(self.seed, -1 if self.level is None else self.level, i) if rng is None else rng
+        rng = query_rng(self.seed, len(LEVELS) if self.level is None else self.level, i) if rng is None else rng
         return draw_query(rng, image.shape[0], image.shape[1], self.level)
 
     def render(self, image: np.ndarray, i: int, rng: np.random.Generator | None = None) -> bytes:
