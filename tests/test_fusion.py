@@ -139,7 +139,7 @@ def test_fusion_learns_calibrates_and_reports_robustness(fusion_run):
     assert net.temperature == pytest.approx(calibration["params"]["temperature"])
 
 
-def test_bundle_serves_the_fusion_head_with_its_threshold(fusion_run):
+def test_bundle_serves_the_fusion_head(fusion_run):
     run, cfg, _ = fusion_run
     bundle = Bundle(run.artifact("export", "manifest").parent)
     manifest = bundle.manifest
@@ -147,8 +147,9 @@ def test_bundle_serves_the_fusion_head_with_its_threshold(fusion_run):
     assert entry.kind == "classifier" and entry.fusion.modalities == FUSED
     assert set(entry.onnx.inputs) == {*entry.fusion.modalities, "present"} and entry.onnx.parity_max_abs_diff <= 1e-4
     assert "fusion" not in [t.name for t in manifest.tiers]  # a model of the bundle, not a cascade tier (README)
-    threshold = json.loads(run.artifact("fusion", "threshold").read_text())  # the fusion task's own report
-    assert threshold["guarantee"]["alpha"] == cfg.fusion.alpha and 0 < threshold["threshold"] < 1
+    accepted = json.loads(run.artifact("fusion", "report").read_text())["acceptance"]  # a report figure only
+    assert accepted["guarantee"]["alpha"] == cfg.fusion.alpha and 0 < accepted["threshold"] < 1
+    assert "threshold" not in run.read()["tasks"]["fusion"]["artifacts"]
     assert entry.calibration.method == "temperature" and entry.calibration.folded
 
     net, config = load_fusion(run.artifact("fusion", "model"))

@@ -106,7 +106,8 @@ def test_search_report_and_stop_threshold(prm_run):
         if name != "best_baseline":
             assert pair["mcc_b"] == pytest.approx(search[name]["6"]["mcc_hard"], abs=1e-6)
             assert pair["low"] <= pair["delta"] <= pair["high"]
-    threshold = json.loads(run.artifact("prm", "threshold").read_text())
+    threshold = report["acceptance"]  # a report figure: the PRM task deploys no threshold of its own
+    assert "threshold" not in run.read()["tasks"]["prm"]["artifacts"]
     g = threshold["guarantee"]
     assert g["alpha"] == cfg.prm.search.stop.alpha and g["delta"] == cfg.prm.search.stop.delta
     if threshold["threshold"] is not None:  # the binomial tail at the chosen stop threshold is below delta
@@ -123,7 +124,8 @@ def test_prm_in_the_bundle(prm_run):
     entry = manifest.models["prm"]
     assert entry.kind == "prm" and entry.search.views["slots"] == ViewSet(**cfg.prm.views).names
     assert entry.search.method == cfg.prm.search.method and entry.search.budget == cfg.prm.search.budget
-    assert entry.search.stop_threshold == json.loads(run.artifact("prm", "threshold").read_text())["threshold"]
+    # the deployed stop threshold is the thresholds stage's (this run has none: the search never stops early)
+    assert entry.search.stop_threshold is None and load_prm(run.artifact("prm", "model"))[1]["search"]["stop_threshold"] is None
     assert entry.onnx.parity_max_abs_diff <= 1e-4
     # the ONNX file reproduces the PyTorch step scores on other real traces, at other lengths
     net, config = load_prm(run.artifact("prm", "model"))

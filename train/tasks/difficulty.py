@@ -4,10 +4,10 @@ The labels are honest outcomes: the calibrated draft and Stage-1 are run on the 
 neither trained on) at the validator levels, and each answer is compared with the true label (``hard``:
 wrong or not; ``soft``: the fraction of the image's levels answered wrongly). The router
 (:class:`~train.models.difficulty.DifficultyRouter`) learns them from a downscaled image and the
-draft's logits; its outputs are temperature-calibrated on the calib split, and the routing threshold
-(skip the draft when P(draft wrong) is at least it) is chosen there with Learn-then-Test. Reported on
-test: AUROC and the area under the risk-coverage curve per tier, next to the tier's own confidence as
-a baseline; ``routing_curve.png`` draws error against the fraction routed up.
+draft's logits; its outputs are temperature-calibrated on the calib split. Reported on test: AUROC and the
+area under the risk-coverage curve per tier, next to the tier's own confidence as a baseline; what a routing
+threshold chosen by Learn-then-Test at ``difficulty.alpha`` would keep (a report figure: the thresholds stage
+chooses the deployed one); ``routing_curve.png`` draws error against the fraction routed up.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torchmetrics.classification import BinaryAUROC
 from torchmetrics.functional.classification import binary_auroc
 
 from train.calibration import calibration_report, fit_calibrator
-from train.calibration.risk_control import aurc, one_per_group, routing_curve, select_threshold
+from train.calibration.risk_control import aurc, routing_curve, select_threshold
 from train.data.splits import split_by_image
 from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, save_router
@@ -34,6 +34,7 @@ from train.predictions import OutcomeDataset, collect_outputs, outputs_cache
 from train.runs import Run
 from train.tasks.registry import calibrated, register_task
 from train.tiers.calibration import load_calibrated
+from train.tiers.cascade import one_per_scene
 from train.tiers.training import build_datamodule, build_trainer, restore_best
 from train.utils.console import print_level_table
 from train.utils.faults import fault_metrics
@@ -185,7 +186,7 @@ def run_difficulty(cfg: DictConfig, run: Run) -> dict:
     calibration.update(split="calib", levels=list(dcfg.levels), n=len(wrong["calib"]))
     scores = {split: router_scores(router, outcomes[split]).sigmoid() for split in ("calib", "test")}
     draft_k = targets.index("draft")
-    rows = one_per_group(outcomes["calib"]["index"].numpy(), cfg.seed)  # one level per image: independent samples
+    rows = one_per_scene(cfg, run, "calib", outcomes["calib"]["index"].numpy())
     choice = select_threshold(1 - scores["calib"][rows, draft_k].numpy(), wrong["calib"][rows, draft_k].numpy(),
                               dcfg.alpha, dcfg.delta, min_accepted=dcfg.min_accepted)
     route_up = None if choice.threshold is None else 1 - choice.threshold
@@ -203,20 +204,18 @@ def run_difficulty(cfg: DictConfig, run: Run) -> dict:
     log_figures(trainer.loggers, {"routing_curve": task_dir / "routing_curve.png"}, trainer.global_step)
 
     guarantee = {**choice.guarantee(), "rule": "route the sample up (skip the draft) when P(draft wrong) >= threshold"}
-    threshold = {"threshold": route_up, "guarantee": guarantee, "calib": {"acceptance_rate": choice.acceptance_rate,
+    accepted = {"threshold": route_up, "guarantee": guarantee, "calib": {"acceptance_rate": choice.acceptance_rate,
                                                                          "n_accepted": choice.n_accepted}}
     weights, config = save_router(router, task_dir / "difficulty", spec, calibration=calibration)
     report = {"target": dcfg.target, "levels": list(dcfg.levels), "n": {s: len(w) for s, w in wrong.items()},
-              "test": test, "calibration": calibration, "threshold": threshold,
+              "test": test, "calibration": calibration, "acceptance": accepted,
               "meta_error_rates": {t: float(wrong["meta"][:, k].mean()) for k, t in enumerate(targets)}}
     atomic_write_json(task_dir / "report.json", report)
-    atomic_write_json(task_dir / "threshold.json", threshold)
     metrics = {f"test/{t}/{m}": v for t in targets for m, v in test[t].items()}
     metrics.update({"test/routing/kept_fraction": test["routing"]["kept_fraction"], **fault_metrics(trainer)})
     print_level_table({f"test/{t}/{m}": v for t in targets for m, v in test[t].items()},
                       "difficulty router on test: per tier", "test", ("auroc", "auroc_own_confidence", "aurc",
                                                                           "aurc_own_confidence", "error_rate"))
     run.record("difficulty", artifacts={"model": weights, "model_config": config, "report": task_dir / "report.json",
-                                        "threshold": task_dir / "threshold.json",
                                         "routing_curve": task_dir / "routing_curve.png"}, metrics=metrics)
     return metrics

@@ -6,8 +6,9 @@ Loss (EAGLE / SpecVLM): ``soft_weight`` x soft cross-entropy to the teacher's te
 The teacher runs in each step (``teacher_outputs=online``; with ``augment_draws`` each image's augmentations
 cycle through that many draws and the teacher runs once per draw) or its outputs are written once for the train
 split's validator-level queries (``cache``). After training the draft is calibrated on the calib split
-(the shared calibrate code) and its relaxed-acceptance threshold chosen there with Learn-then-Test:
-accepted answers disagree with the teacher at most ``alpha`` of the time, with probability 1 - ``delta``.
+(the shared calibrate code); its report says what relaxed acceptance by Learn-then-Test at ``alpha`` would give
+(accepted answers disagreeing with the teacher at most ``alpha`` of the time, with probability 1 - ``delta``). The
+deployed threshold is the thresholds stage's.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryMatthewsCorrCoef
 from torchmetrics.functional.classification import binary_matthews_corrcoef
 
 from train.calibration.risk_control import evaluate_threshold, one_per_group, resampled_violations, select_threshold
+from train.data.splits import scene_groups
 from train.export.flops import budget_flops, model_flops
 from train.metrics import roadwork_prob
 from train.models.backbones import feature_dim, pooled_features
@@ -281,16 +283,17 @@ def agreement_figures(outcomes: dict[str, torch.Tensor], split: str) -> dict[str
     return figures
 
 
-def acceptance(outcomes: dict[str, dict], dcfg: DictConfig, seed: int) -> tuple:
-    """The relaxed-acceptance threshold by Learn-then-Test on calib (one level per image), its result on test and
-    the resampled check of its guarantee: (choice, test figures, check)."""
+def acceptance(outcomes: dict[str, dict], scenes: dict[str, np.ndarray], dcfg: DictConfig, seed: int) -> tuple:
+    """What Learn-then-Test at ``draft.alpha`` would accept on calib (one query per scene), its result on test and
+    the resampled check of its guarantee: (choice, test figures, check). A report figure: the thresholds stage
+    chooses the deployed threshold."""
     conf, disagree, groups = {}, {}, {}
     for split, o in outcomes.items():
         p = roadwork_prob(o["draft"])
         conf[split] = torch.maximum(p, 1 - p).numpy()
         disagree[split] = ((p > 0.5) != (roadwork_prob(o["teacher"]) > 0.5)).float().numpy()
-        groups[split] = o["index"].numpy() + (0 if split == "calib" else 1 + int(outcomes["calib"]["index"].max()))
-    rows = one_per_group(groups["calib"], seed)  # one validator level per image: independent samples
+        groups[split] = scenes[split] + (0 if split == "calib" else 1 + int(scenes["calib"].max()))
+    rows = one_per_group(groups["calib"], seed)
     choice = select_threshold(conf["calib"][rows], disagree["calib"][rows], dcfg.alpha, dcfg.delta,
                               min_accepted=dcfg.min_accepted)
     on_test = evaluate_threshold(conf["test"], disagree["test"], choice.threshold)
@@ -360,30 +363,30 @@ def run_draft(cfg: DictConfig, run: Run) -> dict:
                 "test": collect_outputs({**tiers, **(budget_outputs(elastic) if elastic else {})}, datamodule, "test",
                                         dcfg.levels, cache)}
     test = agreement_figures(outcomes["test"], "test")
-    choice, on_test, check = acceptance(outcomes, dcfg, cfg.seed)
+    scenes = {split: scene_groups(datamodule.split(split))[o["index"].numpy()] for split, o in outcomes.items()}
+    choice, on_test, check = acceptance(outcomes, scenes, dcfg, cfg.seed)
     budgets = budget_report(elastic, outcomes["test"], dcfg.levels) if elastic else None
     flops = draft_flops(draft, module.teacher, spec["img_size"], budgets)
-    threshold = {"threshold": choice.threshold, "guarantee": {**choice.guarantee(), "against": f"the {dcfg.teacher} "
+    accepted = {"threshold": choice.threshold, "guarantee": {**choice.guarantee(), "against": f"the {dcfg.teacher} "
                  "teacher's answer", "rule": "accept the draft's answer when max(p, 1-p) >= threshold"},
                  "calib": {"acceptance_rate": choice.acceptance_rate, "accepted_risk": choice.accepted_risk},
                  "test": on_test}
     report = {"teacher": dcfg.teacher, "teacher_outputs": dcfg.teacher_outputs, "teacher_precision": teacher_precision,
               "augment_draws": dcfg.augment_draws,
               "teacher_train_inputs": None if remembered is None else len(remembered), "test": test,
-              "threshold": threshold, "resampled_guarantee": check, "flops": flops, "budgets": budgets}
+              "acceptance": accepted, "resampled_guarantee": check, "flops": flops, "budgets": budgets}
     atomic_write_json(task_dir / "report.json", report)
-    atomic_write_json(task_dir / "threshold.json", threshold)
     metrics = {**test, "acceptance/test/rate": on_test["acceptance_rate"],
                "acceptance/test/disagreement": on_test["accepted_risk"] if on_test["accepted_risk"] is not None else float("nan"),
                "flops/ratio": flops["ratio"], **fault_metrics(trainer)}
     print_level_table(test, "draft (calibrated) on test: agreement with the teacher, MCC vs labels",
                       "test", ("agree_mcc", "agree_acc", "mcc_label"))
-    log.info("draft acceptance at alpha=%.3g, delta=%.3g: threshold %s; on test %.1f%% accepted, %.2f%% of them "
-             "disagree with the teacher; FLOPs %.3g vs teacher %.3g", dcfg.alpha, dcfg.delta, choice.threshold,
+    log.info("draft acceptance at alpha=%.3g, delta=%.3g (a report figure: the thresholds stage deploys its own): "
+             "threshold %s; on test %.1f%% accepted, %.2f%% of them disagree with the teacher; FLOPs %.3g vs teacher %.3g", dcfg.alpha, dcfg.delta, choice.threshold,
              100 * on_test["acceptance_rate"], 100 * (on_test["accepted_risk"] or 0), flops["draft"], flops["teacher"])
     artifacts = {"model": weights, "model_config": config_path, "calibrated_model": task_dir / "draft.safetensors",
                  "calibrated_model_config": task_dir / "draft.json", "calibration": task_dir / "calibration.json",
-                 "threshold": task_dir / "threshold.json", "report": task_dir / "report.json",
+                 "report": task_dir / "report.json",
                  "reliability": task_dir / "draft_reliability.png"}
     run.record("draft", artifacts=artifacts, metrics=metrics)
     return metrics

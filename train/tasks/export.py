@@ -123,9 +123,18 @@ def _prm_entry(cfg: DictConfig, run: Run, name: str, folder: Path):
     example = scorer.inputs(torch.arange(n), traces["traces"][:n, 0])
     report = json.loads(run.artifact(name, "report").read_text())
     metrics = {**report["held_out"], "early_stop": report["early_stop"]}
-    search = {**config["search"], "views_model": config["views_model"], "views": config["views"]}
+    search = {**config["search"], "stop_threshold": _deployed(run, name, config["search"].get("stop_threshold")),
+              "views_model": config["views_model"], "views": config["views"]}
     return export_prm(name, net, config["input"], search, folder, example, metrics, cfg.export.onnx.opset,
                       cfg.export.onnx.parity_atol)
+
+
+def _deployed(run: Run, name: str, default: float | None) -> float | None:
+    """Tier ``name``'s threshold as the thresholds stage chose it; ``default`` when the run's cascade lacks it."""
+    if not run.is_complete("thresholds"):
+        return default
+    tiers = json.loads(run.artifact("thresholds", "thresholds").read_text())["tiers"]
+    return tiers[name]["threshold"] if name in tiers else default
 
 
 RULES = {

@@ -1,8 +1,9 @@
 """``task=fusion``: the cross-modal fusion head over the feature store, robust to missing modalities.
 
 Trained on the store's ``meta`` split (part of its images held out for model selection) with ModDrop; calibrated
-(temperature, the shared calibration code) on ``calib``, where its acceptance threshold is chosen by Learn-then-Test
-(accept when max(p, 1 - p) >= threshold; error among accepted <= alpha w.p. >= 1 - delta). Reported on ``test``:
+(temperature, the shared calibration code) on ``calib``, where the report says what an acceptance threshold by
+Learn-then-Test would accept (max(p, 1 - p) >= threshold; error among accepted <= alpha w.p. >= 1 - delta; the head
+is no cascade tier, so nothing deploys it). Reported on ``test``:
 MCC with all modalities, with each one missing and with each one alone (per level and overall), the same for the
 ``fusion.compare`` heads and a dedicated head per modality, a paired bootstrap interval of fusion(all) minus the
 best single modality, ECE before/after, and ``robustness.png`` (a heatmap of those MCCs).
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.classification import binary_matthews_corrcoef
 
 from train.calibration import calibration_report, fit_calibrator, reliability_diagram
-from train.calibration.risk_control import evaluate_threshold, one_per_group, select_threshold
+from train.calibration.risk_control import evaluate_threshold, select_threshold
 from train.data.feature_store import FeatureStore, load_split
 from train.data.splits import split_by_image
 from train.metrics import paired_bootstrap_mcc, roadwork_prob
@@ -31,6 +32,7 @@ from train.models.fusion import FusionNet, conditions, modality_dropout, save_fu
 from train.optim import with_schedule
 from train.runs import Run
 from train.tasks.registry import register_task
+from train.tiers.cascade import one_per_scene
 from train.tiers.training import build_trainer, restore_best
 from train.utils.console import print_level_table
 from train.utils.files import atomic_write_json
@@ -183,11 +185,11 @@ def calibrate_head(net: FusionNet, calib: dict, n_bins: int) -> dict:
             "after": calibration_report(roadwork_prob(fused_logits(net, calib)), labels, n_bins)}
 
 
-def acceptance(probs: dict[str, torch.Tensor], data: dict[str, dict], fcfg: DictConfig, seed: int) -> dict:
-    """Learn-then-Test threshold on calib (one query per image) and its result on test."""
+def acceptance(probs: dict[str, torch.Tensor], data: dict[str, dict], fcfg: DictConfig, rows: np.ndarray) -> dict:
+    """What a Learn-then-Test threshold on calib (``rows``: one query per scene) would accept, and its result on
+    test: a report figure (the fusion head is no cascade tier)."""
     conf = {s: torch.maximum(p, 1 - p).numpy() for s, p in probs.items()}
     wrong = {s: ((p > 0.5).long() != data[s]["label"]).float().numpy() for s, p in probs.items()}
-    rows = one_per_group(data["calib"]["index"].numpy(), seed)
     choice = select_threshold(conf["calib"][rows], wrong["calib"][rows], fcfg.alpha, fcfg.delta,
                               min_accepted=fcfg.min_accepted)
     guarantee = {**choice.guarantee(), "rule": "accept the fusion's answer when max(p, 1 - p) >= threshold"}
@@ -220,7 +222,7 @@ def run_fusion(cfg: DictConfig, run: Run) -> dict:
     net = train_head(cfg, fcfg.module, data["meta"], modalities, task_dir / "main")
     calibration = calibrate_head(net, data["calib"], cfg.calibrate.n_bins)
     probs = {s: roadwork_prob(fused_logits(net, data[s])) for s in ("calib", "test")}
-    threshold = acceptance(probs, data, fcfg, cfg.seed)
+    accepted = acceptance(probs, data, fcfg, one_per_scene(cfg, run, "calib", data["calib"]["index"].numpy()))
     test, labels = data["test"], data["test"]["label"]
     uncalibrated = roadwork_prob(fused_logits(net, test) * net.temperature)
     calibration["test"] = {"before": calibration_report(uncalibrated, labels, cfg.calibrate.n_bins),
@@ -253,9 +255,8 @@ def run_fusion(cfg: DictConfig, run: Run) -> dict:
                                   producers={m: store.manifest["modalities"][m]["producer"] for m in modalities})
     report = {"modalities": modalities, "n": {s: len(d["label"]) for s, d in data.items()}, "test_mcc": mcc,
               "versus_best_single": versus_best, "drop_one_cost": drop_costs,
-              "max_drop_one_cost": max(drop_costs.values()), "calibration": calibration, "threshold": threshold}
+              "max_drop_one_cost": max(drop_costs.values()), "calibration": calibration, "acceptance": accepted}
     atomic_write_json(task_dir / "report.json", report)
-    atomic_write_json(task_dir / "threshold.json", {k: threshold[k] for k in ("threshold", "guarantee", "calib")})
     print_level_table({f"test/{n}/{k}": v for n, m in mcc.items() for k, v in m.items()}, "fusion: test MCC",
                       "test", tuple(next(iter(mcc.values()))))
     log.info("fusion(all) - %s: %+.3f [%.3f, %.3f]; largest drop-one cost %.3f; ECE calib %.3f -> %.3f",
@@ -267,6 +268,6 @@ def run_fusion(cfg: DictConfig, run: Run) -> dict:
                     "test/max_drop_one_cost": report["max_drop_one_cost"],
                     "calib/ece_after": calibration["after"]["ece"]})
     run.record("fusion", artifacts={"model": weights, "model_config": config, "report": task_dir / "report.json",
-                                    "threshold": task_dir / "threshold.json", "heatmap": task_dir / "robustness.png",
+                                    "heatmap": task_dir / "robustness.png",
                                     "reliability": task_dir / "fusion_reliability.png"}, metrics=metrics)
     return metrics

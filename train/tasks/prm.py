@@ -9,8 +9,9 @@
    selection by the step AUROC on a held-out part of meta (whole images).
 4. **Search** on test at each view budget: PRM best-of-N, weighted best-of-N and beam search against the
    global view alone, the mean of the pool's margins and majority vote, overall and on the hard subset (the
-   lowest Stage-1 confidence decile); ``search_curve.png``. The deployed search's early-stop threshold is
-   chosen on calib with Learn-then-Test (error among early answers <= alpha with probability 1 - delta).
+   lowest Stage-1 confidence decile); ``search_curve.png``; what an early-stop threshold chosen on calib with
+   Learn-then-Test would give (error among early answers <= alpha with probability 1 - delta). The deployed stop
+   threshold is the thresholds stage's, when the PRM is a cascade tier (the export writes it into the search).
 """
 from __future__ import annotations
 
@@ -308,13 +309,13 @@ def run_prm(cfg: DictConfig, run: Run) -> dict:
     choice, settings = report.pop("stop_choice"), report.pop("settings")
     guarantee = {**choice.guarantee(), "rule": "stop inspecting when the best beam's last step scores >= threshold; "
                  "the guarantee bounds the error rate among the queries answered before the view budget"}
-    threshold = {"threshold": settings["stop_threshold"], "guarantee": guarantee,
+    accepted = {"threshold": settings["stop_threshold"], "guarantee": guarantee,
                  "calib": {"early_fraction": choice.acceptance_rate, "n_early": choice.n_accepted,
                            "early_error": choice.accepted_risk}}
-    weights, model_config = save_prm(net, task_dir / "prm", {**extra, "search": settings})
-    report.update(threshold=threshold, n={s: len(v["label"]) for s, v in views.items()})
+    # the deployed stop threshold is the thresholds stage's (export fills it in): none of its own
+    weights, model_config = save_prm(net, task_dir / "prm", {**extra, "search": {**settings, "stop_threshold": None}})
+    report.update(acceptance=accepted, n={s: len(v["label"]) for s, v in views.items()})
     atomic_write_json(task_dir / "report.json", report)
-    atomic_write_json(task_dir / "threshold.json", threshold)
     plot_search(task_dir / "search_curve.png", report["search"], report["early_stop"],
                 f"PRM-guided search vs baselines on test ({len(views['test']['label'])} queries, hard subset "
                 f"{report['hard_subset']['n']})")
@@ -328,7 +329,6 @@ def run_prm(cfg: DictConfig, run: Run) -> dict:
     log.info("held-out step AUROC: calib %.3f, test %.3f", held_out["calib"]["step_auroc"],
              held_out["test"]["step_auroc"])
     run.record("prm", artifacts={"model": weights, "model_config": model_config, "report": task_dir / "report.json",
-                                 "threshold": task_dir / "threshold.json",
                                  "search_curve": task_dir / "search_curve.png",
                                  **{f"views_{s}": view_files[s] for s in SPLITS},
                                  **{f"traces_{s}": task_dir / f"traces_{s}.safetensors" for s in SPLITS}}, metrics=metrics)
