@@ -27,14 +27,14 @@ def test_default_is_the_pipeline_on_synthetic_data():
 
 def test_tier_settings_live_in_the_tier_files_and_the_sizes_overlay():
     """A pipeline names stages and what they calibrate / export; the default job's CPU sizes are the visible
-    ``sizes`` overlay (pipeline=stage1 and sizes=null: each tier as its own file says)."""
+    ``sizes`` overlay (pipeline=stage1 and ~sizes: each tier as its own file says)."""
     import yaml
 
     for option in options("pipeline"):
         keys = set(yaml.safe_load((CONF_DIR / "pipeline" / f"{option}.yaml").read_text())) - {"defaults"}
         assert keys <= {"pipeline", "data", "calibrate", "export", "evaluate", "quantize"}, option  # data: shards
     tiers = yaml.safe_load((CONF_DIR / "draft" / "default.yaml").read_text())
-    assert compose_config("sizes=null").draft.epochs == tiers["epochs"] != compose_config().draft.epochs
+    assert compose_config("~sizes").draft.epochs == tiers["epochs"] != compose_config().draft.epochs
     assert compose_config("pipeline=stage1").draft.epochs == tiers["epochs"]
     assert compose_config().draft.epochs == yaml.safe_load((CONF_DIR / "sizes" / "cpu.yaml").read_text())["draft"]["epochs"]
 
