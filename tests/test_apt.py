@@ -22,7 +22,7 @@ from train.models.apt import (APTViT, Packing, TokenPlan, flat_selection, graysc
 from train.models.saving import load_classifier
 from train.predictions import read_predictions
 from train.runs import Run
-from train.tasks.apt import APTModule
+from train.tiers.apt import APTModule
 from train.tiers.training import build_datamodule
 
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD

@@ -15,7 +15,8 @@ from train.export import Bundle
 from train.metrics import roadwork_prob
 from train.models.difficulty import DifficultyRouter, load_router
 from train.predictions import OutcomeDataset, cached_outputs_path, collect_outputs, outputs_cache
-from train.tasks.difficulty import DifficultyModule, per_image_mean
+from train.tiers.difficulty import DifficultyModule
+from train.tiers.difficulty.tier import per_image_mean
 from train.tiers.calibration import load_calibrated
 from train.tiers.training import build_datamodule
 

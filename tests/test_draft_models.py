@@ -461,7 +461,7 @@ def test_draft_module_remembers_its_teachers_outputs(tmp_path):
 
     from train.models.backbones import create_backbone
     from train.models.saving import save_classifier
-    from train.tasks.draft import DraftModule
+    from train.tiers.draft import DraftModule
 
     args = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2)
     save_classifier(create_backbone(**args), tmp_path / "teacher", {"img_size": 32, "mean": [0.5] * 3,

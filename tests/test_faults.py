@@ -212,7 +212,7 @@ def test_a_failing_stage_ends_the_process_promptly(tiny_run, data_dir, tmp_path)
     ignore SIGTERM): the traceback, exit code 1, and the process gone within seconds, not waiting on the workers."""
     tests = Path(__file__).resolve().parent
     run = copy_run(tiny_run, tmp_path)  # data and stage1 complete: the pipeline skips them
-    cmd = [sys.executable, str(tests / "failing_stage.py"), "train.tasks.apt:instantiate", f"run_dir={run.path}",
+    cmd = [sys.executable, str(tests / "failing_stage.py"), "train.tiers.apt.tier:instantiate", f"run_dir={run.path}",
            "pipeline=stage1", "pipeline.stages=[data,stage1,apt,calibrate]", "debug=tiny", "data.num_workers=2",
            f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "print_config=false"]
     env = {**os.environ, "PYTHONPATH": str(tests.parent)}

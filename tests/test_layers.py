@@ -14,7 +14,7 @@ LAYERS = (
     ("train.runs", "train.metrics", "train.optim", "train.utils.console"),
     ("train.data", "train.models"),
     ("train.predictions", "train.calibration", "train.export"),
-    ("train.tiers", "train.config_checks"),
+    ("train.tiers", "train.config_checks"),  # a tier's folder, train/tiers/<name>/, and what tiers share
     ("train.tasks.registry",),
     ("train.tasks",),
     ("train.tasks.pipeline", "train.__main__", "train.bench", "train.analysis", "train.hydra_plugins"),
@@ -104,6 +104,22 @@ def test_imports_point_down_the_layers_and_no_task_imports_another():
     assert not across, "tasks importing tasks (shared code belongs in train/tiers or below):\n" + "\n".join(across)
 
 
+def tier_folder(module: str) -> str | None:
+    """The tier folder (``train/tiers/<name>/``) that holds ``module``, if any."""
+    parts = module.split(".")
+    return parts[2] if parts[:2] == ["train", "tiers"] and len(parts) > 2 and (ROOT / "tiers" / parts[2]).is_dir() \
+        else None
+
+
+def test_no_tier_folder_imports_another():
+    """A tier is one folder: it reads shared code (train/tiers/*.py and below), never another tier's folder."""
+    graph = import_graph()
+    assert {tier_folder(m) for m in graph} >= {None, "stage1", "apt", "draft", "difficulty", "prm", "fusion"}
+    across = [f"{a} -> {b}" for a, targets in graph.items() for b in targets
+              if tier_folder(a) and tier_folder(b) and tier_folder(a) != tier_folder(b)]
+    assert not across, "tier folders importing each other:\n" + "\n".join(sorted(across))
+
+
 def test_the_import_graph_has_no_cycles():
     assert cycles(import_graph()) == []
 
@@ -112,5 +128,5 @@ def test_the_check_sees_imports_inside_functions_and_finds_a_cycle():
     """The checker itself: a function-level import counts, and a two-module loop is reported."""
     graph = import_graph()
     assert "train.tasks.registry" in graph["train.tasks.pipeline"]
-    assert "train.data.feature_store" in graph["train.tasks.export"]  # imported inside _fusion_entry
+    assert "train.tiers.stage1" in graph["train.tasks.export"]  # imported inside from_checkpoint
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -198,7 +198,7 @@ def test_prm_learns_which_views_to_trust(one_thread):
     from torch.utils.data import DataLoader
     from torchmetrics.functional.classification import binary_auroc
 
-    from train.tasks.prm import PRMModule, TraceDataset, batched
+    from train.tiers.prm import PRMModule, TraceDataset, batched
 
     gen = torch.Generator().manual_seed(0)
     q, v = 1200, 6
@@ -250,7 +250,7 @@ def test_prm_task_rejects_bad_settings(tmp_path):
     from train.config_checks import check_config
     from train.errors import ConfigError
     from train.runs import Run
-    from train.tasks.prm import run_prm
+    from train.tasks.registry import get_task
 
     for override, message in (("prm.search.pool=best", r"prm\.search\.pool='best': Input should be 'ordered' or "
                                                         "'random'"),
@@ -259,4 +259,4 @@ def test_prm_task_rejects_bad_settings(tmp_path):
         with pytest.raises(ConfigError, match=message):
             check_config(compose_config(override))
     with pytest.raises(ValueError, match=r"prm\.traces\.budget=40 must be in \[1, \d+\]"):
-        run_prm(compose_config("prm.traces.budget=40"), Run.create(tmp_path, "prm"))
+        get_task("prm")(compose_config("prm.traces.budget=40"), Run.create(tmp_path, "prm"))

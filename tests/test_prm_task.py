@@ -156,7 +156,7 @@ def test_view_outputs_are_computed_once_per_run(prm_run):
 
 def test_traces_follow_their_view_outputs(prm_run, tmp_path):
     """Cached step labels are tied to the view outputs they came from: other views, labels made anew."""
-    from train.tasks.prm import split_traces
+    from train.tiers.prm.tier import split_traces
 
     run, cfg = prm_run
     run = copy_run(run, tmp_path)  # this test rewrites the labels file

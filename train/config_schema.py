@@ -30,6 +30,12 @@ class RiskControl(Group):
     min_accepted: Positive
 
 
+class Selection(Group):
+    """The metric that picks a small tier's best epoch, and whether higher or lower is better."""
+    metric: str
+    mode: Literal["max", "min"]
+
+
 class Apt(Group):
     source: str
     thresholds: list[float] | None
@@ -74,6 +80,7 @@ class Difficulty(RiskControl):
     val_fraction: Probability
     epochs: Positive
     batch_size: Positive
+    selection: Selection
     module: Built
 
 
@@ -144,6 +151,7 @@ class Fusion(RiskControl):
     val_fraction: Probability
     epochs: Positive
     batch_size: Positive
+    selection: Selection
     cpu_threads: Positive | None
     balance: bool
     bootstrap: Positive
@@ -242,6 +250,7 @@ class Prm(Group):
     val_fraction: Probability
     epochs: Positive
     batch_size: Positive
+    selection: Selection
     hard_fraction: Probability
     search: Search
     module: Built

@@ -188,14 +188,3 @@ def cached_tensors(path: Path, fingerprint: dict, make) -> dict:
     the same reads them back instead of recomputing."""
     cached = read_cached(path, fingerprint)
     return cached if cached is not None else write_cached(path, fingerprint, make())
-
-
-NET_KINDS = ("router", "fusion", "prm")  # stages whose model is a small network (save_net), by its config's key
-
-
-def net_kind(run: Run, name: str) -> str | None:
-    """Which of :data:`NET_KINDS` the model that stage ``name`` recorded is; None for a plain classifier."""
-    if "model_config" not in run.read()["tasks"].get(name, {}).get("artifacts", {}):
-        return None
-    config = json.loads(run.artifact(name, "model_config").read_text())
-    return next((kind for kind in NET_KINDS if kind in config), None)

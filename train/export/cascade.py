@@ -21,7 +21,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KINDS = ("router", "classifier", "prm")
+KINDS = ("router", "classifier", "prm")  # what a cascade routes through, in the order a bundle lists its models
+# what the manifest says each kind of tier does with a query (``route`` does it); "last": the cascade's last tier
+RULES = {
+    "router": "route the sample straight to the first prm tier (the last tier when there is none) when its score "
+              "(the router's `draft` column) > threshold; the router reads the draft's logits, so the draft runs first",
+    "classifier": "answer (roadwork when P(roadwork) > 0.5) when max(p, 1 - p) >= threshold, else pass the sample on; "
+                  "threshold null: accepts nothing",
+    "prm": "inspect views as `search` says; stop at the first step whose best beam scores >= threshold (null: never "
+           "early); a stop before the last step answers, otherwise the sample passes on",
+    "last": "answers every sample that reaches it (a prm: at its stop step)",
+}
 
 
 @dataclass

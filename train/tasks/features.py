@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 
 from train.data.feature_store import FeatureStore, join_external, read_external
 from train.runs import Run
-from train.tasks.registry import calibrated, register_task
+from train.tasks.registry import register_task
+from train.tiers.calibration import calibrated
 from train.tiers.modalities import split_keys, write_modality
 from train.tiers.training import build_datamodule
 from train.utils.files import atomic_write_json, sha256_file

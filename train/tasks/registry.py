@@ -1,6 +1,7 @@
 """Tasks by name: each is ``fn(cfg, run) -> metrics``, registered with :func:`register_task` in its own module of
-``train.tasks`` and picked with ``task=NAME``; the modules are imported when a task is first looked up. A task that
-needs an earlier stage runs it through here (:func:`ensure_data`, :func:`ensure_shards`)."""
+``train.tasks`` and picked with ``task=NAME``; every tier of :mod:`train.tiers.base`'s registry is also a task, its
+training flow (:func:`~train.tiers.base.run_tier`). The modules are imported when a task is first looked up. A task
+that needs an earlier stage runs it through here (:func:`ensure_data`, :func:`ensure_shards`)."""
 from __future__ import annotations
 
 import importlib
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 
 from train.errors import RunError
 from train.runs import Run
+from train.tiers.base import Tier, load_tiers, run_tier
 from train.utils.distributed import is_rank_zero, world_size
 
 log = logging.getLogger(__name__)
@@ -34,12 +36,6 @@ def register_task(name: str, ranks: str = "zero", needs: NeedsFn | None = None) 
     return add
 
 
-def calibrated(cfg: DictConfig, tier: str) -> list[str]:
-    """The stages a calibrated ``tier`` comes from: its own, and calibrate when ``calibrate.tiers`` holds it (a tier
-    that is not there calibrates itself, as the draft does)."""
-    return [tier, "calibrate"] if tier in cfg.calibrate.tiers else [tier]
-
-
 def check_needs(cfg: DictConfig, stages: Iterable[str], run: Run | None) -> None:
     """Before the first of ``stages`` runs: each one's inputs come from an earlier one or a stage complete in ``run``
     (None: a new run, which holds nothing)."""
@@ -55,9 +51,21 @@ def check_needs(cfg: DictConfig, stages: Iterable[str], run: Run | None) -> None
 
 
 def load_tasks() -> None:
-    """Import every module of ``train.tasks`` (importing one registers its tasks); once."""
+    """Import every module of ``train.tasks`` (importing one registers its tasks) and make every registered tier a
+    task (a tier registered later, e.g. by a user's own module, joins on the next lookup)."""
     for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
         importlib.import_module(f"train.tasks.{module.name}")
+    for name, tier in load_tiers().items():
+        if name not in TASKS:
+            register_task(name, ranks=tier.ranks, needs=tier.needs)(_tier_task(tier))
+
+
+def _tier_task(tier: Tier) -> TaskFn:
+    def train_tier(cfg: DictConfig, run: Run) -> dict:
+        if tier.reads_shards:
+            ensure_shards(cfg, run)
+        return run_tier(cfg, run, tier)
+    return train_tier
 
 
 def get_task(name: str) -> TaskFn:

@@ -25,21 +25,19 @@ from train.errors import RunError
 from train.export.cascade import Costs, TierOutput, beam_calls, route
 from train.export.flops import count_flops
 from train.metrics import paired_bootstrap_mcc
-from train.models.difficulty import load_router
-from train.models.prm import load_prm
 from train.models.search import TraceScorer, beam_search, view_pool
 from train.models.traces import margins
 from train.predictions import cached_queries, outputs_cache
-from train.runs import Run, net_kind
-from train.tasks.registry import calibrated, register_task
-from train.tiers.calibration import load_calibrated
+from train.runs import Run
+from train.tasks.registry import register_task
+from train.tiers.base import get_tier
+from train.tiers.calibration import calibrated
 from train.tiers.cascade import one_per_scene, tier_record, tier_rules
 from train.tiers.training import build_datamodule
 from train.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 SPLITS = ("calib", "test")
-KIND_OF_NET = {"router": "router", "prm": "prm"}
 
 
 def cascade_order(cfg: DictConfig, run: Run) -> list[tuple[str, str]]:
@@ -49,11 +47,11 @@ def cascade_order(cfg: DictConfig, run: Run) -> list[tuple[str, str]]:
         if not run.is_complete(name) and not (run.is_complete("calibrate") and name in cfg.calibrate.tiers):
             raise RunError(f"cascade.tiers has {name!r}, which run {run.path.name} has not trained (add its stage, "
                              f"or remove it from cascade.tiers)")
-        kind = net_kind(run, name)
+        kind = get_tier(name).kind
         if kind == "fusion":
             raise RunError(f"cascade.tiers has the fusion head {name!r}: the thresholds stage and the replay do not "
                              "route to a fusion tier (it needs every view of a sample and the feature store); remove it")
-        order.append((name, KIND_OF_NET.get(kind, "classifier")))
+        order.append((name, kind))
     return order
 
 
@@ -83,15 +81,16 @@ def tier_outputs(cfg: DictConfig, run: Run, order, splits) -> tuple[dict, dict, 
     {split: {"label", "index", "level"}}, FLOPs per call). A classifier's logits come from the run's outputs cache
     when an earlier stage kept them for these queries (calibrate and the draft run every level of calib and test);
     the rest run here, in one pass over the queries."""
-    loaded = {n: load_calibrated(run, n) for n, k in order if k == "classifier"}
-    routers = {n: load_router(run.artifact(n, "model"))[0] for n, k in order if k == "router"}
-    prms = {n: load_prm(run.artifact(n, "model")) for n, k in order if k == "prm"}
-    if routers and "draft" not in loaded:
-        loaded["draft"] = load_calibrated(run, "draft")
-    specs = {json.dumps(config["input"], sort_keys=True) for _, config, _ in loaded.values()}
+    loaded = {n: get_tier(n).load(run) for n, _ in order}
+    if any(k == "router" for _, k in order) and "draft" not in loaded:
+        loaded["draft"] = get_tier("draft").load(run)  # a router reads the draft's logits
+    kinds = {n: get_tier(n).kind for n in loaded}
+    classifiers = {n: model for n, (model, _) in loaded.items() if kinds[n] == "classifier"}
+    routers = {n: model for n, (model, _) in loaded.items() if kinds[n] == "router"}
+    prms = {n: loaded[n] for n in loaded if kinds[n] == "prm"}
+    specs = {json.dumps(loaded[n][1]["input"], sort_keys=True) for n in classifiers}
     if len(specs) > 1:
         raise ValueError(f"the cascade's classifiers take different inputs ({sorted(specs)}); they must share one")
-    classifiers = {n: model for n, (model, _, _) in loaded.items()}
     datamodule = build_datamodule(cfg, run, json.loads(specs.pop()))
     outputs, meta, flops = {}, {}, {}
     for split in splits:
@@ -105,7 +104,7 @@ def tier_outputs(cfg: DictConfig, run: Run, order, splits) -> tuple[dict, dict, 
         outputs[split].update({n: TierOutput("router", score=sc.numpy()) for n, sc in scores.items()})
         for n, (net, config) in prms.items():  # the views the PRM stage computed (calib, test), else computed here
             name = config["views_model"]
-            views_model = classifiers[name] if name in classifiers else load_calibrated(run, name)[0]
+            views_model = classifiers[name] if name in classifiers else get_tier(name).load(run)[0]
             views, _ = cached_view_outputs(run, views_model, datamodule, split,
                                            ViewSet.from_description(config["views"]), cfg.cascade.levels)
             outputs[split][n], flops[n] = _prm_output(net, config, views, index, level)

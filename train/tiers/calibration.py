@@ -113,3 +113,9 @@ def load_calibrated(run: Run, name: str) -> tuple[torch.nn.Module, dict, dict]:
         return model, config, json.loads(run.artifact(name, "calibration").read_text())
     raise FileNotFoundError(f"run {run.path.name} has no calibrated {name!r}: add it to calibrate.tiers (and run "
                             f"the calibrate stage after the {name} stage)")
+
+
+def calibrated(cfg: DictConfig, tier: str) -> list[str]:
+    """The stages a calibrated ``tier`` comes from: its own, and calibrate when ``calibrate.tiers`` holds it (a tier
+    that is not there calibrates itself, as the draft does)."""
+    return [tier, "calibrate"] if tier in cfg.calibrate.tiers else [tier]

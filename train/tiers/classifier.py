@@ -1,9 +1,10 @@
-"""What every 2-class image classifier task shares (Stage-1, APT, ...): its LightningModule steps.
+"""What every 2-class image classifier tier shares (Stage-1, APT, the draft): its LightningModule steps and its tier.
 
 :class:`ClassifierModule` trains ``self.net`` (``images -> logits``) with cross-entropy (optionally
 timm Mixup/CutMix), logs val/test metrics per validator level, records every test sample's logits
 (for calibration and paired comparisons) and builds the optimiser the timm way. A subclass builds
-``self.net`` and calls :meth:`setup_classifier`.
+``self.net`` and calls :meth:`setup_classifier`. :class:`ClassifierTier` loads a classifier tier's calibrated model
+and exports it (ONNX, and the HF folder the NATIX miner loads for ``export.hf_model``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import warnings
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
@@ -19,10 +21,14 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torchmetrics.aggregation import CatMetric
 
-from train.metrics import bootstrap_interval, by_level, per_level_metrics, roadwork_prob
+from train.export import Calibration, ExportError, export_classifier
+from train.metrics import bootstrap_interval, by_level, per_level_metrics, roadwork_prob, with_mean
 from train.optim import build_optimizer, with_schedule
 from train.predictions import unique_rows
-from train.tiers.training import checkpoint_paths, testable_checkpoint
+from train.runs import Run
+from train.tiers.base import Tier
+from train.tiers.calibration import load_calibrated
+from train.tiers.training import build_datamodule, checkpoint_paths, testable_checkpoint
 from train.utils.faults import fault_metrics
 from train.utils.rng import CheckpointedRNG
 
@@ -158,3 +164,44 @@ def fit_and_test(trainer: pl.Trainer, model: ClassifierModule, datamodule: pl.Li
         trainer.test(model, datamodule=datamodule, ckpt_path=testable_checkpoint(trainer, best), verbose=False)
     tested = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     return best, last, {**tested, **fault_metrics(trainer), **scores}
+
+
+METRICS_SOURCE = ("the {name} stage's test predictions (at its training precision) with the calibration applied; "
+                  "`task=evaluate` recomputes them from this bundle")
+
+
+def parity_samples(datamodule, n: int, split: str = "calib") -> tuple[torch.Tensor, list[np.ndarray]]:
+    """``n`` real validator queries (level 0) from ``split``: (model input tensors, the uint8 query images)."""
+    dataset = datamodule.dataset(split, 0)
+    queries = [dataset.query(i, 0) for i in range(min(n, len(dataset)))]
+    return torch.stack([dataset.transform(q) for q in queries]), queries
+
+
+class ClassifierTier(Tier):
+    """A tier whose model maps images to 2 logits, calibrated by the calibrate stage or by its own stage."""
+
+    kind = "classifier"
+
+    def load(self, run: Run) -> tuple[nn.Module, dict]:
+        model, config, _ = load_calibrated(run, self.name)
+        return model, config
+
+    def export(self, cfg, run: Run, folder):
+        """ONNX checked in ONNX Runtime on real validator queries; for ``export.hf_model`` also the HF folder."""
+        ecfg = cfg.export
+        try:
+            model, config, report = load_calibrated(run, self.name)
+        except FileNotFoundError as e:
+            raise ExportError(f"export.models has {self.name!r}: {e}") from None
+        spec = config["input"]
+        pixels, queries = parity_samples(build_datamodule(cfg, run, spec), ecfg.onnx.parity_images)
+        metrics = with_mean({lv: m["after"] for lv, m in report.get("test", {}).items()})
+        calibration = Calibration(**{k: v for k, v in report.items() if k != "test"})
+        return export_classifier(self.name, model, spec, calibration, folder, pixels,
+                                 queries if self.name == ecfg.hf_model else None, metrics,
+                                 METRICS_SOURCE.format(name=self.name) if metrics else None, ecfg.onnx.opset,
+                                 ecfg.onnx.parity_atol, self.tokens(run, model))
+
+    def tokens(self, run: Run, model: nn.Module) -> dict[str, dict[str, float]] | None:
+        """Measured tokens per image, for an adaptive-token model's manifest entry (None: a fixed token count)."""
+        return None

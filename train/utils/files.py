@@ -37,8 +37,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: Path, obj: Any) -> Path:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    return Path(path)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

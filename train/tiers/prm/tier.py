@@ -15,98 +15,38 @@
 """
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
-from torchmetrics.classification import BinaryAUROC
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc, binary_matthews_corrcoef
 
 from train.calibration.risk_control import ltt_from_counts, one_per_group
 from train.data.splits import scene_groups, split_by_image
 from train.data.views import ViewSet, cached_view_outputs
+from train.errors import ConfigError
+from train.export.bundle import export_prm
 from train.metrics import paired_bootstrap_mcc
-from train.models.prm import ProcessRewardModel, save_prm
+from train.models.prm import ProcessRewardModel, load_prm, save_prm
 from train.models.search import TraceScorer, beam_search, best_of_n, greedy_view_order, pool_mean, pool_vote, view_pool
 from train.models.traces import margins, rollout_labels, running_belief, sample_traces
-from train.optim import with_schedule
 from train.runs import Run, cached_tensors
-from train.tasks.registry import calibrated, register_task
-from train.tiers.calibration import load_calibrated
-from train.tiers.training import build_datamodule, build_trainer, restore_best
-from train.utils.console import print_level_table
-from train.utils.files import atomic_write_json
+from train.tiers.base import Fit, Outcome, Tier, register_tier
+from train.tiers.calibration import calibrated, load_calibrated
+from train.tiers.prm.module import PRMModule, TraceDataset, batched
+from train.tiers.training import build_datamodule
 
 log = logging.getLogger(__name__)
 SPLITS = ("meta", "calib", "test")
 STOP_GRID = np.round(np.linspace(1.0, 0.0, 201), 3)  # early-stop candidates, fixed before seeing any data
 
-
-class TraceDataset(Dataset):
-    """Traces of cached queries as PRM inputs: rows of ``traces`` (N, T) over query ``rows`` (N,), with targets."""
-
-    def __init__(self, views: dict, rows: torch.Tensor, traces: torch.Tensor, target: torch.Tensor,
-                 hard: torch.Tensor, rule: str):
-        self.margin, self.embeddings = margins(views["logits"]), views["embeddings"]
-        self.rows, self.traces, self.target, self.hard, self.rule = rows, traces, target, hard, rule
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return {k: v[0] for k, v in self.__getitems__([i]).items()}
-
-    def __getitems__(self, indices: list[int]) -> dict:
-        """A whole batch in one gather (the DataLoader calls this with ``collate_fn=batched``)."""
-        i = torch.as_tensor(indices)
-        q, slots = self.rows[i].unsqueeze(1), self.traces[i]
-        m = self.margin[q, slots]
-        return {"embeddings": self.embeddings[q, slots].float(), "margins": m, "beliefs": running_belief(m, self.rule),
-                "slots": slots, "target": self.target[i], "hard": self.hard[i]}
-
-
-def batched(batch: dict) -> dict:
-    """The collate function of :class:`TraceDataset` loaders: its ``__getitems__`` already made the batch."""
-    return batch
-
-
-class PRMModule(pl.LightningModule):
-    """Per-step binary cross-entropy of the PRM against Monte Carlo step labels; validation by step AUROC."""
-
-    def __init__(self, prm: dict, optimizer: Callable, scheduler: Callable | None = None, embed_dim: int = 0,
-                 n_slots: int = 0):
-        super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.net = ProcessRewardModel(embed_dim, n_slots, **prm)
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.val_auroc = BinaryAUROC()
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.net(batch["embeddings"], batch["margins"], batch["beliefs"], batch["slots"])
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = F.binary_cross_entropy_with_logits(self(batch), batch["target"])
-        self.log("train/loss", loss, batch_size=len(batch["target"]))
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_auroc.update(self(batch).sigmoid().flatten(), batch["hard"].flatten().long())
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/step_auroc", self.val_auroc.compute(), prog_bar=True)
-        self.val_auroc.reset()
-
-    def configure_optimizers(self):
-        return with_schedule(self, self.optimizer(self.parameters()), self.scheduler)
-
-
-# ------------------------------------------------------------------------------------------------ cached stages
 
 def split_traces(cfg: DictConfig, run: Run, views: dict, views_file, split: str, seed: int) -> dict:
     """Traces and step labels of a split, cached; ``views_file`` (the view cache, named by its fingerprint) ties them
@@ -238,24 +178,6 @@ def plot_search(path, figures: dict, stopped: dict, title: str) -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------------ the task
-
-def train_prm(cfg: DictConfig, run: Run, views: dict, traces: dict, n_slots: int) -> ProcessRewardModel:
-    """Fit the PRM on meta's traces (a held-out part of its images picks the best epoch by step AUROC)."""
-    pcfg = cfg.prm
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the same run whether the caches were made or reused
-    train_rows, val_rows = split_by_image(views["index"], pcfg.val_fraction, cfg.seed)
-    loaders = [DataLoader(_flat(views, traces, rows.nonzero()[:, 0], pcfg.traces.label, pcfg.belief),
-                          batch_size=pcfg.batch_size, shuffle=shuffle, collate_fn=batched)
-               for rows, shuffle in ((train_rows, True), (val_rows, False))]
-    module: PRMModule = instantiate(pcfg.module, embed_dim=views["embeddings"].shape[-1], n_slots=n_slots)
-    trainer = build_trainer(cfg, run.task_dir("prm"), monitor=("val/step_auroc", "max"), max_epochs=pcfg.epochs,
-                            limit_train_batches=None, limit_val_batches=None)
-    trainer.fit(module, *loaders)
-    restore_best(trainer, module)
-    return module.net.cpu().eval()
-
-
 def evaluate_prm(cfg: DictConfig, net: ProcessRewardModel, views: dict, traces: dict, calib_groups) -> dict:
     """Held-out step AUROC, the search table on test, the deployed search's early-stop threshold (calib) and its
     test figures, and the hard-subset comparison with the best baseline at every budget."""
@@ -286,53 +208,114 @@ def evaluate_prm(cfg: DictConfig, net: ProcessRewardModel, views: dict, traces: 
             "stop_choice": choice}
 
 
-@register_task("prm", ranks="one", needs=lambda cfg: calibrated(cfg, cfg.prm.views_model))
-def run_prm(cfg: DictConfig, run: Run) -> dict:
-    pcfg, task_dir = cfg.prm, run.task_dir("prm")
-    view_set = ViewSet(**OmegaConf.to_container(pcfg.views))
-    if not 1 <= pcfg.traces.budget <= view_set.n_crops:
-        raise ValueError(f"prm.traces.budget={pcfg.traces.budget} must be in [1, {view_set.n_crops}]: the views every "
-                         "query has (global, tiles, zooms; other cameras may be missing), see prm.views")
-    model, config, _ = load_calibrated(run, pcfg.views_model)
-    datamodule = build_datamodule(cfg, run, config["input"])
-    views, view_files = {}, {}
-    for s in SPLITS:
-        views[s], view_files[s] = cached_view_outputs(run, model, datamodule, s, view_set, pcfg.levels,
-                                                      s in pcfg.every_level, pcfg.batch_size_views)
-    traces = {s: split_traces(cfg, run, views[s], view_files[s], s, cfg.seed + k) for k, s in enumerate(SPLITS)}
-    net = train_prm(cfg, run, views["meta"], traces["meta"], len(view_set.names))
-    extra = {"views": view_set.describe(), "views_model": pcfg.views_model, "input": config["input"]}
-    save_prm(net, task_dir / "prm", extra)  # the trained weights are kept even if the evaluation below fails
+@dataclass
+class Inputs:
+    view_set: ViewSet
+    spec: dict  # the views model's input
+    views: dict[str, dict]  # split -> the views model's outputs on every view of every query
+    view_files: dict[str, Path]
+    traces: dict[str, dict]  # split -> traces and their step labels
+    calib_groups: np.ndarray  # the calib queries' scenes
 
-    calib_groups = scene_groups(datamodule.split("calib"))[views["calib"]["index"].numpy()]
-    report = evaluate_prm(cfg, net, views, traces, calib_groups)
-    choice, settings = report.pop("stop_choice"), report.pop("settings")
-    guarantee = {**choice.guarantee(), "rule": "stop inspecting when the best beam's last step scores >= threshold; "
-                 "the guarantee bounds the error rate among the queries answered before the view budget"}
-    accepted = {"threshold": settings["stop_threshold"], "guarantee": guarantee,
-                 "calib": {"early_fraction": choice.acceptance_rate, "n_early": choice.n_accepted,
-                           "early_error": choice.accepted_risk}}
-    # the deployed stop threshold is the thresholds stage's (export fills it in): none of its own
-    weights, model_config = save_prm(net, task_dir / "prm", {**extra, "search": {**settings, "stop_threshold": None}})
-    report.update(acceptance=accepted, n={s: len(v["label"]) for s, v in views.items()})
-    atomic_write_json(task_dir / "report.json", report)
-    plot_search(task_dir / "search_curve.png", report["search"], report["early_stop"],
-                f"PRM-guided search vs baselines on test ({len(views['test']['label'])} queries, hard subset "
-                f"{report['hard_subset']['n']})")
-    held_out, figures = report["held_out"], report["search"]
-    metrics = {f"{s}/{k}": v for s, m in held_out.items() for k, v in m.items()}
-    metrics.update({f"test/{m}/b{b}/{k}": v for m, by_b in figures.items() for b, f in by_b.items()
-                    for k, v in f.items() if k != "views"})
-    print_level_table({f"test/{m}/b{b}": f["mcc_hard"] for m, by_b in figures.items() for b, f in by_b.items()},
-                      "PRM search on test: hard-subset MCC per view budget", "test",
-                      [f"b{b}" for b in sorted({int(b) for by_b in figures.values() for b in by_b})])
-    log.info("held-out step AUROC: calib %.3f, test %.3f", held_out["calib"]["step_auroc"],
-             held_out["test"]["step_auroc"])
-    run.record("prm", artifacts={"model": weights, "model_config": model_config, "report": task_dir / "report.json",
-                                 "search_curve": task_dir / "search_curve.png",
-                                 **{f"views_{s}": view_files[s] for s in SPLITS},
-                                 **{f"traces_{s}": task_dir / f"traces_{s}.safetensors" for s in SPLITS}}, metrics=metrics)
-    return metrics
+
+@register_tier
+class PRMTier(Tier):
+    """The process reward model over multi-view inspection traces, and the search it guides."""
+
+    name = "prm"
+    kind = "prm"
+
+    def needs(self, cfg: DictConfig) -> list[str]:
+        return calibrated(cfg, cfg.prm.views_model)
+
+    def inputs(self, cfg: DictConfig, run: Run, task_dir: Path) -> Inputs:
+        pcfg = cfg.prm
+        view_set = ViewSet(**OmegaConf.to_container(pcfg.views))
+        if not 1 <= pcfg.traces.budget <= view_set.n_crops:
+            raise ConfigError(f"prm.traces.budget={pcfg.traces.budget} must be in [1, {view_set.n_crops}]: the views "
+                              "every query has (global, tiles, zooms; other cameras may be missing), see prm.views")
+        model, config, _ = load_calibrated(run, pcfg.views_model)
+        datamodule = build_datamodule(cfg, run, config["input"])
+        views, view_files = {}, {}
+        for s in SPLITS:
+            views[s], view_files[s] = cached_view_outputs(run, model, datamodule, s, view_set, pcfg.levels,
+                                                          s in pcfg.every_level, pcfg.batch_size_views)
+        traces = {s: split_traces(cfg, run, views[s], view_files[s], s, cfg.seed + k) for k, s in enumerate(SPLITS)}
+        calib_groups = scene_groups(datamodule.split("calib"))[views["calib"]["index"].numpy()]
+        return Inputs(view_set, config["input"], views, view_files, traces, calib_groups)
+
+    def module(self, cfg: DictConfig, run: Run, inputs: Inputs, task_dir: Path) -> PRMModule:
+        return instantiate(cfg.prm.module, embed_dim=inputs.views["meta"]["embeddings"].shape[-1],
+                           n_slots=len(inputs.view_set.names))
+
+    def loaders(self, cfg: DictConfig, inputs: Inputs) -> tuple[DataLoader, DataLoader]:
+        pcfg, views, traces = cfg.prm, inputs.views["meta"], inputs.traces["meta"]
+        train_rows, val_rows = split_by_image(views["index"], pcfg.val_fraction, cfg.seed)
+        return tuple(DataLoader(_flat(views, traces, rows.nonzero()[:, 0], pcfg.traces.label, pcfg.belief),
+                                batch_size=pcfg.batch_size, shuffle=shuffle, collate_fn=batched)
+                     for rows, shuffle in ((train_rows, True), (val_rows, False)))
+
+    def finish(self, cfg: DictConfig, run: Run, fit: Fit, inputs: Inputs, task_dir: Path) -> Outcome:
+        pcfg, views, traces = cfg.prm, inputs.views, inputs.traces
+        net = fit.module.net.cpu().eval()
+        extra = {"views": inputs.view_set.describe(), "views_model": pcfg.views_model, "input": inputs.spec}
+        save_prm(net, task_dir / "prm", extra)  # the trained weights are kept even if the evaluation below fails
+        report = evaluate_prm(cfg, net, views, traces, inputs.calib_groups)
+        choice, settings = report.pop("stop_choice"), report.pop("settings")
+        guarantee = {**choice.guarantee(), "rule": "stop inspecting when the best beam's last step scores >= "
+                     "threshold; the guarantee bounds the error rate among the queries answered before the view budget"}
+        accepted = {"threshold": settings["stop_threshold"], "guarantee": guarantee,
+                    "calib": {"early_fraction": choice.acceptance_rate, "n_early": choice.n_accepted,
+                              "early_error": choice.accepted_risk}}
+        # the deployed stop threshold is the thresholds stage's (export fills it in): none of its own
+        weights, model_config = save_prm(net, task_dir / "prm",
+                                         {**extra, "search": {**settings, "stop_threshold": None}})
+        report.update(acceptance=accepted, n={s: len(v["label"]) for s, v in views.items()})
+        plot_search(task_dir / "search_curve.png", report["search"], report["early_stop"],
+                    f"PRM-guided search vs baselines on test ({len(views['test']['label'])} queries, hard subset "
+                    f"{report['hard_subset']['n']})")
+        held_out, figures = report["held_out"], report["search"]
+        metrics = {f"{s}/{k}": v for s, m in held_out.items() for k, v in m.items()}
+        metrics.update({f"test/{m}/b{b}/{k}": v for m, by_b in figures.items() for b, f in by_b.items()
+                        for k, v in f.items() if k != "views"})
+        log.info("held-out step AUROC: calib %.3f, test %.3f", held_out["calib"]["step_auroc"],
+                 held_out["test"]["step_auroc"])
+        artifacts = {"model": weights, "model_config": model_config,
+                     **{f"views_{s}": inputs.view_files[s] for s in SPLITS},
+                     **{f"traces_{s}": task_dir / f"traces_{s}.safetensors" for s in SPLITS}}
+        table = ({f"test/{m}/b{b}": f["mcc_hard"] for m, by_b in figures.items() for b, f in by_b.items()},
+                 "PRM search on test: hard-subset MCC per view budget", "test",
+                 [f"b{b}" for b in sorted({int(b) for by_b in figures.values() for b in by_b})])
+        return Outcome(artifacts, metrics, report=report, figures={"search_curve": task_dir / "search_curve.png"},
+                       table=table)
+
+    def load(self, run: Run) -> tuple[ProcessRewardModel, dict]:
+        return load_prm(run.artifact(self.name, "model"))
+
+    def export(self, cfg: DictConfig, run: Run, folder: Path):
+        """The PRM's ONNX with its search settings (the stop threshold: the thresholds stage's, when the PRM is a
+        tier of the run's cascade), parity checked on real calib traces."""
+        net, config = self.load(run)
+        views, traces = (load_file(str(run.artifact(self.name, key))) for key in ("views_calib", "traces_calib"))
+        scorer = TraceScorer(net, views["embeddings"], margins(views["logits"]), config["search"]["belief"])
+        n = min(cfg.export.onnx.parity_images, len(views["label"]))
+        example = scorer.inputs(torch.arange(n), traces["traces"][:n, 0])
+        report = json.loads(run.artifact(self.name, "report").read_text())
+        metrics = {**report["held_out"], "early_stop": report["early_stop"]}
+        search = {**config["search"], "stop_threshold": deployed_threshold(run, self.name, config["search"]),
+                  "views_model": config["views_model"], "views": config["views"]}
+        return export_prm(self.name, net, config["input"], search, folder, example, metrics, cfg.export.onnx.opset,
+                          cfg.export.onnx.parity_atol)
+
+
+def deployed_threshold(run: Run, name: str, search: dict) -> float | None:
+    """The PRM tier's threshold as the thresholds stage chose it; else the search's saved one (None since the PRM
+    stage saves none; a run made before that kept its own)."""
+    if run.is_complete("thresholds"):
+        tiers = json.loads(run.artifact("thresholds", "thresholds").read_text())["tiers"]
+        if name in tiers:
+            return tiers[name]["threshold"]
+    return search.get("stop_threshold")
 
 
 def compare_at_budgets(table: dict, label: torch.Tensor, hard: torch.Tensor, groups) -> dict[str, dict]:
