@@ -11,9 +11,11 @@ from conftest import QUIET, TIERS, compose_config, copy_run
 
 from train.__main__ import run_task
 from train.data.feature_store import FeatureStore, load_split
+from train.data.splits import scene_groups
 from train.export import Bundle
 from train.metrics import roadwork_prob
 from train.models.fusion import FusionNet, conditions, load_fusion, modality_dropout
+from train.tiers.training import build_datamodule
 
 VARIANTS = [{"kind": "bottleneck"}, {"kind": "concat"}, {"kind": "gmu"}, {"kind": "late"},
             {"kind": "bottleneck", "meta": True}, {"kind": "concat", "meta": True}]
@@ -148,7 +150,10 @@ def test_bundle_serves_the_fusion_head(fusion_run):
     assert set(entry.onnx.inputs) == {*entry.fusion.modalities, "present"} and entry.onnx.parity_max_abs_diff <= 1e-4
     assert "fusion" not in [t.name for t in manifest.tiers]  # a model of the bundle, not a cascade tier (README)
     accepted = json.loads(run.artifact("fusion", "report").read_text())["acceptance"]  # a report figure only
-    assert accepted["guarantee"]["alpha"] == cfg.fusion.alpha and 0 < accepted["threshold"] < 1
+    calib = load_split(FeatureStore(run.artifact("features", "manifest").parent), "calib", FUSED)
+    scenes = scene_groups(build_datamodule(cfg, run).split("calib"))[calib["index"].numpy()]
+    g = accepted["guarantee"]  # Learn-then-Test on one query per scene: independent samples
+    assert g["alpha"] == cfg.fusion.alpha and g["n_calibration"] == len(np.unique(scenes)) < len(calib["label"])
     assert "threshold" not in run.read()["tasks"]["fusion"]["artifacts"]
     assert entry.calibration.method == "temperature" and entry.calibration.folded
 

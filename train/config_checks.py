@@ -141,13 +141,15 @@ def check_unit_interval(plain: dict) -> None:
 
 
 def check_schemas(plain: dict) -> None:
-    """Each group without a ``_target_`` against its schema (:mod:`train.config_schema`): unknown keys, types and
-    allowed values, named by their dotted key."""
+    """Each group without a ``_target_`` against its schema (:mod:`train.config_schema`; a tier's group: the tier's
+    ``schema``): unknown keys, types and allowed values, named by their dotted key."""
     from pydantic import ValidationError
 
     from train.config_schema import GROUPS
+    from train.tiers.base import load_tiers
 
-    for group, schema in GROUPS.items():
+    tiers = {name: tier.schema for name, tier in load_tiers().items() if tier.schema is not None}
+    for group, schema in {**GROUPS, **tiers}.items():
         if group not in plain:
             continue
         try:

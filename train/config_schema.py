@@ -1,5 +1,5 @@
 """Typed schemas of the config groups that build no object themselves (no ``_target_`` at their top): every key they
-may hold, its type and its allowed values. ``check_config`` validates the composed config against them before any
+may hold, its type and its allowed values (a tier's own group: its tier's ``schema``, in its folder). ``check_config`` validates the composed config against them before any
 work, so a mistyped key in an experiment file or a bad value fails naming the key, not minutes into a stage.
 
 A subtree with its own ``_target_`` (a LightningModule's ``module``, an ``optimizer``) is typed ``Built`` here; its keys
@@ -36,17 +36,6 @@ class Selection(Group):
     mode: Literal["max", "min"]
 
 
-class Apt(Group):
-    source: str
-    thresholds: list[float] | None
-    quantiles: list[Probability]
-    threshold_split: Split
-    epochs: Positive
-    limit_train_batches: float | int | None
-    bootstrap: Annotated[int, Field(ge=100)]  # the paired test-MCC interval needs >= 100 resamples
-    grid_samples: Annotated[int, Field(ge=0)]
-    module: Built
-
 
 class Calibrate(Group):
     method: Literal["temperature", "platt", "isotonic"]
@@ -74,25 +63,6 @@ class Cascade(RiskControl):
     sweep: list[Probability]
 
 
-class Difficulty(RiskControl):
-    levels: Levels
-    target: Literal["hard", "soft"]
-    val_fraction: Probability
-    epochs: Positive
-    batch_size: Positive
-    selection: Selection
-    module: Built
-
-
-class Draft(RiskControl):
-    teacher: str
-    teacher_outputs: Literal["online", "cache"]
-    cache_levels: Levels
-    augment_draws: Positive | None
-    epochs: Positive
-    levels: Levels
-    resamples: Annotated[int, Field(ge=0)]
-    module: Built
 
 
 class Evaluate(Group):
@@ -146,19 +116,6 @@ class Features(Group):
         return self
 
 
-class Fusion(RiskControl):
-    modalities: list[str] | None
-    val_fraction: Probability
-    epochs: Positive
-    batch_size: Positive
-    selection: Selection
-    cpu_threads: Positive | None
-    balance: bool
-    bootstrap: Positive
-    single_modality: bool
-    compare: dict[str, dict[str, Any]] | None
-    module: Built
-
 
 class Prepare(Group):
     splits: list[Split]
@@ -211,49 +168,8 @@ class Pretrain(Group):
     mae: Mae
 
 
-class Views(Group):
-    tiles: list[Positive]
-    zooms: list[Annotated[float, Field(gt=0, le=1)]]
-    random_zooms: Annotated[int, Field(ge=0)]
-    random_scale: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=2, max_length=2)]
-    cameras: Annotated[int, Field(ge=0)]
-    seed: int
 
 
-class Traces(Group):
-    per_query: Positive
-    budget: Positive
-    rollouts: Positive
-    label: Literal["soft", "hard"]
-
-
-class Search(Group):
-    budgets: list[Positive]
-    method: Literal["beam", "best_of_n", "weighted_best_of_n"]
-    budget: Positive
-    pool: Literal["ordered", "random"]
-    length: Positive
-    n: Positive
-    beam: Positive
-    aggregation: Literal["min", "prod", "last"]
-    stop: RiskControl
-
-
-class Prm(Group):
-    views_model: str
-    views: Views
-    levels: Levels
-    every_level: list[Literal["meta", "calib", "test"]]
-    batch_size_views: Positive
-    belief: Literal["mean", "max"]
-    traces: Traces
-    val_fraction: Probability
-    epochs: Positive
-    batch_size: Positive
-    selection: Selection
-    hard_fraction: Probability
-    search: Search
-    module: Built
 
 
 class Variant(Group):
@@ -301,7 +217,6 @@ class Pipeline(Group):
 
 
 GROUPS: dict[str, type[Group]] = {
-    "apt": Apt, "calibrate": Calibrate, "cascade": Cascade, "difficulty": Difficulty, "draft": Draft,
-    "evaluate": Evaluate, "export": Export, "features": Features, "fusion": Fusion, "prepare": Prepare,
-    "pretrain": Pretrain, "prm": Prm, "quantize": Quantize, "pipeline": Pipeline,
+    "calibrate": Calibrate, "cascade": Cascade, "evaluate": Evaluate, "export": Export, "features": Features,
+    "prepare": Prepare, "pretrain": Pretrain, "quantize": Quantize, "pipeline": Pipeline,
 }

@@ -1,7 +1,7 @@
 """The cascade's learned parts behind one interface, registered by name (as timm registers its models).
 
-A tier lives in its own folder, ``train/tiers/<name>/`` (its LightningModule and its :class:`Tier` subclass, made
-known with :func:`register_tier`), with its settings in ``conf/<name>/default.yaml``. ``task=<name>`` trains it
+A tier lives in its own folder, ``train/tiers/<name>/`` (its LightningModule and its :class:`Tier` subclass with the
+schema of its settings, made known with :func:`register_tier`), with its settings in ``conf/<name>/default.yaml``. ``task=<name>`` trains it
 through :func:`run_tier`, the one training flow; the thresholds stage, export and the cascade's checks ask the
 tier what it is (``kind``), what it reads (``needs``), how to load its calibrated model and how it exports itself.
 """
@@ -63,6 +63,7 @@ class Tier:
 
     name: ClassVar[str]
     kind: ClassVar[str] = "classifier"
+    schema: ClassVar[type | None] = None  # a pydantic model of its config group, checked before any work
     ranks: ClassVar[str] = "one"  # which processes of a multi-process launch train it (see register_task)
     reads_shards: ClassVar[bool] = False  # trains on the prepared shards when data.train_source=shards
 

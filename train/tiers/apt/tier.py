@@ -14,13 +14,16 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pydantic import Field
 
+from train.config_schema import Built, Group, Positive, Probability, Split
 from train.data.photos import natural_photos
 from train.data.transforms import EvalTransform
 from train.metrics import paired_bootstrap_mcc, roadwork_prob
@@ -98,6 +101,18 @@ def _paired(before: dict, after: dict, n_boot: int) -> dict:
     return out
 
 
+class Settings(Group):
+    source: str
+    thresholds: list[float] | None
+    quantiles: list[Probability]
+    threshold_split: Split
+    epochs: Positive
+    limit_train_batches: float | int | None
+    bootstrap: Annotated[int, Field(ge=100)]  # the paired test-MCC interval needs >= 100 resamples
+    grid_samples: Annotated[int, Field(ge=0)]
+    module: Built
+
+
 @dataclass
 class Inputs:
     stage1: Path  # the source stage's saved classifier
@@ -110,6 +125,7 @@ class Inputs:
 @register_tier
 class APTTier(ClassifierTier):
     name = "apt"
+    schema = Settings
 
     def needs(self, cfg: DictConfig) -> list[str]:
         return [cfg.apt.source]

@@ -15,6 +15,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from train.calibration import calibration_report, fit_calibrator
 from train.calibration.risk_control import aurc, routing_curve, select_threshold
+from train.config_schema import Built, Levels, Positive, Probability, RiskControl, Selection
 from train.data.splits import split_by_image
 from train.export import Calibration
 from train.export.bundle import export_router
@@ -111,6 +113,16 @@ def plot_routing(path, curves: dict[str, tuple[torch.Tensor, torch.Tensor]], tit
     plt.close(fig)
 
 
+class Settings(RiskControl):
+    levels: Levels
+    target: Literal["hard", "soft"]
+    val_fraction: Probability
+    epochs: Positive
+    batch_size: Positive
+    selection: Selection
+    module: Built
+
+
 @dataclass
 class Inputs:
     spec: dict
@@ -124,6 +136,7 @@ class DifficultyTier(Tier):
     """The router: P(draft wrong) and P(Stage-1 wrong) from a thumbnail and the draft's logits."""
 
     name = "difficulty"
+    schema = Settings
     kind = "router"
 
     def needs(self, cfg: DictConfig) -> list[str]:

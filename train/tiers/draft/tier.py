@@ -16,16 +16,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pydantic import Field
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_matthews_corrcoef
 
 from train.calibration.risk_control import evaluate_threshold, one_per_group, resampled_violations, select_threshold
+from train.config_schema import Built, Levels, Positive, RiskControl
 from train.data.splits import scene_groups
 from train.export.flops import budget_flops, model_flops
 from train.metrics import roadwork_prob
@@ -136,6 +139,17 @@ def draft_flops(draft: nn.Module, teacher: nn.Module, img_size: int, budgets: di
     return flops
 
 
+class Settings(RiskControl):
+    teacher: str
+    teacher_outputs: Literal["online", "cache"]
+    cache_levels: Levels
+    augment_draws: Positive | None
+    epochs: Positive
+    levels: Levels
+    resamples: Annotated[int, Field(ge=0)]
+    module: Built
+
+
 @dataclass
 class Inputs:
     spec: dict
@@ -146,6 +160,7 @@ class Inputs:
 @register_tier
 class DraftTier(ClassifierTier):
     name = "draft"
+    schema = Settings
 
     def needs(self, cfg: DictConfig) -> list[str]:
         return calibrated(cfg, cfg.draft.teacher)

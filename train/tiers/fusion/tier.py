@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -28,6 +29,7 @@ from torchmetrics.functional.classification import binary_matthews_corrcoef
 
 from train.calibration import calibration_report, fit_calibrator, reliability_diagram
 from train.calibration.risk_control import evaluate_threshold, select_threshold
+from train.config_schema import Built, Positive, Probability, RiskControl, Selection
 from train.data.feature_store import FeatureStore, load_split
 from train.data.splits import split_by_image
 from train.errors import ConfigError
@@ -167,6 +169,20 @@ def single_modality_heads(cfg: DictConfig, data: dict, modalities: list[str], ta
     return out
 
 
+class Settings(RiskControl):
+    modalities: list[str] | None
+    val_fraction: Probability
+    epochs: Positive
+    batch_size: Positive
+    selection: Selection
+    cpu_threads: Positive | None
+    balance: bool
+    bootstrap: Positive
+    single_modality: bool
+    compare: dict[str, dict[str, Any]] | None
+    module: Built
+
+
 @dataclass
 class Inputs:
     store: FeatureStore
@@ -180,6 +196,7 @@ class FusionTier(Tier):
     not route to it)."""
 
     name = "fusion"
+    schema = Settings
     kind = "fusion"
 
     def needs(self, cfg: DictConfig) -> list[str]:

@@ -19,16 +19,19 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pydantic import Field
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc, binary_matthews_corrcoef
 
 from train.calibration.risk_control import ltt_from_counts, one_per_group
+from train.config_schema import Built, Group, Levels, Positive, Probability, RiskControl, Selection
 from train.data.splits import scene_groups, split_by_image
 from train.data.views import ViewSet, cached_view_outputs
 from train.errors import ConfigError
@@ -208,6 +211,51 @@ def evaluate_prm(cfg: DictConfig, net: ProcessRewardModel, views: dict, traces: 
             "stop_choice": choice}
 
 
+class Views(Group):
+    tiles: list[Positive]
+    zooms: list[Annotated[float, Field(gt=0, le=1)]]
+    random_zooms: Annotated[int, Field(ge=0)]
+    random_scale: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=2, max_length=2)]
+    cameras: Annotated[int, Field(ge=0)]
+    seed: int
+
+
+class Traces(Group):
+    per_query: Positive
+    budget: Positive
+    rollouts: Positive
+    label: Literal["soft", "hard"]
+
+
+class Search(Group):
+    budgets: list[Positive]
+    method: Literal["beam", "best_of_n", "weighted_best_of_n"]
+    budget: Positive
+    pool: Literal["ordered", "random"]
+    length: Positive
+    n: Positive
+    beam: Positive
+    aggregation: Literal["min", "prod", "last"]
+    stop: RiskControl
+
+
+class Settings(Group):
+    views_model: str
+    views: Views
+    levels: Levels
+    every_level: list[Literal["meta", "calib", "test"]]
+    batch_size_views: Positive
+    belief: Literal["mean", "max"]
+    traces: Traces
+    val_fraction: Probability
+    epochs: Positive
+    batch_size: Positive
+    selection: Selection
+    hard_fraction: Probability
+    search: Search
+    module: Built
+
+
 @dataclass
 class Inputs:
     view_set: ViewSet
@@ -223,6 +271,7 @@ class PRMTier(Tier):
     """The process reward model over multi-view inspection traces, and the search it guides."""
 
     name = "prm"
+    schema = Settings
     kind = "prm"
 
     def needs(self, cfg: DictConfig) -> list[str]:
