@@ -42,6 +42,8 @@ def test_shipped_configs_pass(overrides):
     (["data.max_bad_fraction=5"], r"data\.max_bad_fraction=5: must lie"),
     (["data.validator_augment=1.5"], r"data\.validator_augment=1\.5: must lie"),
     (["cascade.tiers=[draft,stage1,fusion]"], r"cascade\.tiers has the fusion head 'fusion': .*remove it"),
+    (["cascade.tiers=[draft,stage1,prn]"], r"cascade\.tiers has 'prn', which is no tier; the tiers: \['apt', "),
+    (["difficulty.module.router.targets=[stage1]"], r"difficulty: module\.router\.targets=\['stage1'\]: the router"),
     (["cascade.reference=apt"], r"cascade\.reference='apt' is not in cascade\.tiers \['draft', 'stage1', 'prm'\]"),
     (["draft.module.teacher_precision=fp16"], r"draft\.module\.teacher_precision='fp16'; allowed: auto, bf16, fp32"),
     (["data.validator_augment=0.5"], r"data\.validator_augment=0\.5 with data\.train_source=shards: .*"

@@ -242,21 +242,18 @@ def test_greedy_view_order_and_ordered_pools():
         view_pool(mask, 2, order=[0, 1])
 
 
-def test_prm_task_rejects_bad_settings(tmp_path):
-    """Values the schema knows fail in check_config; the trace budget, bounded by the views a query has, in the
-    task before any work."""
+def test_prm_task_rejects_bad_settings():
+    """Values the schema knows fail in check_config, before any work: the trace budget too, bounded by the views a
+    query has."""
     from conftest import compose_config
 
     from train.config_checks import check_config
     from train.errors import ConfigError
-    from train.runs import Run
-    from train.tasks.registry import get_task
 
     for override, message in (("prm.search.pool=best", r"prm\.search\.pool='best': Input should be 'ordered' or "
                                                         "'random'"),
                               ("prm.every_level=[train]", r"prm\.every_level\.0='train'"),
-                              ("prm.traces.label=maybe", r"prm\.traces\.label='maybe'")):
+                              ("prm.traces.label=maybe", r"prm\.traces\.label='maybe'"),
+                              ("prm.traces.budget=40", r"prm: traces\.budget=40 must be in \[1, \d+\]")):
         with pytest.raises(ConfigError, match=message):
             check_config(compose_config(override))
-    with pytest.raises(ValueError, match=r"prm\.traces\.budget=40 must be in \[1, \d+\]"):
-        get_task("prm")(compose_config("prm.traces.budget=40"), Run.create(tmp_path, "prm"))

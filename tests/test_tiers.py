@@ -41,6 +41,7 @@ def toy_run(tiny_run, data_dir, tmp_path_factory):
     run = copy_run(tiny_run, root)
     cfg = compose_config(f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET,
                          f"run_dir={run.path}", f"hydra.searchpath=[file://{toy_tier.CONF}]", "+toy=default",
+                         "tier_modules=[toy_tier]",
                          "pipeline=stage1", "pipeline.stages=[toy,thresholds,export,evaluate]", "pipeline.force=true",
                          "cascade.tiers=[toy,stage1]", "cascade.tier_alpha={}", "cascade.alpha=0.3",
                          "cascade.method=crc", "export.models=[toy,stage1]", "evaluate.cascade=true")

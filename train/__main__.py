@@ -18,6 +18,7 @@ from train.export import BundleError, ExportError
 from train.extras import check_args
 from train.runs import Run
 from train.tasks.registry import check_needs, get_task, runs_here
+from train.tiers.base import load_tiers
 from train.utils.checkpoints import UnsafeCheckpointError
 from train.utils.console import close_log_file, log_to_file, print_config, save_config, save_overrides, setup_logging
 from train.utils.distributed import is_rank_zero
@@ -38,6 +39,7 @@ def run_task(cfg: DictConfig) -> float | None:
     rank_zero = is_rank_zero()
     setup_logging("INFO" if rank_zero else "WARNING")
     task = cfg.task.name
+    load_tiers(cfg.get("tier_modules") or ())  # tiers from outside the package join the registry first
     fn = get_task(task)
     check_config(cfg)  # before the run folder is made: a bad key or combination costs nothing
     check_needs(cfg, job_stages(cfg), Run.open(cfg.run_dir) if cfg.get("run_dir") else None)  # and missing inputs

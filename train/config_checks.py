@@ -19,7 +19,6 @@ from pydantic import BaseModel
 from train import extras
 from train.errors import ConfigError
 
-TRAINING_TASKS = ("stage1", "apt", "draft", "difficulty", "prm", "fusion", "pretrain")
 PEFT_MODES = ("lora", "dora", "rslora")
 # risk levels, probabilities and fractions: each must lie in [0, 1]
 UNIT_INTERVAL = ("*.alpha", "*.delta", "cascade.tier_alpha.*", "cascade.sweep.*", "*_fraction", "data.splits.*",
@@ -65,8 +64,10 @@ def job_stages(cfg: DictConfig) -> list[str]:
 
 
 def training_tasks(cfg: DictConfig) -> list[str]:
-    """The tasks of this job that train a model."""
-    return [s for s in job_stages(cfg) if s in TRAINING_TASKS]
+    """The tasks of this job that train a model: its tiers, and pretraining."""
+    from train.tiers.base import load_tiers
+
+    return [s for s in job_stages(cfg) if s in load_tiers() or s == "pretrain"]
 
 
 def check_cascade(cfg: DictConfig) -> None:
@@ -80,9 +81,15 @@ def check_cascade(cfg: DictConfig) -> None:
         value = cfg.cascade.get(key)
         if value is not None and value not in tiers:
             raise ConfigError(f"cascade.{key}={value!r} is not in cascade.tiers {tiers}")
-    if "fusion" in tiers:
-        raise ConfigError("cascade.tiers has the fusion head 'fusion': the cascade does not route to it (it needs "
-                          "every view of a sample and the feature store); remove it from cascade.tiers")
+    from train.tiers.base import load_tiers
+
+    known = load_tiers()
+    for name in tiers:
+        if name not in known:
+            raise ConfigError(f"cascade.tiers has {name!r}, which is no tier; the tiers: {sorted(known)}")
+        if known[name].kind == "fusion":
+            raise ConfigError(f"cascade.tiers has the fusion head {name!r}: the cascade does not route to it (it "
+                              "needs every view of a sample and the feature store); remove it from cascade.tiers")
 
 
 def _nodes(node, key: str = "") -> Iterator[tuple[str, object]]:

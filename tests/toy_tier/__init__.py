@@ -45,10 +45,7 @@ class ToySettings(BaseModel):
 
 
 @register_tier
-class ToyTier(ClassifierTier):
-    name = "toy"
-    schema = ToySettings
-
+class ToyTier(ClassifierTier, name="toy", schema=ToySettings):
     def needs(self, cfg) -> list[str]:
         return ["stage1"]  # its input spec: the cascade's classifiers share one
 
@@ -60,8 +57,7 @@ class ToyTier(ClassifierTier):
         return instantiate(cfg.toy.module, backbone={"img_size": inputs[0]["img_size"]})
 
     def loaders(self, cfg, inputs):
-        datamodule = inputs[1]
-        return datamodule.train_dataloader(), datamodule.val_dataloader()
+        return inputs[1]  # the run's DataModule
 
     def finish(self, cfg, run, fit: Fit, inputs, task_dir) -> Outcome:
         spec = inputs[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,15 +58,23 @@ class Outcome:
 
 
 class Tier:
-    """One learned part of the cascade. Subclasses set ``name`` (its stage, config group and saved model) and
-    ``kind``, and implement :meth:`inputs`, :meth:`module`, :meth:`finish`, :meth:`load` and :meth:`export`; a tier
-    trained on the run's images by a Lightning DataModule overrides :meth:`fit`."""
+    """One learned part of the cascade, declared as ``class X(Tier, name=..., kind=..., schema=...)``: ``name`` is its
+    stage, config group and saved model. Subclasses implement :meth:`inputs`, :meth:`module`, :meth:`finish`,
+    :meth:`load` and :meth:`export`; a tier trained on the run's images by a Lightning DataModule overrides
+    :meth:`fit`."""
 
     name: ClassVar[str]
     kind: ClassVar[str] = "classifier"
     schema: ClassVar[type | None] = None  # a pydantic model of its config group, checked before any work
     ranks: ClassVar[str] = "one"  # which processes of a multi-process launch train it (see register_task)
     reads_shards: ClassVar[bool] = False  # trains on the prepared shards when data.train_source=shards
+
+    def __init_subclass__(cls, name: str | None = None, kind: str | None = None, schema: type | None = None,
+                          **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for key, value in (("name", name), ("kind", kind), ("schema", schema)):
+            if value is not None:
+                setattr(cls, key, value)
 
     def needs(self, cfg: DictConfig) -> list[str]:
         """The stages whose outputs it reads."""
@@ -91,13 +100,18 @@ class Tier:
     def module(self, cfg: DictConfig, run: Run, inputs: Any, task_dir: Path) -> pl.LightningModule:
         raise NotImplementedError
 
-    def loaders(self, cfg: DictConfig, inputs: Any) -> tuple:
-        """(train, val) DataLoaders for the default :meth:`fit`."""
+    def loaders(self, cfg: DictConfig, inputs: Any) -> tuple | pl.LightningDataModule:
+        """What the default :meth:`fit` trains on: (train, val) DataLoaders, or a DataModule (the run's images: its
+        batch hooks then run too, e.g. the shards' augmentation on the device)."""
         raise NotImplementedError
 
     def fit(self, cfg: DictConfig, run: Run, trainer: pl.Trainer, module: pl.LightningModule, inputs: Any) -> Fit:
         """Fit on :meth:`loaders`, keep the best epoch."""
-        trainer.fit(module, *self.loaders(cfg, inputs))
+        data = self.loaders(cfg, inputs)
+        if isinstance(data, pl.LightningDataModule):
+            trainer.fit(module, datamodule=data)
+        else:
+            trainer.fit(module, *data)
         return Fit(trainer, module, best=restore_best(trainer, module) or None)
 
     def finish(self, cfg: DictConfig, run: Run, fit: Fit, inputs: Any, task_dir: Path) -> Outcome:
@@ -121,11 +135,18 @@ def register_tier(cls: type[Tier]) -> type[Tier]:
     return cls
 
 
-def load_tiers() -> dict[str, Tier]:
-    """Import every tier folder of ``train.tiers`` (importing one registers its tier); the registry."""
+def load_tiers(modules: Sequence[str] = ()) -> dict[str, Tier]:
+    """Import every tier folder of ``train.tiers`` and ``modules`` (a tier from outside the package:
+    ``tier_modules=[...]``); importing one registers its tier. Returns the registry."""
     for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if module.ispkg:
             importlib.import_module(f"train.tiers.{module.name}")
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"tier_modules has {name!r}, which does not import ({e}); is its folder on the "
+                              "Python path?") from None
     return TIERS
 
 

@@ -177,10 +177,8 @@ def parity_samples(datamodule, n: int, split: str = "calib") -> tuple[torch.Tens
     return torch.stack([dataset.transform(q) for q in queries]), queries
 
 
-class ClassifierTier(Tier):
+class ClassifierTier(Tier, kind="classifier"):
     """A tier whose model maps images to 2 logits, calibrated by the calibrate stage or by its own stage."""
-
-    kind = "classifier"
 
     def load(self, run: Run) -> tuple[nn.Module, dict]:
         model, config, _ = load_calibrated(run, self.name)

@@ -123,10 +123,7 @@ class Inputs:
 
 
 @register_tier
-class APTTier(ClassifierTier):
-    name = "apt"
-    schema = Settings
-
+class APTTier(ClassifierTier, name="apt", schema=Settings):
     def needs(self, cfg: DictConfig) -> list[str]:
         return [cfg.apt.source]
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pydantic import model_validator
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc
 
@@ -122,6 +123,14 @@ class Settings(RiskControl):
     selection: Selection
     module: Built
 
+    @model_validator(mode="after")
+    def _targets_are_the_cheap_tiers(self) -> Settings:
+        targets = list(self.module.get("router", {}).get("targets", ["draft", "stage1"]))
+        if "draft" not in targets or not set(targets) <= {"draft", "stage1"}:
+            raise ValueError(f"module.router.targets={targets}: the router predicts the draft's mistakes and may "
+                             "add Stage-1's ([draft] or [draft, stage1])")
+        return self
+
 
 @dataclass
 class Inputs:
@@ -132,12 +141,8 @@ class Inputs:
 
 
 @register_tier
-class DifficultyTier(Tier):
+class DifficultyTier(Tier, name="difficulty", kind="router", schema=Settings):
     """The router: P(draft wrong) and P(Stage-1 wrong) from a thumbnail and the draft's logits."""
-
-    name = "difficulty"
-    schema = Settings
-    kind = "router"
 
     def needs(self, cfg: DictConfig) -> list[str]:
         return ["draft", *calibrated(cfg, "stage1")]

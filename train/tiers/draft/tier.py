@@ -158,10 +158,7 @@ class Inputs:
 
 
 @register_tier
-class DraftTier(ClassifierTier):
-    name = "draft"
-    schema = Settings
-
+class DraftTier(ClassifierTier, name="draft", schema=Settings):
     def needs(self, cfg: DictConfig) -> list[str]:
         return calibrated(cfg, cfg.draft.teacher)
 

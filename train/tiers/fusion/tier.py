@@ -191,13 +191,9 @@ class Inputs:
 
 
 @register_tier
-class FusionTier(Tier):
+class FusionTier(Tier, name="fusion", kind="fusion", schema=Settings):
     """The fusion head over the feature store, robust to missing modalities (a model of the bundle; the cascade does
     not route to it)."""
-
-    name = "fusion"
-    schema = Settings
-    kind = "fusion"
 
     def needs(self, cfg: DictConfig) -> list[str]:
         return ["features"]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc, binary_matthews_corrcoef
@@ -34,7 +34,6 @@ from train.calibration.risk_control import ltt_from_counts, one_per_group
 from train.config_schema import Built, Group, Levels, Positive, Probability, RiskControl, Selection
 from train.data.splits import scene_groups, split_by_image
 from train.data.views import ViewSet, cached_view_outputs
-from train.errors import ConfigError
 from train.export.bundle import export_prm
 from train.metrics import paired_bootstrap_mcc
 from train.models.prm import ProcessRewardModel, load_prm, save_prm
@@ -255,6 +254,14 @@ class Settings(Group):
     search: Search
     module: Built
 
+    @model_validator(mode="after")
+    def _budget_within_the_views(self) -> Settings:
+        n = ViewSet(**self.views.model_dump()).n_crops
+        if not 1 <= self.traces.budget <= n:
+            raise ValueError(f"traces.budget={self.traces.budget} must be in [1, {n}]: the views every query has "
+                             "(global, tiles, zooms; other cameras may be missing), see prm.views")
+        return self
+
 
 @dataclass
 class Inputs:
@@ -267,12 +274,8 @@ class Inputs:
 
 
 @register_tier
-class PRMTier(Tier):
+class PRMTier(Tier, name="prm", kind="prm", schema=Settings):
     """The process reward model over multi-view inspection traces, and the search it guides."""
-
-    name = "prm"
-    schema = Settings
-    kind = "prm"
 
     def needs(self, cfg: DictConfig) -> list[str]:
         return calibrated(cfg, cfg.prm.views_model)
@@ -280,9 +283,6 @@ class PRMTier(Tier):
     def inputs(self, cfg: DictConfig, run: Run, task_dir: Path) -> Inputs:
         pcfg = cfg.prm
         view_set = ViewSet(**OmegaConf.to_container(pcfg.views))
-        if not 1 <= pcfg.traces.budget <= view_set.n_crops:
-            raise ConfigError(f"prm.traces.budget={pcfg.traces.budget} must be in [1, {view_set.n_crops}]: the views "
-                              "every query has (global, tiles, zooms; other cameras may be missing), see prm.views")
         model, config, _ = load_calibrated(run, pcfg.views_model)
         datamodule = build_datamodule(cfg, run, config["input"])
         views, view_files = {}, {}

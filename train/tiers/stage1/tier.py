@@ -19,10 +19,9 @@ from train.tiers.training import build_datamodule, consolidated_checkpoint, reso
 
 
 @register_tier
-class Stage1Tier(ClassifierTier):
+class Stage1Tier(ClassifierTier, name="stage1"):
     """Configured by ``model`` (the module and backbone) and ``trainer`` (its Trainer as it is)."""
 
-    name = "stage1"
     ranks = "all"
     reads_shards = True
 
