@@ -59,9 +59,9 @@ class Outcome:
 
 class Tier:
     """One learned part of the cascade, declared as ``class X(Tier, name=..., kind=..., schema=...)``: ``name`` is its
-    stage, config group and saved model. Subclasses implement :meth:`inputs`, :meth:`module`, :meth:`finish`,
-    :meth:`load` and :meth:`export`; a tier trained on the run's images by a Lightning DataModule overrides
-    :meth:`fit`."""
+    stage, config group and saved model. Subclasses implement :meth:`inputs`, :meth:`module`, :meth:`loaders` (or
+    :meth:`fit`, for a fit of their own: Stage-1 also tests, APT evaluates before and after), :meth:`finish`,
+    :meth:`load` and :meth:`export`."""
 
     name: ClassVar[str]
     kind: ClassVar[str] = "classifier"
@@ -158,14 +158,19 @@ def get_tier(name: str) -> Tier:
     return TIERS[name]
 
 
+def reseed(cfg: DictConfig) -> None:
+    """Seed every generator from ``cfg.seed`` again: what follows draws the same numbers whether the steps before it
+    ran or read their results from a cache."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+
 def run_tier(cfg: DictConfig, run: Run, tier: Tier) -> dict:
     """The one training flow: inputs, module, fit (best epoch kept), then the tier saves, calibrates and evaluates
-    itself (:meth:`Tier.finish`); the report, table and figures are written and the stage recorded. The module is
-    built from ``cfg.seed``, whatever reading the inputs drew: a tier trains the same whether its inputs were
-    computed or read back from a cache."""
+    itself (:meth:`Tier.finish`); the report, table and figures are written and the stage recorded. The random
+    numbers are the stage's, seeded when it starts; a tier whose inputs may come from a cache or not reseeds itself
+    (:func:`reseed`)."""
     task_dir = run.task_dir(tier.name)
     inputs = tier.inputs(cfg, run, task_dir)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = tier.module(cfg, run, inputs, task_dir)
     trainer = build_trainer(cfg, task_dir, monitor=tier.selection(cfg), **tier.trainer_overrides(cfg))
     fit = tier.fit(cfg, run, trainer, module, inputs)

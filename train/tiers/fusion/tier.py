@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +37,7 @@ from train.export.bundle import export_fusion
 from train.metrics import paired_bootstrap_mcc, roadwork_prob
 from train.models.fusion import FusionNet, conditions, load_fusion, save_fusion
 from train.runs import Run
-from train.tiers.base import Fit, Outcome, Tier, register_tier
+from train.tiers.base import Fit, Outcome, Tier, register_tier, reseed
 from train.tiers.cascade import one_per_scene
 from train.tiers.fusion.module import FusionModule, RowDataset, collate, rows_of
 from train.tiers.training import build_trainer, restore_best
@@ -81,9 +80,9 @@ def cpu_threads(cfg: DictConfig) -> Iterator[None]:
 def train_head(cfg: DictConfig, module_cfg: DictConfig, meta: dict, modalities: list[str], task_dir) -> FusionNet:
     """Fit one more head for the report (a compared architecture, one modality alone) into its own folder, as the
     tier's own head is fitted."""
-    shutil.rmtree(task_dir / "checkpoints", ignore_errors=True)  # a rerun's best checkpoint is its own
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_head(cfg, module_cfg, meta, modalities)
+    shutil.rmtree(task_dir / "checkpoints", ignore_errors=True)  # a rerun's best checkpoint is its own
+    reseed(cfg)
     tier = FusionTier()
     trainer = build_trainer(cfg, task_dir, monitor=tier.selection(cfg), **tier.trainer_overrides(cfg))
     with cpu_threads(cfg):
@@ -214,6 +213,7 @@ class FusionTier(Tier, name="fusion", kind="fusion", schema=Settings):
         return head_loaders(cfg, inputs.data["meta"])
 
     def fit(self, cfg: DictConfig, run: Run, trainer, module: FusionModule, inputs: Inputs) -> Fit:
+        reseed(cfg)  # every head of the report (this one, the compared ones) fits from the same numbers
         with cpu_threads(cfg):
             return super().fit(cfg, run, trainer, module, inputs)
 

@@ -40,7 +40,7 @@ from train.models.prm import ProcessRewardModel, load_prm, save_prm
 from train.models.search import TraceScorer, beam_search, best_of_n, greedy_view_order, pool_mean, pool_vote, view_pool
 from train.models.traces import margins, rollout_labels, running_belief, sample_traces
 from train.runs import Run, cached_tensors
-from train.tiers.base import Fit, Outcome, Tier, register_tier
+from train.tiers.base import Fit, Outcome, Tier, register_tier, reseed
 from train.tiers.calibration import calibrated, load_calibrated
 from train.tiers.prm.module import PRMModule, TraceDataset, batched
 from train.tiers.training import build_datamodule
@@ -291,6 +291,7 @@ class PRMTier(Tier, name="prm", kind="prm", schema=Settings):
                                                           s in pcfg.every_level, pcfg.batch_size_views)
         traces = {s: split_traces(cfg, run, views[s], view_files[s], s, cfg.seed + k) for k, s in enumerate(SPLITS)}
         calib_groups = scene_groups(datamodule.split("calib"))[views["calib"]["index"].numpy()]
+        reseed(cfg)  # the same PRM whether the views and traces were computed or read back
         return Inputs(view_set, config["input"], views, view_files, traces, calib_groups)
 
     def module(self, cfg: DictConfig, run: Run, inputs: Inputs, task_dir: Path) -> PRMModule:
