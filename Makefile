@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test bench-synthetic clean-data
+.PHONY: install train test docs bench-synthetic clean-data
 
 install: $(STAMP)
 
@@ -21,6 +21,9 @@ train: install  ## the default pipeline on the embedded synthetic data (ARGS='ke
 
 test: install  ## the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+docs: install  ## the documentation site into site/ (warnings fail the build)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench-synthetic: install  ## generator throughput (images/s per core)
 	$(BIN)/python -m train.bench synthetic
