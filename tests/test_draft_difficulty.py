@@ -36,7 +36,7 @@ def test_draft_agrees_with_its_teacher_and_reports_it_truthfully(cheap_tiers):
     agree = matthews_corrcoef(target, student)
     assert agree == pytest.approx(report["test"]["test/L0/agree_mcc"], abs=1e-4)
     # 48 test images of a teacher trained for seconds: the >= 0.8 of the issue is measured on the embedded default
-    # (README: 0.81 at level 0); here the student must still be far above any constant answer
+    # (docs/guides/cheap-tiers.md: 0.81 at level 0); here the student must still be far above any constant answer
     assert agree >= 0.7
     assert matthews_corrcoef(target, np.ones_like(target)) == 0  # what a constant student would score
     assert report["flops"]["ratio"] < 0.5

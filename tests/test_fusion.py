@@ -148,7 +148,8 @@ def test_bundle_serves_the_fusion_head(fusion_run):
     entry = manifest.models["fusion"]
     assert entry.kind == "classifier" and entry.fusion.modalities == FUSED
     assert set(entry.onnx.inputs) == {*entry.fusion.modalities, "present"} and entry.onnx.parity_max_abs_diff <= 1e-4
-    assert "fusion" not in [t.name for t in manifest.tiers]  # a model of the bundle, not a cascade tier (README)
+    # a model of the bundle, not a cascade tier (docs/guides/fusion.md)
+    assert "fusion" not in [t.name for t in manifest.tiers]
     accepted = json.loads(run.artifact("fusion", "report").read_text())["acceptance"]  # a report figure only
     calib = load_split(FeatureStore(run.artifact("features", "manifest").parent), "calib", FUSED)
     scenes = scene_groups(build_datamodule(cfg, run).split("calib"))[calib["index"].numpy()]

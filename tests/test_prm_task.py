@@ -62,7 +62,8 @@ def test_prm_learns_held_out_step_labels(prm_run):
     report = json.loads(run.artifact("prm", "report").read_text())
     # the bar: step labels of images the PRM never saw (test split), AUROC >= 0.7
     assert run.metrics("prm")["test/step_auroc"] == report["held_out"]["test"]["step_auroc"]
-    # 30 meta images of a Stage-1 trained for seconds: the 0.7 is met on the embedded default (README: 0.82)
+    # 30 meta images of a Stage-1 trained for seconds: the 0.7 is met on the embedded default
+    # (docs/guides/prm.md: 0.82)
     # and on a controlled case (test_prm_search.py); here both held-out splits must be far above the running
     # belief's own confidence
     held_out = report["held_out"]
@@ -125,7 +126,8 @@ def test_prm_in_the_bundle(prm_run):
     assert entry.kind == "prm" and entry.search.views["slots"] == ViewSet(**cfg.prm.views).names
     assert entry.search.method == cfg.prm.search.method and entry.search.budget == cfg.prm.search.budget
     # the deployed stop threshold is the thresholds stage's (this run has none: the search never stops early)
-    assert entry.search.stop_threshold is None and load_prm(run.artifact("prm", "model"))[1]["search"]["stop_threshold"] is None
+    assert entry.search.stop_threshold is None
+    assert load_prm(run.artifact("prm", "model"))[1]["search"]["stop_threshold"] is None
     assert entry.onnx.parity_max_abs_diff <= 1e-4
     # the ONNX file reproduces the PyTorch step scores on other real traces, at other lengths
     net, config = load_prm(run.artifact("prm", "model"))

@@ -20,6 +20,7 @@ Positive = Annotated[int, Field(ge=1)]
 
 
 class Group(BaseModel):
+    """Base of the config schemas: a key the schema does not declare is an error (``extra="forbid"``)."""
     model_config = ConfigDict(extra="forbid")
 
 
@@ -38,6 +39,7 @@ class Selection(Group):
 
 
 class Calibrate(Group):
+    """``calibrate``: how and on what the tiers are calibrated."""
     method: Literal["temperature", "platt", "isotonic"]
     tiers: list[str]
     split: Split
@@ -46,11 +48,14 @@ class Calibrate(Group):
 
 
 class OperatingPoint(Group):
+    """``cascade.operating_point``: the held-out split on which alpha is chosen among ``cascade.sweep``, and the MCC
+    drop against the baseline allowed there."""
     split: Literal["train", "meta", "val"]  # a split neither the thresholds (calib) nor the report (test) uses
     max_mcc_drop: float
 
 
 class Cascade(RiskControl):
+    """``cascade``: its tiers in order, the reference and baseline tiers, how each threshold is chosen on calib."""
     tiers: Annotated[list[str], Field(min_length=1)]
     reference: str | None
     baseline: str | None
@@ -66,6 +71,8 @@ class Cascade(RiskControl):
 
 
 class Evaluate(Group):
+    """``evaluate``: which classifier of the bundle is scored, at which precision, on which split and levels, and
+    whether the bundle's cascade is replayed too."""
     model: str
     precision: str  # fp32 or a variant that task=quantize made
     split: Split
@@ -76,12 +83,14 @@ class Evaluate(Group):
 
 
 class Onnx(Group):
+    """``export.onnx``: the opset and the ONNX Runtime parity check on real images."""
     opset: Positive
     parity_atol: Annotated[float, Field(gt=0)]
     parity_images: Positive
 
 
 class ModelCardText(Group):
+    """``export.model_card``: the ``model_card.json`` fields the config sets (export adds the submission time)."""
     model_name: str | None
     description: str
     version: str
@@ -89,6 +98,7 @@ class ModelCardText(Group):
 
 
 class Export(Group):
+    """``export``: the bundle's models, the one that also gets the HF folder, the ONNX settings, the model card."""
     models: list[str]
     hf_model: str | None
     onnx: Onnx
@@ -97,6 +107,8 @@ class Export(Group):
 
 
 class Features(Group):
+    """``features``: the feature store's splits, levels, modalities and external files; ``every_level`` must be among
+    ``splits``, names may not clash and something must be stored."""
     splits: Annotated[list[Literal["meta", "calib", "test"]], Field(min_length=1)]
     levels: Annotated[Levels, Field(min_length=1)]
     every_level: list[Literal["meta", "calib", "test"]]
@@ -118,18 +130,21 @@ class Features(Group):
 
 
 class Prepare(Group):
+    """``prepare``: which splits are decoded into uint8 shards, at which side, in batches of which size."""
     splits: list[Split]
     size: Positive | None
     batch_size: Positive
 
 
 class FractalSearch(Group):
+    """``pretrain.fdsl.search``: FractalDB's category search (maps per system, contraction, filling filter)."""
     n_maps: Annotated[list[Annotated[int, Field(ge=2)]], Field(min_length=2, max_length=2)]
     max_sigma: Annotated[float, Field(gt=0, lt=1)]
     min_fill: Probability
 
 
 class FractalRender(Group):
+    """``pretrain.fdsl.render``: how each fractal instance is rendered."""
     perturbation: Probability
     points: Positive | None
     canvas_scale: Annotated[float, Field(ge=1)]
@@ -138,6 +153,7 @@ class FractalRender(Group):
 
 
 class Fdsl(Group):
+    """``pretrain.fdsl``: formula-driven pretraining on rendered fractal categories."""
     classes: Annotated[int, Field(ge=2)]
     search: FractalSearch
     render: FractalRender
@@ -146,6 +162,7 @@ class Fdsl(Group):
 
 
 class Mae(Group):
+    """``pretrain.mae``: the masked autoencoder's mask ratio, decoder and targets."""
     mask_ratio: Annotated[float, Field(gt=0, lt=1)]
     decoder_dim: Positive
     decoder_depth: Positive
@@ -154,6 +171,7 @@ class Mae(Group):
 
 
 class Pretrain(Group):
+    """``pretrain``: the method, its schedule, optimiser and scheduler, and each method's own settings."""
     method: Literal["fdsl", "mae"]
     epochs: Positive
     steps_per_epoch: Positive
@@ -173,6 +191,7 @@ class Pretrain(Group):
 
 
 class Variant(Group):
+    """``quantize.variants.<name>``: how one INT8 variant is made (static or dynamic, and ONNX Runtime's options)."""
     mode: Literal["static", "dynamic"]
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
     method_options: dict[str, Any] = {}
@@ -186,17 +205,20 @@ class Variant(Group):
 
 
 class QuantizeData(Group):
+    """``quantize.data``: the queries the static variants' activation ranges come from."""
     split: Split
     levels: Levels
     samples: Positive
 
 
 class QuantizeTest(Group):
+    """``quantize.test``: where the variants' metrics and agreement with fp32 are measured."""
     split: Split
     levels: Levels
 
 
 class Quantize(Group):
+    """``quantize``: which bundle classifiers get which INT8 variants; the queries that calibrate and test them."""
     models: list[str]
     variants: dict[str, Variant | None]
     data: QuantizeData
@@ -206,6 +228,7 @@ class Quantize(Group):
 
 
 class Pipeline(Group):
+    """``pipeline``: the stages run in order in one run (not ``pipeline`` itself); whether complete ones rerun."""
     stages: Annotated[list[str], Field(min_length=1)]
     force: bool
 

@@ -59,14 +59,17 @@ class NatixReward(Metric):
         self.stats = BinaryStatScores(threshold=threshold)
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of P(roadwork) ``preds`` and 0/1 ``target``."""
         self.mcc.update(preds, target)
         self.stats.update(preds, target)
 
     def compute(self) -> torch.Tensor:
+        """The reward over every sample seen since the last reset."""
         tp, fp, tn, fn, _ = self.stats.compute().float()
         return natix_reward(self.mcc.compute().float(), (tp + tn) / (tp + fp + tn + fn).clamp(min=1))
 
     def reset(self) -> None:
+        """Forget every sample seen (the inner MCC and counts too)."""
         super().reset()
         self.mcc.reset()
         self.stats.reset()

@@ -56,6 +56,7 @@ class Run:
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
+        """The existing run folder ``path`` (a ``RunError`` when it does not exist or has no registry)."""
         path = Path(path)
         if not path.is_dir():
             raise RunError(f"run_dir={path} does not exist")
@@ -84,14 +85,17 @@ class Run:
 
     # --- registry -------------------------------------------------------------------------
     def read(self) -> dict:
+        """The registry (``registry.json``) as a dict."""
         return json.loads(self.registry_path.read_text())
 
     def task_dir(self, task: str) -> Path:
+        """``<run>/<task>/``, created if missing."""
         d = self.path / task
         d.mkdir(parents=True, exist_ok=True)
         return d
 
     def is_complete(self, task: str) -> bool:
+        """Whether the registry marks ``task`` complete."""
         return self.read()["tasks"].get(task, {}).get("status") == "complete"
 
     def record(self, task: str, artifacts: dict[str, Path] | None = None,
@@ -129,6 +133,7 @@ class Run:
         return path
 
     def metrics(self, task: str) -> dict:
+        """The metrics ``task`` recorded (empty when it recorded none)."""
         return self.read()["tasks"].get(task, {}).get("metrics", {})
 
     def write_summary(self) -> Path:

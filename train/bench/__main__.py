@@ -11,6 +11,7 @@ BENCHMARKS = {"synthetic": "train.bench.synthetic", "apt": "train.bench.apt", "s
 
 
 def main() -> None:
+    """Run benchmark ``NAME`` with the remaining options; ``--json PATH`` also writes its figures there."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", choices=sorted(BENCHMARKS))
     parser.add_argument("--json", help="also write the figures to this file")

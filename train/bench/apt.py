@@ -118,6 +118,9 @@ def selection_cost(apt: APTViT, images: torch.Tensor, repeats: int = 3) -> dict:
 def measure(name: str, size: int, batch: int, thresholds: list[float], attention: list[str], compile: bool,
             steps: int, warmup: int, device: torch.device, photos: dict[str, np.ndarray],
             select: str = "workers") -> list[dict]:
+    """The original ViT ``name`` and APT with each ``attention`` backend at ``size``, one row each (img/s of
+    inference and training; for APT its ratios to the original and packing error, or the error it failed with),
+    printed as a table; every row also carries the token counts and the selection's CPU cost."""
     pool, names = bench_images(size, photos)
     images = pool[torch.arange(batch) % len(pool)].to(device)
     vit = create_backbone(name, img_size=size).to(device)
@@ -179,6 +182,7 @@ def measure(name: str, size: int, batch: int, thresholds: list[float], attention
 
 
 def run(argv: list[str] | None = None) -> dict:
+    """The ``apt`` benchmark: :func:`measure` at each of ``--sizes``; the device, torch version and all rows."""
     parser = argparse.ArgumentParser(prog="python -m train.bench apt")
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384])

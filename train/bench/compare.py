@@ -22,6 +22,7 @@ from train.runs import Run
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The ``compare`` benchmark's command line: the run folders of arms ``--a`` and ``--b``, ``--draws``."""
     parser = argparse.ArgumentParser(prog="python -m train.bench compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--a", nargs="+", required=True, help="run folders of arm a (the reference)")
@@ -43,6 +44,7 @@ def evaluated(path: str) -> tuple[dict, dict[tuple[int, int], float], np.ndarray
 
 
 def per_run(report: dict) -> dict:
+    """MCC, accuracy and reward per level of an evaluate report, rounded to 4 places."""
     return {lv: {k: round(m[k], 4) for k in ("mcc", "acc", "reward")} for lv, m in report["metrics"].items()}
 
 
@@ -64,6 +66,8 @@ def pair(a: tuple, b: tuple, draws: int) -> dict:
 
 
 def run(argv: list[str] | None = None) -> dict:
+    """The ``compare`` benchmark: each run's metrics and each pair's MCC differences (:func:`pair`), printed and
+    returned; ``--a`` and ``--b`` must list as many runs."""
     args = parse(argv)
     if len(args.a) != len(args.b):
         raise SystemExit(f"--a has {len(args.a)} runs, --b {len(args.b)}: pair them one to one")

@@ -72,6 +72,8 @@ def compare(model, cfg, datamodule, calibration: dict, device: torch.device) -> 
 
 
 def run(argv: list[str] | None = None) -> dict:
+    """The ``fp8`` benchmark: :func:`compare` for each of ``--models`` of ``--run-dir``, with the device, whether it
+    runs FP8 natively, the torch version and the run."""
     parser = argparse.ArgumentParser(prog="python -m train.bench fp8")
     parser.add_argument("--run-dir", required=True, help="a run whose calibrate stage is complete")
     parser.add_argument("--models", nargs="+", default=["stage1"], help="calibrated classifiers of the run")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A GPU user's first run, checked and timed (README "Tests and benchmarks"), on a GPU host:
+# A GPU user's first run, checked and timed (docs/testing.md), on a GPU host:
 #   bash train/bench/gpu_job.sh
 # The GPU-marked end-to-end tests (tests/test_gpu.py), then the default job as a new GPU user types it
 # (`python -m train trainer=gpu data.num_workers=$WORKERS`, fresh data and run folders under $ROOT): its exit code,

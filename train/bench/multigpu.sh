@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Stage-1 ViT-B/16 img/s per strategy on one host (README "Performance", checkpoints/benchmarks/zero*.json):
-#   bash train/bench/multigpu.sh gpu1 ddp2 zero2 zero2_check zero3 ...     (on the GPU machine; see the README)
+# Stage-1 ViT-B/16 img/s per strategy on one host (docs/performance.md, checkpoints/benchmarks/zero*.json):
+#   bash train/bench/multigpu.sh gpu1 ddp2 zero2 zero2_check zero3 ...     (on the GPU machine; see docs/performance.md)
 # Each NAME is one `python -m train task=stage1` run (eager, bf16-mixed, batch 256 per GPU, decode-once shards,
 # STEPS batches, no validation) with Lightning's ThroughputMonitor; prints a JSON line per run (per-GPU img/s of
 # each logged window and their median). A 20,000-scene synthetic run with its shards is built first under $ROOT.

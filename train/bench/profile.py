@@ -7,7 +7,7 @@ The report (``<out_dir>/profile-<name>.txt``, and the dict :func:`report` return
 busy ms per step (its kernels' and copies' durations summed; ``gpu_union_ms``: the time at least one of them ran),
 kernel launches, host-device copies and host waits (stream, device and event synchronisations) per step, then the op
 tables by device and by CPU time. A step whose wall time is well above its GPU time is host-bound (how ZeRO-2's
-per-gradient work was found, README "Performance"). ``trace`` also writes the Chrome trace, gzipped.
+per-gradient work was found, docs/performance.md). ``trace`` also writes the Chrome trace, gzipped.
 """
 from __future__ import annotations
 

@@ -103,6 +103,7 @@ class NoGC(pl.Callback):
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The ``stage1`` benchmark's command line; a bare ``--levers`` means :data:`DEFAULT_LEVERS`."""
     p = argparse.ArgumentParser(prog="python -m train.bench stage1")
     p.add_argument("--model", default="vit_base_patch16_224", help="timm name (model=vit_b16 with this backbone)")
     p.add_argument("--img-size", type=int, default=224)
@@ -253,15 +254,18 @@ def data_path(cfg: DictConfig, run: Run, args: argparse.Namespace, device: torch
 
 
 def reset_memory(device: torch.device) -> None:
+    """Reset the device's peak-memory counter (CUDA only)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(device: torch.device) -> float | None:
+    """GB of device memory allocated at the peak since :func:`reset_memory`; None off CUDA."""
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
 
 
 def release(device: torch.device) -> None:
+    """Collect garbage and empty the CUDA cache, so the next row starts with the memory free."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -277,6 +281,7 @@ def train_flops(backbone: dict, args: argparse.Namespace, device: torch.device) 
 
 
 def versions() -> dict:
+    """Versions of Python, torch, CUDA, timm, pytorch_lightning and torchvision, and of ``lightning`` when installed."""
     import pytorch_lightning
     import timm
     import torchvision
@@ -301,12 +306,16 @@ def plans(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def timed(fn, *fn_args) -> dict:
+    """``fn(*fn_args)``'s figures plus ``wall_s``, the seconds the call took."""
     start = time.perf_counter()
     out = fn(*fn_args)
     return {**out, "wall_s": time.perf_counter() - start}
 
 
 def run(argv: list[str] | None = None) -> dict:
+    """The ``stage1`` benchmark: the raw step, each full loop (with its loader figures) and lever (those not started
+    by ``--time-limit`` skipped), each row's ratio to the raw step and MFU; prints the table and returns the
+    figures (``--save``: also under ``checkpoints/benchmarks/``)."""
     args = parse(argv)
     setup_logging()
     started, cuda = time.perf_counter(), torch.cuda.is_available()
@@ -357,11 +366,12 @@ COLUMNS = [("img/s", "img_s", ",.0f"), ("x raw", "ratio_vs_raw", ".3f"), ("MFU",
 
 
 def cells(row: dict) -> list[str]:
+    """A row's table cells in :data:`COLUMNS` order, ``-`` where a figure is missing."""
     return ["-" if row.get(key) is None else format(row[key], fmt) for _, key, fmt in COLUMNS]
 
 
 def print_table(figures: dict) -> None:
-    """The rows as a rich table, then as Markdown (for the README's Performance section)."""
+    """The rows as a rich table, then as Markdown (for docs/performance.md)."""
     from rich.table import Table
 
     s = figures["settings"]

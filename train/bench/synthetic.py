@@ -38,6 +38,8 @@ def all_cores_rate(n_scenes: int, size: int) -> tuple[float, int]:
 
 
 def run(argv: list[str] | None = None) -> dict:
+    """The ``synthetic`` benchmark at ``--size``: images/s per core (render, render + JPEG) and of the parquet
+    writer on every core."""
     parser = argparse.ArgumentParser(prog="python -m train.bench synthetic")
     parser.add_argument("--n", type=int, default=300, help="scenes per timed repeat")
     parser.add_argument("--size", type=int, default=256)

@@ -14,6 +14,7 @@ import torch
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA only; elsewhere nothing to wait for)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -71,6 +72,7 @@ class StepTimer(pl.Callback):
             self.marks.append(time.perf_counter())
 
     def result(self) -> dict:
+        """The timed windows' img/s (as :func:`rates` gives them) and the first step's seconds."""
         return {**rates(self.marks, self.window, self.batch), "first_step_s": self.first_step}
 
 

@@ -46,6 +46,7 @@ BUILDERS = {0: "get_base_transforms", 1: "get_random_augmentations", 2: "get_ran
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The ``validator`` benchmark's command line."""
     parser = argparse.ArgumentParser(prog="python -m train.bench validator", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subnet", required=True, help="a checkout of natixnetwork/streetvision-subnet")
@@ -95,6 +96,9 @@ def subnet_query(subnet, image: np.ndarray, level: int, seed: int, noise_seed: i
 
 
 def pixel_parity(subnet, images: ImageDataset, n: int) -> dict:
+    """Per level, the subnet's query of each of the first ``n`` images against
+    :func:`~train.data.validator.render_query` replaying its draws: the largest and mean absolute difference and
+    the fractions of identical uint8 pixels and of identical wire JPEGs."""
     figures = {}
     for level in LEVELS:
         max_diff, mean_diff, same_pixels, same_jpeg = 0.0, [], [], []
@@ -115,6 +119,8 @@ def pixel_parity(subnet, images: ImageDataset, n: int) -> dict:
 
 def model_parity(subnet, images: ImageDataset, labels: np.ndarray, bundle: Bundle, model: str, seed: int,
                  draws: int) -> dict:
+    """Per level, ``model`` of ``bundle`` on every image's query as the subnet makes it and as the project does
+    (each sent as the wire JPEG): MCC and accuracy of both and their paired bootstrap MCC difference."""
     classifier = bundle.classifier(model)
     spec = bundle.manifest.models[model].input
     model_input = ModelInput(spec.img_size, spec.mean, spec.std)
@@ -139,6 +145,8 @@ def model_parity(subnet, images: ImageDataset, labels: np.ndarray, bundle: Bundl
 
 
 def run(argv: list[str] | None = None) -> dict:
+    """The ``validator`` benchmark: pixel and model parity of the ``--subnet`` checkout with the project on the
+    test images of ``--run``, printed per level."""
     args = parse(argv)
     subnet = load_subnet(Path(args.subnet))
     run_ = Run.open(args.run)

@@ -42,6 +42,8 @@ class TierRule:
 
 @dataclass
 class TierChoice:
+    """What :func:`select_cascade` chose for one tier: the test's choice, the threshold as the manifest states it, what
+    counted as an error and how many calibration samples reached the tier."""
     name: str
     kind: str
     choice: ThresholdChoice | None      # None: the last tier (answers everything)

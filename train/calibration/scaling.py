@@ -39,6 +39,7 @@ class Calibrator:
         return self._probs(logits.detach().cpu().double())
 
     def params(self) -> dict:
+        """What it learned as plain floats (the manifest's ``calibration.params``); :meth:`from_params` rebuilds it."""
         raise NotImplementedError
 
     @classmethod
@@ -78,6 +79,7 @@ class TemperatureScaling(Calibrator):
         return roadwork_prob(logits / self.temperature)
 
     def params(self) -> dict:
+        """``{"temperature": T}``."""
         return {"temperature": self.temperature}
 
     def folded(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +107,7 @@ class PlattScaling(Calibrator):
         return torch.sigmoid(self.a * logit_margin(logits) + self.b)
 
     def params(self) -> dict:
+        """``{"a": a, "b": b}``."""
         return {"a": self.a, "b": self.b}
 
     def folded(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +142,7 @@ class IsotonicCalibration(Calibrator):
         return torch.from_numpy(apply_isotonic_table(roadwork_prob(logits).numpy(), self.params()))
 
     def params(self) -> dict:
+        """The table ``{"x": [...], "y": [...]}`` that :func:`apply_isotonic_table` applies (None before fitting)."""
         return {"x": self.x, "y": self.y}
 
 
@@ -209,6 +213,7 @@ def logit_margin(logits: torch.Tensor) -> torch.Tensor:
 
 
 def check_logits(logits: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``logits`` is a float tensor [N, 2] (None, Roadwork)."""
     if logits.ndim != 2 or logits.shape[1] != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor [N, 2] (None, Roadwork); got {logits.dtype} "
                          f"{list(logits.shape)}")

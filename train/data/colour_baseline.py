@@ -56,6 +56,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, weight_decay: float = 1e-2, s
 
 
 def split_histograms(dm: RoadworkDataModule, split: str, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Colour histograms (``bins`` levels per channel) and labels of every sample of split ``split``."""
     ds = ImageDataset(dm.split(split), ColourHistogram(bins))
     xs, ys = [], []
     for batch in DataLoader(ds, batch_size=256, num_workers=dm.num_workers):
@@ -74,6 +75,7 @@ def colour_baseline(dm: RoadworkDataModule, train_split: str = "train", test_spl
 
 
 def main() -> None:
+    """Command line: print the colour baseline's figures on a run's splits as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a run folder whose data stage is complete")
     parser.add_argument("--bins", type=int, default=8)

@@ -176,6 +176,7 @@ class RoadworkDataModule(pl.LightningDataModule):
             self.index = pq.read_table(self.index_path)
 
     def split(self, name: str) -> pa.Table:
+        """The index's rows of split ``name`` as a pyarrow table; an unknown or empty split is an error."""
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; allowed: {list(SPLITS)}")
         self.setup()
@@ -185,6 +186,7 @@ class RoadworkDataModule(pl.LightningDataModule):
         return table
 
     def class_counts(self, name: str = "train") -> np.ndarray:
+        """Samples of each label (0, 1) in split ``name``."""
         return np.bincount(self.split(name).column("label").to_numpy(), minlength=2)
 
     @property

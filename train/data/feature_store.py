@@ -37,6 +37,7 @@ class FeatureStoreError(RuntimeError):
 
 
 def presence_column(modality: str) -> str:
+    """The name of the column flagging which rows have ``modality``."""
     return f"has_{modality}"
 
 
@@ -52,13 +53,16 @@ class FeatureStore:
             raise FeatureStoreError(f"{path} is not a feature-store manifest (format {self.manifest.get('format')!r})")
 
     def save(self) -> None:
+        """Write the manifest (atomically)."""
         atomic_write_json(self.root / MANIFEST, self.manifest)
 
     @property
     def modalities(self) -> list[str]:
+        """The declared modalities, in the order they were declared."""
         return list(self.manifest["modalities"])
 
     def dims(self) -> dict[str, int]:
+        """Feature width of each declared modality."""
         return {m: int(v["dim"]) for m, v in self.manifest["modalities"].items()}
 
     def declare(self, modality: str, dim: int, producer: dict) -> None:
@@ -81,9 +85,11 @@ class FeatureStore:
         return [(s, min(s + shard_size, n_queries)) for s in range(0, n_queries, shard_size)]
 
     def shard_path(self, split: str, modality: str, k: int) -> Path:
+        """Where shard ``k`` of ``modality`` in ``split`` lives (written or not)."""
         return self.root / split / f"{modality}-{k:05d}.parquet"
 
     def has_shard(self, split: str, modality: str, k: int) -> bool:
+        """Whether shard ``k`` is recorded in the manifest and its file still has the recorded checksum."""
         recorded = self.manifest["splits"][split]["shards"].get(modality, {}).get(str(k))
         path = self.shard_path(split, modality, k)
         return recorded is not None and path.is_file() and sha256_file(path) == recorded
@@ -108,12 +114,14 @@ class FeatureStore:
         return path
 
     def complete(self, split: str, modality: str) -> bool:
+        """Whether every shard of ``split``'s plan holds ``modality``, recorded and unchanged."""
         entry = self.manifest["splits"].get(split)
         if entry is None or modality not in self.manifest["modalities"]:
             return False
         return all(self.has_shard(split, modality, k) for k in range(self.n_shards(split)))
 
     def n_shards(self, split: str) -> int:
+        """Shards in ``split``'s plan."""
         entry = self.manifest["splits"][split]
         return -(-entry["queries"] // entry["shard_size"])
 

@@ -33,6 +33,7 @@ class FractalCategories:
     seed: int
 
     def to(self, device) -> FractalCategories:
+        """The same categories with their tensors on ``device``."""
         return dataclasses.replace(self, maps=self.maps.to(device), probs=self.probs.to(device),
                                    fill=self.fill.to(device))
 

@@ -105,6 +105,8 @@ class ImageReader:
         self._tables: dict[str, object] = {}
 
     def read(self, file: str, row: int = -1, column: str = "") -> bytes:
+        """The bytes of one sample: the image file ``file`` (``row < 0``; unreadable: :class:`BadImageError`), else the
+        cell at ``row`` of the parquet file's ``column``."""
         if row < 0:
             try:
                 return Path(file).read_bytes()

@@ -120,10 +120,12 @@ class ResizedQueries:
 
     @staticmethod
     def path_for(store: QueryStore, model_input: ModelInput) -> Path:
+        """Where the queries of ``store`` resized to ``model_input``'s size are kept."""
         return store.path.with_name(f"{store.path.stem}-{model_input.img_size}px.npy")
 
     @staticmethod
     def complete(path: Path, store: QueryStore) -> bool:
+        """Whether ``path`` holds one resized query per query of ``store``."""
         return path.is_file() and len(np.load(path, mmap_mode="r")) == len(store)
 
     @classmethod

@@ -33,6 +33,7 @@ class EpochSampler(Sampler):
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
 
     def set_epoch(self, epoch: int) -> None:
+        """Serve epoch ``epoch`` next; a new epoch drops ``skip`` (it applies to the epoch a fit resumed in)."""
         if int(epoch) != self.epoch:
             self.skip = 0
         self.epoch = int(epoch)

@@ -53,6 +53,7 @@ def write_split(folder: Path, split: str, batches: Iterable[dict], table: pa.Tab
 
 
 def read_manifest(path: str | Path) -> dict:
+    """The shards manifest (``shards.json``) at ``path``."""
     return json.loads(Path(path).read_text())
 
 

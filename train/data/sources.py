@@ -95,9 +95,11 @@ class ParquetSource:
         self.image_column, self.label_column, self.id_column = image_column, label_column, id_column
 
     def prepare(self) -> None:
+        """Check that ``root`` is or holds parquet files."""
         self.files()
 
     def files(self) -> list[Path]:
+        """The parquet files: ``root`` itself, or every ``*.parquet`` under it, sorted."""
         root = _require_exists(self.root, "data.root")
         files = [root] if root.is_file() else sorted(root.rglob("*.parquet"))
         if not files:
@@ -105,6 +107,8 @@ class ParquetSource:
         return files
 
     def find_image_column(self, schema: pa.Schema, file: Path) -> str:
+        """The image column of ``file``: ``image_column`` when set, else a usual name, else the first binary column
+        or struct with a ``bytes`` field."""
         if self.image_column:
             if self.image_column not in schema.names:
                 raise DataError(f"{file}: image column '{self.image_column}' not found; columns: {schema.names}")
@@ -120,6 +124,7 @@ class ParquetSource:
                         f"columns: {schema.names}; set data.source.image_column")
 
     def samples(self) -> pa.Table:
+        """The index rows of every file (sample ids unique across the files)."""
         table = pa.concat_tables([self._file_samples(f) for f in self.files()])
         check_unique_ids(table)  # across files too
         return table
@@ -156,9 +161,11 @@ class ImageFolderSource:
         self.root = Path(root)
 
     def prepare(self) -> None:
+        """Check that ``root`` has both class subfolders."""
         self.class_dirs()
 
     def class_dirs(self) -> dict[Path, int]:
+        """Class subfolder -> label (``None``/``0`` -> 0, ``Roadwork``/``1`` -> 1, in any case); both must be there."""
         root = _require_exists(self.root, "data.root")
         dirs = {d: CLASS_DIRS[d.name.lower()] for d in sorted(root.iterdir())
                 if d.is_dir() and d.name.lower() in CLASS_DIRS}
@@ -169,6 +176,7 @@ class ImageFolderSource:
         return dirs
 
     def samples(self) -> pa.Table:
+        """One index row per image file under the class subfolders; the sample id is its path relative to ``root``."""
         files, labels = [], []
         for d, label in self.class_dirs().items():
             for f in sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
@@ -187,9 +195,11 @@ class CsvSource:
         self.root, self.path_column, self.label_column = Path(root), path_column, label_column
 
     def prepare(self) -> None:
+        """Check that the CSV file exists."""
         _require_exists(self.root, "data.root")
 
     def samples(self) -> pa.Table:
+        """One index row per line of the CSV; the sample id is the path as written, and every image must exist."""
         table = pacsv.read_csv(_require_exists(self.root, "data.root"),
                                convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
         for c in (self.path_column, self.label_column):

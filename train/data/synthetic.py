@@ -394,6 +394,7 @@ def near_z(rng) -> float:
 
 
 def lookalike_vehicle(rng, scene: Scene) -> None:
+    """One or two orange or yellow cars, yellow taxis, orange trucks or yellow buses on the road."""
     r = scene.half_road
     for _ in range(randint(rng, 1, 3)):
         x = uni(rng, -r + 1, r - 1)
@@ -411,12 +412,14 @@ def lookalike_vehicle(rng, scene: Scene) -> None:
 
 
 def lookalike_people(rng, scene: Scene) -> None:
+    """One to three people in orange clothes, mostly on the sidewalks."""
     for _ in range(randint(rng, 1, 4)):
         x = sidewalk_x(rng, scene) if rng.random() < 0.7 else uni(rng, -scene.half_road, scene.half_road)
         add_person(rng, scene, x, near_z(rng), pick(rng, WARM + CONE_ORANGE), "a person in orange clothes")
 
 
 def lookalike_zebra(rng, scene: Scene) -> None:
+    """A zebra crossing over the road, more often than not with traffic lights beside it."""
     r, z = scene.half_road, uni(rng, 5, 30)
     bars = [quad_x(x, x + 0.5, z, z + uni(rng, 2.5, 4)) for x in np.arange(-r + 0.3, r - 0.3, 1.0)]
     scene.ground.append((np.array(bars), (230, 230, 225)))
@@ -426,6 +429,7 @@ def lookalike_zebra(rng, scene: Scene) -> None:
 
 
 def lookalike_traffic_light(rng, scene: Scene, z: float | None = None) -> None:
+    """A traffic light on each side of the road at ``z`` (a near distance when None)."""
     z = near_z(rng) if z is None else z
     for side in (-1, 1):
         scene.things.append(Thing("traffic_light", side * (scene.half_road + 0.3), z, 0.4, uni(rng, 3.6, 4.6),
@@ -433,6 +437,7 @@ def lookalike_traffic_light(rng, scene: Scene, z: float | None = None) -> None:
 
 
 def lookalike_striped_poles(rng, scene: Scene) -> None:
+    """One to four striped poles (red or orange on white), tall or short, beside the road."""
     colour = pick(rng, STRIPE_RED)
     for _ in range(randint(rng, 1, 5)):
         tall = rng.random() < 0.5
@@ -442,6 +447,7 @@ def lookalike_striped_poles(rng, scene: Scene) -> None:
 
 
 def lookalike_awning(rng, scene: Scene) -> None:
+    """A striped awning on a facade of an urban street; striped poles on other roads."""
     if scene.kind != "urban street":   # no facade to hang it on
         lookalike_striped_poles(rng, scene)
         return
@@ -452,6 +458,7 @@ def lookalike_awning(rng, scene: Scene) -> None:
 
 
 def lookalike_signs(rng, scene: Scene) -> None:
+    """One or two yellow warning diamonds or orange street signs beside the road."""
     for _ in range(randint(rng, 1, 3)):
         diamond = rng.random() < 0.4
         colour = (250, 200, 20) if diamond else pick(rng, WARM)
@@ -461,6 +468,7 @@ def lookalike_signs(rng, scene: Scene) -> None:
 
 
 def lookalike_road_damage(rng, scene: Scene) -> None:
+    """One to three potholes on the road."""
     r = scene.half_road
     for _ in range(randint(rng, 1, 4)):
         x, z = uni(rng, -r + 1, r - 1), near_z(rng)
@@ -472,6 +480,7 @@ def lookalike_road_damage(rng, scene: Scene) -> None:
 
 
 def lookalike_bins(rng, scene: Scene) -> None:
+    """One to three litter bins of one orange or yellow colour on the sidewalks."""
     colour = pick(rng, WARM)
     for _ in range(randint(rng, 1, 4)):
         scene.things.append(Thing("bin", sidewalk_x(rng, scene), near_z(rng), uni(rng, 0.5, 0.7),
@@ -479,6 +488,7 @@ def lookalike_bins(rng, scene: Scene) -> None:
 
 
 def lookalike_autumn(rng, scene: Scene) -> None:
+    """Autumn colours for the scene's trees, and one or two more autumn trees by the building line or verge."""
     for t in scene.things:
         if t.kind == "tree":
             t.colour, t.lookalike = pick(rng, AUTUMN), "autumn trees"
@@ -677,6 +687,7 @@ def counted(n: int, noun: str) -> str:
 
 
 def joined(items: list[str]) -> str:
+    """``items`` as an English list: 'a', 'a and b', 'a, b and c'."""
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 

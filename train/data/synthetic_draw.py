@@ -110,6 +110,7 @@ class Surfaces:
         self.poly_starts = np.cumsum([0] + sizes[:-1]) if sizes else np.zeros(0, int)
 
     def draw(self, img: np.ndarray, cam: Camera, tone: Tone) -> None:
+        """Fill every polygon into ``img`` as ``cam`` sees it, in order, each colour through ``tone``."""
         if not self.items:
             return
         c = cam.to_camera(self.vertices)
@@ -146,6 +147,7 @@ class Pen:
         return np.array([(int(ox + sx * x), int(oy + sy * y)) for x, y in pts], np.int32)
 
     def xy(self, x, y) -> tuple:
+        """The fixed-point pixel of the point (``x``, ``y``) in metres."""
         (sx, sy), (ox, oy) = self.scale, self.origin
         return int(ox + sx * x), int(oy + sy * y)
 
@@ -154,25 +156,31 @@ class Pen:
         cv2.fillConvexPoly(self.img, self._pts(pts), self.tone(colour), AA, SHIFT)
 
     def polys(self, many, colour, reflective: bool = False) -> None:
+        """Polygons of one colour in one fill (``reflective``: retro-reflective paint); an empty list draws nothing."""
         if many:
             colour = self.tone.reflective(colour) if reflective else self.tone(colour)
             cv2.fillPoly(self.img, [self._pts(p) for p in many], colour, AA, SHIFT)
 
     def rect(self, x0, y0, x1, y1, colour) -> None:
+        """An axis-aligned rectangle from corner (``x0``, ``y0``) to (``x1``, ``y1``)."""
         (sx, sy), (ox, oy) = self.scale, self.origin
         a, b, c, d = int(ox + sx * x0), int(oy + sy * y0), int(ox + sx * x1), int(oy + sy * y1)
         corners = np.array(((a, b), (c, b), (c, d), (a, d)), np.int32)
         cv2.fillConvexPoly(self.img, corners, self.tone(colour), AA, SHIFT)
 
     def circle(self, x, y, r, colour) -> None:
+        """A filled circle of radius ``r`` metres (at least half a pixel)."""
         cv2.circle(self.img, self.xy(x, y), max(ONE // 2, round(r * self.s * ONE)), self.tone(colour), -1, AA, SHIFT)
 
     def ellipse(self, x, y, rx, ry, colour, start=0, end=360) -> None:
+        """A filled ellipse of radii ``rx``, ``ry`` metres, or its sector from ``start`` to ``end`` degrees (mirrored
+        with the sprite)."""
         axes = (max(1, round(rx * self.s * ONE)), max(1, round(ry * self.s * ONE)))
         a0, a1 = (start, end) if self.flip > 0 else (180 - end, 180 - start)
         cv2.ellipse(self.img, self.xy(x, y), axes, 0, a0, a1, self.tone(colour), -1, AA, SHIFT)
 
     def line(self, pts, colour, width) -> None:
+        """An open polyline through ``pts``, ``width`` metres thick (at least one pixel)."""
         thick = max(1, round(width * self.s))
         cv2.polylines(self.img, [self._pts(pts)], False, self.tone(colour), thick, AA, SHIFT)
 
@@ -210,6 +218,7 @@ def banded(pen: Pen, half_width, bands, colour, reflective: bool = False) -> Non
 # --- roadwork sprites ------------------------------------------------------------------------
 
 def draw_cone(pen: Pen, t) -> None:
+    """A traffic cone on a dark base, with one (variant 0) or two reflective bands."""
     w, h = t.width, t.height
 
     def slice_(a, b):   # the cone's outline between heights a*h and b*h
@@ -223,6 +232,7 @@ def draw_cone(pen: Pen, t) -> None:
 
 
 def draw_barrel(pen: Pen, t) -> None:
+    """A construction barrel on a black base, with two (variant 0) or three reflective bands."""
     w, h = t.width, t.height
     pen.rect(-0.56 * w, 0, 0.56 * w, 0.08 * h, BLACK)
     pen.rect(-w / 2, 0.06 * h, w / 2, 0.94 * h, t.colour)
@@ -232,6 +242,8 @@ def draw_barrel(pen: Pen, t) -> None:
 
 
 def draw_barrier(pen: Pen, t) -> None:
+    """A roadwork barrier: striped boards (one for variant 0, else two) on A-frame legs, a lamp on top when
+    ``lamp``; variant 2 is a plastic water-filled barrier of alternating segments."""
     w, h = t.width, t.height
     if t.variant == 2:   # plastic water-filled barrier: alternating segments
         n = 4
@@ -250,6 +262,8 @@ def draw_barrier(pen: Pen, t) -> None:
 
 
 def draw_worksign(pen: Pen, t) -> None:
+    """A roadwork sign on a post: an orange diamond or (variant 2) a red-bordered triangle, showing an exclamation
+    mark (variant 1) or a digging worker."""
     r, cy = t.width / 2, t.height - t.width / 2
     pen.line(((0, 0), (0, cy)), (120, 120, 125), 0.06)
     if t.variant == 2:   # European triangle: red border, white field
@@ -298,6 +312,7 @@ def draw_person(pen: Pen, t) -> None:
 
 
 def draw_excavator(pen: Pen, t) -> None:
+    """An excavator in profile (tracks, body, cab, arm and bucket), centred on the anchor."""
     k, body, dark = t.height / 3.0, t.colour, shade(t.colour, 0.7)
     pen.shift(-0.8 * k)   # centre the 5 m wide silhouette on the anchor
     pen.rect(-1.6 * k, 0.1 * k, 1.0 * k, 0.7 * k, TYRE)
@@ -312,6 +327,7 @@ def draw_excavator(pen: Pen, t) -> None:
 
 
 def draw_roller(pen: Pen, t) -> None:
+    """A road roller in profile (drum, body, wheel and roof), centred on the anchor."""
     k, body = t.height / 2.6, t.colour
     pen.shift(-0.3 * k)   # centre the silhouette on the anchor
     pen.rect(0.8 * k, 0.0, 2.0 * k, 1.3 * k, (150, 150, 150))
@@ -325,6 +341,7 @@ def draw_roller(pen: Pen, t) -> None:
 
 
 def draw_gravel(pen: Pen, t) -> None:
+    """A gravel pile: a half ellipse speckled with lighter and darker stones (a fixed pattern)."""
     w, h = t.width, t.height
     pen.ellipse(0, 0, w / 2, h, t.colour, 180, 360)
     for sx, sy, sk in SPECKLES:
@@ -373,6 +390,7 @@ def draw_truck(pen: Pen, t) -> None:
 
 
 def draw_tree(pen: Pen, t) -> None:
+    """A tree: a trunk and a round crown (one circle on a small sprite, three otherwise)."""
     w, h, leaf = t.width, t.height, t.colour
     pen.rect(-0.05 * w, 0, 0.05 * w, 0.5 * h, (85, 60, 40))
     if pen.detail < 20:
@@ -384,12 +402,14 @@ def draw_tree(pen: Pen, t) -> None:
 
 
 def draw_streetlight(pen: Pen, t) -> None:
+    """A street light: a pole with an arm and its lamp."""
     h = t.height
     pen.line(((0, 0), (0, h), (-0.9, h + 0.15)), (95, 98, 105), 0.12)
     pen.light(-0.9, h, 0.16, (255, 225, 170))
 
 
 def draw_traffic_light(pen: Pen, t) -> None:
+    """A traffic light on a pole: red, amber and green, the one numbered ``variant`` lit."""
     h = t.height
     pen.line(((0, 0), (0, h - 0.9)), (70, 72, 76), 0.12)
     pen.rect(-0.18, h - 0.95, 0.18, h, (30, 32, 35))
@@ -428,12 +448,14 @@ def draw_sign(pen: Pen, t) -> None:
 
 
 def draw_striped_pole(pen: Pen, t) -> None:
+    """A white pole with five bands of its colour."""
     w, h = t.width, t.height
     pen.rect(-w / 2, 0, w / 2, h, WHITE)
     banded(pen, w / 2, [(y, y + h / 10) for y in np.arange(0, h, h / 5)], t.colour)
 
 
 def draw_bin(pen: Pen, t) -> None:
+    """A litter bin with a darker lid."""
     w, h = t.width, t.height
     pen.rect(-w / 2, 0, w / 2, 0.88 * h, t.colour)
     pen.rect(-0.55 * w, 0.86 * h, 0.55 * w, h, shade(t.colour, 0.7))

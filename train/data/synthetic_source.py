@@ -61,10 +61,12 @@ class SyntheticSource(ParquetSource):
         super().__init__(str(Path(root) / self.fingerprint()), image_column="image")
 
     def fingerprint(self) -> str:
+        """The data folder's name: the scene and view counts and a hash of every generator setting."""
         blob = json.dumps(self.settings, sort_keys=True).encode()
         return f"n{self.settings['n_scenes']}x{self.settings['views_per_scene']}-" + hashlib.sha1(blob).hexdigest()[:10]
 
     def shard_paths(self) -> list[tuple[Path, range]]:
+        """Each shard's file and the range of scene numbers it holds."""
         n, k = self.settings["n_scenes"], self.scenes_per_shard
         return [(self.root / f"part-{i // k:05d}.parquet", range(i, min(i + k, n))) for i in range(0, n, k)]
 

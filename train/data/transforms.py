@@ -34,6 +34,8 @@ class ValidatorQuery:
         self.level, self.seed = level, seed
 
     def draw(self, image: np.ndarray, i: int, rng: np.random.Generator | None = None) -> QueryDraw:
+        """The validator's draws for ``image`` as sample ``i`` (from ``rng`` when given, else from sample ``i``'s own
+        generator under ``seed``)."""
         rng = query_rng(self.seed, len(LEVELS) if self.level is None else self.level, i) if rng is None else rng
         return draw_query(rng, image.shape[0], image.shape[1], self.level)
 
@@ -60,9 +62,11 @@ class ModelInput:
         self.normalize = A.Compose([A.Normalize(mean=tuple(mean), std=tuple(std))])
 
     def resized(self, image: np.ndarray) -> np.ndarray:
+        """``image`` resized to ``img_size`` x ``img_size`` (uint8)."""
         return self.resize(image=image)["image"]
 
     def normalized(self, resized: np.ndarray) -> torch.Tensor:
+        """A :meth:`resized` image as the normalised CHW float tensor."""
         return torch.from_numpy(self.normalize(image=np.asarray(resized))["image"].transpose(2, 0, 1).copy())
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:

@@ -61,6 +61,7 @@ class ViewSet:
 
     @property
     def names(self) -> list[str]:
+        """The slot names: the fixed views, then the random zooms, then the other cameras."""
         return ([name for name, _ in self.fixed] + [f"random_zoom{k}" for k in range(self.random_zooms)]
                 + [f"camera{k + 1}" for k in range(self.cameras)])
 
@@ -103,6 +104,7 @@ GLOBAL_ONLY = ViewSet(tiles=(), zooms=(), random_zooms=0, cameras=0)  # slot 0 o
 
 
 def crop(image: np.ndarray, box: Box) -> np.ndarray:
+    """The part of ``image`` inside ``box`` (fractions of its sides), at least one pixel each way."""
     h, w = image.shape[:2]
     x0, y0 = int(round(box[0] * w)), int(round(box[1] * h))
     x1, y1 = max(x0 + 1, int(round(box[2] * w))), max(y0 + 1, int(round(box[3] * h)))

@@ -292,6 +292,7 @@ class BundleClassifier:
         self.calibrator = None if nothing_to_apply else CALIBRATORS[cal.method].from_params(cal.params)
 
     def probs(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Calibrated P(roadwork) ``(B,)`` of ``pixel_values``, with any calibration the consumer must apply."""
         if self.calibrator is None:
             return self.session.probs(pixel_values)
         logits, _ = self.session.logits_and_probs(pixel_values)
@@ -317,12 +318,14 @@ class Bundle:
         self.manifest = load_manifest(self.path, verify)
 
     def router(self, name: str = "difficulty", threads: int | None = None) -> OnnxRouter:
+        """The router ``name`` in ONNX Runtime (a ``BundleError`` when the bundle has no such router)."""
         entry = self.manifest.models.get(name)
         if entry is None or entry.kind != "router":
             raise BundleError(f"bundle {self.path} has no router {name!r}")
         return OnnxRouter(self.path / entry.files[entry.onnx.file].path, threads)
 
     def fusion(self, name: str = "fusion", threads: int | None = None) -> OnnxFusion:
+        """The fusion head ``name`` in ONNX Runtime (a ``BundleError`` when the bundle has no such head)."""
         entry = self.manifest.models.get(name)
         if entry is None or entry.fusion is None:
             raise BundleError(f"bundle {self.path} has no fusion head {name!r}")
@@ -336,6 +339,8 @@ class Bundle:
         return OnnxPRM(self.path / entry.files[entry.onnx.file].path, threads)
 
     def classifier(self, name: str, threads: int | None = None, precision: str = FULL_PRECISION) -> BundleClassifier:
+        """The image classifier ``name`` at ``precision`` (full precision or one of its variants); a ``BundleError`` for
+        a missing model or a fusion head."""
         if name not in self.manifest.models:
             raise BundleError(f"bundle {self.path} has no model {name!r} (it has {sorted(self.manifest.models)})")
         if self.manifest.models[name].fusion is not None:

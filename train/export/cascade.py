@@ -80,6 +80,8 @@ class Costs:
 
 @dataclass
 class Routed:
+    """What :func:`route` did with each query: its answer, the tier that answered, the FLOPs and views spent on it, and
+    which models ran for it."""
     answer: np.ndarray      # (Q,) 1 = roadwork
     exit: np.ndarray        # (Q,) index of the tier that answered
     flops: np.ndarray       # (Q,) FLOPs spent on the sample

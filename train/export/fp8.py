@@ -5,7 +5,7 @@ with one scale per row (token). On a GPU with float8 tensor cores (compute capab
 runs in ``torch._scaled_mm`` (bf16 out); elsewhere, and for layers whose sizes it does not take (not multiples of
 16, e.g. the 2-way head), it is simulated: the same e4m3 values dequantised and multiplied in fp32. The patch
 embedding (a convolution) stays in the model's precision. Not part of the bundle: the bundle's ONNX Runtime has no
-float8 kernels on the CPU (``python -m train.bench fp8`` measures it; README "Quantised tiers").
+float8 kernels on the CPU (``python -m train.bench fp8`` measures it; docs/guides/cascade.md).
 """
 from __future__ import annotations
 

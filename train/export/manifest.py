@@ -28,15 +28,18 @@ class BundleError(RuntimeError):
 
 
 class Strict(BaseModel):
+    """Base of the manifest's records: unknown fields are rejected."""
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class FileEntry(Strict):
+    """A file of the bundle: its path relative to the bundle folder and its sha256."""
     path: str                                   # relative to the bundle folder
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class InputSpec(Strict):
+    """What a model's image input must be: size, normalisation, resize, channel order, layout and value range."""
     img_size: int = Field(gt=0)
     mean: list[float] = Field(min_length=3, max_length=3)
     std: list[float] = Field(min_length=3, max_length=3)
@@ -47,11 +50,13 @@ class InputSpec(Strict):
 
 
 class TensorSpec(Strict):
+    """One ONNX input or output: dtype and shape (a string names a dynamic axis)."""
     dtype: str
     shape: list[int | str]                      # str: a dynamic axis name
 
 
 class OnnxSpec(Strict):
+    """A model's ONNX graph: its file, opset, inputs and outputs, and its parity with PyTorch measured at export."""
     file: str                                   # key in the model's ``files``
     opset: int
     inputs: dict[str, TensorSpec]
@@ -61,6 +66,8 @@ class OnnxSpec(Strict):
 
 
 class Calibration(Strict):
+    """How a model's P(roadwork) is calibrated: method and params, whether it is folded into the graph, what the
+    consumer must apply, and the calibration split's figures before and after."""
     method: Literal["none", "temperature", "platt", "isotonic"]
     params: dict[str, Any] = {}
     folded: bool                                # True: the model's own softmax is already calibrated
@@ -152,6 +159,8 @@ class ModelVariant(Strict):
 
 
 class ModelEntry(Strict):
+    """One model of the bundle: its kind, files, input, calibration, ONNX signature, metrics per level, what its kind
+    adds (APT, fusion, PRM search), FLOPs and quantised variants."""
     kind: Literal["classifier", "router", "prm"]
     score: str                                  # what the model's score means
     files: dict[str, FileEntry]
@@ -207,12 +216,14 @@ class Tier(Strict):
 
 
 class CodeVersion(Strict):
+    """The package and git commit (and whether the tree was dirty) that wrote the bundle."""
     package: str
     git_commit: str | None = None
     git_dirty: bool | None = None
 
 
 class Manifest(Strict):
+    """``manifest.json``: the bundle's models, the cascade's tiers in order, its own files and the config behind it."""
     schema_version: Literal[1] = SCHEMA_VERSION
     created: str
     run: str | None = None
@@ -235,10 +246,12 @@ class ModelCard(Strict):
 
 
 def file_entry(bundle: Path, path: Path) -> FileEntry:
+    """The :class:`FileEntry` of ``path``, a file inside the folder ``bundle``."""
     return FileEntry(path=str(Path(path).relative_to(bundle)), sha256=sha256_file(path))
 
 
 def write_manifest(bundle: Path, manifest: Manifest) -> Path:
+    """Write ``manifest`` as ``<bundle>/manifest.json`` (atomically); returns its path."""
     path = Path(bundle) / MANIFEST
     atomic_write_json(path, manifest.model_dump(mode="json"))
     return path

@@ -25,7 +25,7 @@ class ExportError(RuntimeError):
 def to_onnx(module: nn.Module, example: tuple, path: Path, opset: int, inputs, outputs, dynamic_shapes) -> None:
     """torch.onnx's exporter (``dynamo=True``), one graph in one file, warnings silenced. ``optimize=False``: ONNX
     Runtime optimises a graph as it loads it (and ``task=quantize`` runs ``quant_pre_process``), so the exporter's
-    own pass would repeat that work (README, "What the default job does")."""
+    own pass would repeat that work (docs/getting-started.md)."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, example, str(path), dynamo=True, optimize=False, verbose=False,
@@ -103,6 +103,7 @@ class OnnxRouter:
         self.input_names = {i.name for i in self.session.get_inputs()}
 
     def scores(self, pixel_values: np.ndarray, draft_logits: np.ndarray) -> np.ndarray:
+        """P(wrong) ``(B, targets)``; ``draft_logits`` is fed only to a graph that takes it."""
         feeds = {ROUTER_INPUTS[0]: np.ascontiguousarray(pixel_values, np.float32),
                  ROUTER_INPUTS[1]: np.ascontiguousarray(draft_logits, np.float32)}
         return self.session.run([ROUTER_OUTPUTS[1]], {k: v for k, v in feeds.items() if k in self.input_names})[0]
@@ -150,6 +151,8 @@ class OnnxFusion:
         self.dims = {i.name: i.shape[1] for i in inputs if i.name != PRESENT}
 
     def probs(self, features: dict[str, np.ndarray], present: np.ndarray | None = None) -> np.ndarray:
+        """P(roadwork) ``(B,)`` from ``features`` (modality -> ``(B, dim)``); ``present`` ``(B, modalities)`` masks
+        rows, and a modality left out of ``features`` is absent for every row."""
         n = len(next(iter(features.values())))
         given = np.array([m in features for m in self.modalities])
         present = np.broadcast_to(given, (n, len(given))) if present is None else np.asarray(present, bool) & given
@@ -211,10 +214,12 @@ class OnnxClassifier:
         self.session = _session(path, threads)
 
     def logits_and_probs(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The graph's logits and softmax probabilities, each ``(B, 2)``."""
         logits, probs = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(pixel_values, np.float32)})
         return logits, probs
 
     def probs(self, pixel_values: np.ndarray) -> np.ndarray:
+        """P(roadwork) ``(B,)``: class 1 of the graph's softmax (only a calibration folded into the graph applies)."""
         return self.logits_and_probs(pixel_values)[1][:, 1]
 
     @property
@@ -241,6 +246,7 @@ class OnnxOneByOne(OnnxClassifier):
     embeds = False
 
     def logits_and_probs(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`OnnxClassifier.logits_and_probs`, one run of the graph per image."""
         pixel_values = np.ascontiguousarray(pixel_values, np.float32)
         outs = [self.session.run(list(OUTPUTS), {INPUT: pixel_values[i:i + 1]}) for i in range(len(pixel_values))]
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
@@ -255,6 +261,8 @@ class OnnxAPTClassifier(OnnxClassifier):
         self.apt, self.mean, self.std = apt, list(mean), list(std)
 
     def token_index(self, pixel_values: np.ndarray) -> list[np.ndarray]:
+        """Each image's ``token_index`` (rows of the multi-scale token table), its patches chosen by entropy as the
+        manifest's ``apt`` says."""
         from train.models.apt.selection import grayscale_255, select_patches, token_indices
 
         gray = grayscale_255(torch.from_numpy(np.asarray(pixel_values, np.float32)), self.mean, self.std)
@@ -262,6 +270,7 @@ class OnnxAPTClassifier(OnnxClassifier):
         return [i.numpy() for i in token_indices(masks)]
 
     def logits_and_probs(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`OnnxClassifier.logits_and_probs`, one run per image with its own ``token_index``."""
         pixel_values = np.ascontiguousarray(pixel_values, np.float32)
         outs = [self.session.run(list(OUTPUTS), {INPUT: pixel_values[i:i + 1], TOKEN_INDEX: index})
                 for i, index in enumerate(self.token_index(pixel_values))]
@@ -322,6 +331,7 @@ class OnnxPRM:
 
     def scores(self, embeddings: np.ndarray, margins: np.ndarray, beliefs: np.ndarray,
                slots: np.ndarray) -> np.ndarray:
+        """Sigmoid step scores ``(B, T)`` of ``B`` traces of ``T`` steps."""
         feeds = {"embeddings": np.ascontiguousarray(embeddings, np.float32),
                  "margins": np.ascontiguousarray(margins, np.float32),
                  "beliefs": np.ascontiguousarray(beliefs, np.float32), "slots": np.ascontiguousarray(slots, np.int64)}

@@ -20,7 +20,7 @@ import onnx
 from train.export.manifest import Quantization
 from train.export.onnx import INPUT
 
-# Nodes that stay in float, by rule (measured on the default Stage-1: README "Quantised tiers").
+# Nodes that stay in float, by rule (measured on the default Stage-1: docs/guides/cascade.md).
 KEEP_FLOAT = {
     # the layer that reads the normalised pixels (a ViT's patch embedding): quantising its output costs most agreement
     "input_layer": lambda node, graph_inputs, weights: any(i in graph_inputs for i in node.input),
@@ -49,6 +49,7 @@ class PixelReader:
                              for i in range(0, len(pixels), batch_size)])
 
     def get_next(self) -> dict | None:
+        """The next batch as ``{pixel_values: batch}``; None once every batch was given (the reader protocol's end)."""
         batch = next(self.batches, None)
         return None if batch is None else {INPUT: batch}
 

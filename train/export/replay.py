@@ -20,10 +20,12 @@ from train.export.manifest import FULL_PRECISION, BundleError
 
 
 def running_mean(margins: np.ndarray) -> np.ndarray:
+    """The running mean of ``margins`` along the last axis (the belief after each step)."""
     return np.cumsum(margins, -1) / np.arange(1, margins.shape[-1] + 1)
 
 
 def running_max(margins: np.ndarray) -> np.ndarray:
+    """The running maximum of ``margins`` along the last axis."""
     return np.maximum.accumulate(margins, -1)
 
 
@@ -192,6 +194,7 @@ class BundleCascade:
         return out
 
     def route(self, outputs: dict[str, TierOutput], thresholds: dict[str, float | None] | None = None):
+        """:func:`train.export.cascade.route` through its tiers, with its thresholds (or ``thresholds``) and costs."""
         return route(self.order, outputs, self.thresholds if thresholds is None else thresholds, self.costs)
 
     def latency_per_image(self) -> dict[str, float]:

@@ -51,6 +51,7 @@ class DifficultyRouter(nn.Module):
         return self.head[-1]
 
     def downscale(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` average-pooled to ``in_size`` (unchanged when already that size)."""
         return images if images.shape[-1] == self.in_size else F.adaptive_avg_pool2d(images, self.in_size)
 
     def forward(self, images: torch.Tensor, draft_logits: torch.Tensor | None = None) -> torch.Tensor:

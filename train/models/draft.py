@@ -17,6 +17,8 @@ from train.models.backbones import feature_dim, pooled_features
 
 
 class StudentOutput(NamedTuple):
+    """What a student returns: logits, pooled pre-head features and, for an elastic ViT, each image's budget index
+    and the mean fraction of patch tokens used."""
     logits: torch.Tensor
     features: torch.Tensor                 # pooled, pre-head
     budget_index: torch.Tensor | None = None
@@ -44,6 +46,7 @@ class ElasticStudent(nn.Module):
         self.num_features = elastic.num_features
 
     def budget_fractions(self) -> torch.Tensor:
+        """The fraction of patch tokens each budget keeps, on the CPU."""
         return self.model.fractions.cpu()
 
     def forward(self, images: torch.Tensor) -> StudentOutput:
@@ -78,12 +81,15 @@ class ElasticDraft(nn.Module):
 
     @property
     def elastic_args(self) -> dict:
+        """The wrapped ElasticViT's arguments (what rebuilds it around the backbone)."""
         return self.elastic.elastic_args
 
     def get_classifier(self) -> nn.Module:
+        """The ViT's classification head."""
         return self.elastic.get_classifier()
 
     def export_module(self) -> nn.Module:
+        """The batch-1 ``images -> logits`` module for ONNX (:meth:`~train.models.elastic.ElasticViT.export_module`)."""
         return self.elastic.export_module()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

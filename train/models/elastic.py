@@ -34,6 +34,8 @@ SELECTORS = ("gate", "entropy", "fixed")
 
 
 class ElasticOutput(NamedTuple):
+    """What :class:`ElasticViT` returns: logits, pooled features, each image's budget index, the gate's logits
+    (``selector="gate"`` only) and the mean fraction of patch tokens used."""
     logits: torch.Tensor               # (B, classes)
     features: torch.Tensor             # (B, num_features): pooled pre-head features (for the feature loss)
     budget_index: torch.Tensor         # (B,) long: index into ``budgets``

@@ -201,6 +201,8 @@ class FusionNet(nn.Module):
             encoder.fit(values[present[:, m]] if present[:, m].any() else values)
 
     def forward_all(self, features: list[torch.Tensor], present: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every output of one pass: ``logits`` (divided by the temperature), ``early`` with a fusion, ``unimodal`` and
+        ``late`` with per-modality heads, and ``weight`` (of early against late fusion) with ``meta``."""
         present = present.bool()
         tokens = torch.stack([enc(x.float(), present[:, m])
                               for m, (enc, x) in enumerate(zip(self.encoders, features))], 1)
@@ -223,6 +225,7 @@ class FusionNet(nn.Module):
 
     @torch.no_grad()
     def fold_temperature(self, temperature: float) -> None:
+        """Divide the logits by ``temperature`` too (it multiplies the stored temperature)."""
         self.temperature.mul_(float(temperature))
 
 

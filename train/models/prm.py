@@ -78,4 +78,5 @@ def save_prm(model: ProcessRewardModel, path, extra: dict) -> tuple:
 
 
 def load_prm(path) -> tuple[ProcessRewardModel, dict]:
+    """Inverse of :func:`save_prm`: (PRM in eval mode, its config)."""
     return load_net(path, lambda config: ProcessRewardModel(**config["prm"]))

@@ -60,6 +60,7 @@ class TraceScorer:
 
 @dataclass
 class SearchResult:
+    """A search's outcome per query: the answer, how many views it evaluated and the chosen trace's score."""
     answer: torch.Tensor        # (Q,) 1 = roadwork
     views: torch.Tensor         # (Q,) views evaluated
     score: torch.Tensor         # (Q,) the chosen trace's aggregated PRM score (1.0 for baselines)

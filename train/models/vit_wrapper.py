@@ -29,21 +29,27 @@ class ViTWrapper(nn.Module):
 
     @property
     def num_features(self) -> int:
+        """The wrapped ViT's ``num_features``."""
         return self.vit.num_features
 
     @property
     def embed_dim(self) -> int:
+        """The wrapped ViT's ``embed_dim``."""
         return self.vit.embed_dim
 
     @property
     def num_prefix_tokens(self) -> int:
+        """The wrapped ViT's class and register tokens."""
         return self.vit.num_prefix_tokens
 
     def get_classifier(self) -> nn.Module:
+        """The wrapped ViT's classification head."""
         return self.vit.get_classifier()
 
     def no_weight_decay(self) -> set[str]:
+        """The wrapped ViT's parameters exempt from weight decay, named from this wrapper (``vit.`` prefix)."""
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn the wrapped ViT's gradient checkpointing on or off."""
         self.vit.set_grad_checkpointing(enable)

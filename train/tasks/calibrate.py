@@ -31,6 +31,8 @@ def calibrate_tier(cfg: DictConfig, run: Run, tier: str) -> dict:
 
 @register_task("calibrate", needs=lambda cfg: list(cfg.calibrate.tiers))
 def run_calibrate(cfg: DictConfig, run: Run) -> dict:
+    """``task=calibrate``: calibrate every tier of ``calibrate.tiers`` (:func:`calibrate_tier`), write
+    ``calibration.json`` and the reliability diagrams, and record the stage; returns its metrics."""
     task_dir = run.task_dir("calibrate")
     reports, artifacts, metrics = {}, {}, {}
     for tier in cfg.calibrate.tiers:

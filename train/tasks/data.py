@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 
 @register_task("data")
 def run_data(cfg: DictConfig, run: Run) -> dict:
+    """``task=data``: build the run's sample index from ``cfg.data`` and record it; returns the index's counts."""
     datamodule = instantiate(cfg.data)
     path, stats = datamodule.build_index(run.task_dir("data"))
     counts = ", ".join(f"{k} {v['n']} ({v['roadwork']} roadwork)" for k, v in stats["splits"].items())

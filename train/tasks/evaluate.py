@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 @register_task("evaluate", needs=lambda cfg: [] if cfg.get("bundle") else ["export"])
 def run_evaluate(cfg: DictConfig, run: Run) -> dict:
+    """``task=evaluate``: score the bundle's ``evaluate.model`` per level at ``evaluate.precision`` (next to fp32),
+    write the report, predictions and figures, and replay the cascade when asked; returns the metrics."""
     ecfg, task_dir = cfg.evaluate, run.task_dir("evaluate")
     bundle = Bundle(bundle_path(cfg, run))
     precision = ecfg.get("precision") or FULL_PRECISION

@@ -33,6 +33,8 @@ BUNDLE_DIR = "export"
 
 
 def model_card(cfg: DictConfig, run: Run) -> ModelCard:
+    """The bundle's ``model_card.json`` from ``export.model_card`` (the name defaults to the run's); an ``ExportError``
+    when a NATIX submission has no ``submitted_by``."""
     card = dict(cfg.export.model_card)
     if cfg.export.natix_submission and not str(card.get("submitted_by") or "").strip():
         raise ExportError("export.natix_submission=true needs export.model_card.submitted_by (your NATIX identity)")
@@ -84,6 +86,8 @@ def _needs(cfg: DictConfig) -> list[str]:
 
 @register_task("export", needs=_needs)
 def run_export(cfg: DictConfig, run: Run) -> dict:
+    """``task=export``: write the bundle anew from ``export.models`` (or ``ckpt=``) with the cascade the thresholds
+    stage chose, and record it; returns each model's parity, checks and FLOPs."""
     ecfg = cfg.export
     card = model_card(cfg, run)
     ensure_data(cfg, run)

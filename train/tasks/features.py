@@ -55,6 +55,8 @@ def _needs(cfg: DictConfig) -> list[str]:
 
 @register_task("features", needs=_needs)
 def run_features(cfg: DictConfig, run: Run) -> dict:
+    """``task=features``: write every modality and external file into the run's feature store, keeping the modality
+    shards already written; returns each modality's dim and time and the samples external files lack."""
     fcfg = cfg.features
     store = FeatureStore(run.task_dir(STORE_DIR))
     report: dict = {"modalities": {}, "external_missing": {}}

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 @register_task("pipeline", ranks="all")
 def run_pipeline(cfg: DictConfig, run: Run) -> dict:
+    """``task=pipeline``: run ``pipeline.stages`` in order, skipping complete ones unless ``pipeline.force``; returns
+    each stage's metrics by name."""
     stages = list(cfg.pipeline.stages)
     fns = {stage: get_task(stage) for stage in stages}  # unknown names fail before any work
     results: dict = {}

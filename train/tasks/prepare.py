@@ -34,6 +34,8 @@ def settings(cfg: DictConfig, run: Run) -> dict:
 
 @register_task("prepare", needs=lambda cfg: ["data"])
 def run_prepare(cfg: DictConfig, run: Run) -> dict:
+    """``task=prepare``: decode ``prepare.splits`` into uint8 shards, unless the run already prepared them with equal
+    settings; returns the image count, size and throughput."""
     wanted = settings(cfg, run)
     if run.is_complete("prepare") and run.read()["tasks"]["prepare"].get("settings") == wanted:
         log.info("shards of %s at %d px already prepared in %s: skipping", wanted["splits"], wanted["size"],

@@ -56,6 +56,8 @@ class PretrainModule(CheckpointedRNG, pl.LightningModule):
     monitor: tuple[str, str]
 
     def setup_optim(self, optimizer: Callable | None, scheduler: Callable | None, compile: bool) -> None:
+        """Keep the optimiser and scheduler factories for :meth:`configure_optimizers`; ``compile`` compiles
+        ``self.net`` in place."""
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         if compile:
             self.net.compile()  # in place: parameter names (and the saved file) stay as they are
@@ -75,6 +77,7 @@ class PretrainModule(CheckpointedRNG, pl.LightningModule):
         self.throughput = self.trained * self.trainer.world_size / max(time.perf_counter() - self.since, 1e-9)
 
     def backbone(self) -> nn.Module:
+        """``self.net`` with its classifier head removed (in place): what is saved."""
         self.net.reset_classifier(0)
         return self.net
 
@@ -203,6 +206,8 @@ def build_method(cfg: DictConfig, run: Run) -> tuple[PretrainModule, pl.Lightnin
 
 @register_task("pretrain", ranks="all")
 def run_pretrain(cfg: DictConfig, run: Run) -> dict:
+    """``task=pretrain``: pretrain the backbone by ``pretrain.method``; rank 0 saves it with its card (and ships it with
+    ``pretrain.ship_as``). Returns the held-out metrics and the throughput."""
     task_dir = run.task_dir("pretrain")
     module, datamodule = build_method(cfg, run)
     trainer = build_trainer(cfg, task_dir, monitor=module.monitor, max_epochs=cfg.pretrain.epochs)

@@ -164,6 +164,8 @@ def rerecord(run: Run, task: str) -> None:
 
 @register_task("quantize", needs=lambda cfg: [] if cfg.get("bundle") else ["export"])
 def run_quantize(cfg: DictConfig, run: Run) -> dict:
+    """``task=quantize``: INT8 variants of ``quantize.models`` added to the bundle, recalibrated and measured, and the
+    cascade's thresholds re-derived at each precision; returns sizes, latency, MCC and agreement with fp32."""
     qcfg, task_dir = cfg.quantize, run.task_dir("quantize")
     bundle = Bundle(bundle_path(cfg, run))
     ensure_data(cfg, run)

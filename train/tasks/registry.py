@@ -69,6 +69,7 @@ def _tier_task(tier: Tier) -> TaskFn:
 
 
 def get_task(name: str) -> TaskFn:
+    """The task named ``name`` (task modules and tiers load on first need); a ``ValueError`` for an unknown one."""
     if name not in TASKS:
         load_tasks()
     if name not in TASKS:

@@ -141,12 +141,15 @@ def _global_pass(cfg: DictConfig, datamodule, split: str, classifiers: dict, rou
 
 
 def costs_of(order, flops: dict[str, float], prm_views_model: str = "stage1") -> Costs:
+    """The cascade's :class:`Costs` from ``flops`` per call: the PRM tiers left out (their FLOPs count per step), each
+    router needing the draft."""
     needs = {n: ["draft"] for n, k in order if k == "router"}
     return Costs({n: f for n, f in flops.items() if n not in {m for m, k in order if k == "prm"}}, needs,
                  prm_views_model)
 
 
 def save_outputs(path, outputs: dict[str, TierOutput], meta: dict) -> None:
+    """Write a split's tier outputs (``<tier>/<field>``) and its query metadata into one safetensors file."""
     tensors = {f"{n}/{field}": np.ascontiguousarray(getattr(o, field)) for n, o in outputs.items()
                for field in ("prob", "score", "answer", "views", "prm_flops") if getattr(o, field) is not None}
     save_file({**tensors, **{k: np.ascontiguousarray(v) for k, v in meta.items()}}, str(path))
@@ -199,6 +202,8 @@ def _needs(cfg: DictConfig) -> list[str]:
 
 @register_task("thresholds", needs=_needs)
 def run_thresholds(cfg: DictConfig, run: Run) -> dict:
+    """``task=thresholds``: choose every cascade tier's threshold on calib (at the operating point's alpha when set),
+    preview the cascade on test and write ``thresholds.json``; returns alpha and the test figures."""
     task_dir, c = run.task_dir("thresholds"), cfg.cascade
     order = cascade_order(cfg, run)
     op = c.get("operating_point")

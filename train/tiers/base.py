@@ -151,6 +151,7 @@ def load_tiers(modules: Sequence[str] = ()) -> dict[str, Tier]:
 
 
 def get_tier(name: str) -> Tier:
+    """The registered tier named ``name`` (tier folders import on first need); a ``ConfigError`` for an unknown one."""
     if name not in TIERS:
         load_tiers()
     if name not in TIERS:

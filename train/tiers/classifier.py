@@ -45,6 +45,9 @@ class ClassifierModule(CheckpointedRNG, pl.LightningModule):
                          mixup: dict | None = None, layer_decay: float | None = None,
                          val_levels: Sequence[int] = (0,), test_levels: Sequence[int] = (0, 1, 2, 3),
                          bootstrap: int = 1000) -> None:
+        """Set up what the steps use: the loss (class weights, label smoothing, Mixup), optimiser factories, the
+        val/test levels and their metrics, ``bootstrap`` resamples of the test MCC interval (0: none). A subclass calls
+        it once ``self.net`` is built."""
         self.optimizer_factory, self.scheduler_factory, self.layer_decay = optimizer, scheduler, layer_decay
         self.criterion = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
         self.mixup = Mixup(**mixup, label_smoothing=label_smoothing, num_classes=2) if mixup else None

@@ -80,6 +80,7 @@ class ClassifierModality:
                 + "calibrated logits [None, Roadwork]"}
 
     def dataset(self, datamodule, split: str, levels: Sequence[int], every_level: bool) -> Dataset:
+        """The split's planned queries: from the view cache's global slot when it holds them, else the query images."""
         found = global_view_outputs(self.run, self.model, datamodule, split, levels, every_level)
         if found is not None:
             return OutcomeDataset(found)
@@ -87,6 +88,7 @@ class ClassifierModality:
 
     @torch.no_grad()
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, present)``: the embedding (at float16 precision) and calibrated logits; every row present."""
         if "x" in batch:
             features, logits = embedding_and_logits(self.model, batch["x"])
         else:  # the view cache's global slot
@@ -120,6 +122,8 @@ class ViewsModality:
 
     @torch.no_grad()
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, present)`` of a batch: margins per slot (0 where absent), slot presence and the mean embedding
+        over the present slots; every row present."""
         logits, keep = batch["logits"].float(), batch["mask"].float()
         margins = (logits[..., 1] - logits[..., 0]) * keep
         parts = [margins, keep]
@@ -138,6 +142,7 @@ class ImageStats:
 
     @property
     def dim(self) -> int:
+        """Vector length: hue x saturation and value histograms, overall edge density, an edge density per grid cell."""
         return self.hue_bins * self.sat_bins + self.value_bins + 1 + self.grid ** 2
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
@@ -165,9 +170,11 @@ class ImageStatsModality:
                 "histogram (fractions of pixels), Canny edge density of the whole query, then per grid cell"}
 
     def dataset(self, datamodule, split: str, levels: Sequence[int], every_level: bool) -> Dataset:
+        """The split's planned queries, :class:`ImageStats` computed in the loader workers."""
         return QueryDataset(datamodule, split, levels, every_level, self.stats)
 
     def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, present)``: the image statistics; every row present."""
         return batch["x"].float(), torch.ones(len(batch["x"]), dtype=torch.bool)
 
 

@@ -107,6 +107,7 @@ def replay_split(cascade: BundleCascade, datamodule, split: str, view_set: ViewS
 
 
 def per_level(answer: np.ndarray, meta: dict) -> dict[str, dict[str, float]]:
+    """MCC, accuracy and NATIX reward of ``answer`` per level (``L<level>``) and over all queries (``all``)."""
     out = {}
     for lv in np.unique(meta["level"]):
         rows = meta["level"] == lv
@@ -138,6 +139,9 @@ def cascade_views(cascade: BundleCascade) -> ViewSet:
 
 def replay_cascade(cfg: DictConfig, run: Run, bundle: Bundle, task_dir: Path, loggers: Sequence[Logger] = (),
                    precision: str = FULL_PRECISION) -> tuple[dict, dict]:
+    """Replay the bundle's cascade on calib and ``evaluate.split`` against ``evaluate.model`` alone (and the fp32
+    cascade at another ``precision``); writes ``cascade.json``, the test routing and the cost curve, and returns
+    (metrics, artifacts)."""
     ecfg, ccfg = cfg.evaluate, cfg.cascade
     cascade = BundleCascade(bundle, ecfg.threads, precision)
     reference = ecfg.model

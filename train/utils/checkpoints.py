@@ -38,6 +38,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     checkpoint whole) and loading with ``weights_only=True`` only. Remote (``scheme://``) paths keep Lightning's."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        """Save through a temporary sibling and a rename; a remote path is saved as Lightning saves it."""
         if "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
@@ -47,6 +48,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
+        """Load with :func:`load_checkpoint`, or Lightning's loader for a remote path: weights only, whatever
+        ``weights_only`` says."""
         if "://" in str(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
         if not Path(path).exists():

@@ -201,6 +201,8 @@ def _last_checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint | None:
 
 
 def last_checkpoint_path(trainer: pl.Trainer) -> Path:
+    """Where the unmonitored ModelCheckpoint writes the last checkpoint (what ``ckpt_path=last`` resumes from);
+    ``<default_root_dir>/checkpoints/last.ckpt`` when there is none."""
     cb = _last_checkpoint_callback(trainer)
     if cb is None:
         return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"

@@ -38,11 +38,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (other values as ``str``) atomically; returns the path."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
     return Path(path)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 hex digest of the file at ``path``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

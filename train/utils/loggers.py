@@ -25,6 +25,7 @@ class KeepOpenTensorBoardLogger(TensorBoardLogger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
+        """Flush the event file, keeping the writer open, and save."""
         if self._experiment is not None:
             self.experiment.flush()
         self.save()

@@ -41,6 +41,8 @@ class RichProgressBar(pl.callbacks.RichProgressBar):
         super().on_validation_start(trainer, pl_module)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        """The bar's metrics, read anew every ``log_every_n_steps`` training steps (and whenever not training), with
+        ``step_metrics`` and ``img/s`` added; in between, the last read's."""
         due = trainer.global_step % max(trainer.log_every_n_steps, 1) == 0
         if self._shown is None or not trainer.training or due:
             if trainer.training:  # waits for the device: a clean edge to time at

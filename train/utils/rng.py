@@ -19,6 +19,7 @@ def capture_rng() -> dict:
 
 
 def restore_rng(state: dict) -> None:
+    """Inverse of :func:`capture_rng`: set the global generators to ``state`` (CUDA's too, when saved and present)."""
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))

@@ -11,7 +11,7 @@ class DeepSpeed(DeepSpeedStrategy):
 
     Under bf16, DeepSpeed (0.16 and later) checks every gradient partition for inf/NaN before each step
     (``bf16.check_grad_overflow``, on by default): amax, amin and isfinite per gradient in a Python loop, then a host
-    sync. On one H100 with ViT-B/16 at batch 256 that made ZeRO-2 host-bound (README, "Performance"). The framework
+    sync. On one H100 with ViT-B/16 at batch 256 that made ZeRO-2 host-bound (docs/performance.md). The framework
     guards non-finite losses on every strategy (``callbacks.nonfinite_loss``), so the check is off here unless
     ``grad_overflow_check=true``; a ``bf16`` block in ``config`` is kept as given.
     """

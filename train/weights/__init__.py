@@ -1,8 +1,8 @@
 """Backbones this project pretrained itself and ships with the package: ``model.backbone.pretrained=<name>``.
 
 Each is ``<name>.safetensors`` (a timm state dict, head removed) with its card ``<name>.json`` (architecture, input,
-method, recipe, images seen, held-out figures, code version, sha256), as ``task=pretrain`` writes them. The README
-("Pretraining") gives the command that remade each one.
+method, recipe, images seen, held-out figures, code version, sha256), as ``task=pretrain`` writes them. The pretraining
+guide (docs/guides/pretraining.md) gives the command that remade each one.
 """
 from pathlib import Path
 

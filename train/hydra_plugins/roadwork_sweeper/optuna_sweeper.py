@@ -138,6 +138,9 @@ class OptunaSweeper(Sweeper):
         return instantiate(self.sampler, **({"seed": seed + offset} if seed is not None else {}))
 
     def sweep(self, arguments: list[str]) -> None:
+        """Run ``n_trials`` trials over ``params`` and the command line's ``arguments``, ``n_jobs`` launched at a time,
+        telling the study each job's value (or its failure); then write ``optimization_results.yaml``. More than
+        ``max_failure_rate`` of the trials failing stops the sweep with :class:`SweepError`."""
         import optuna
 
         from train.utils.console import setup_logging

@@ -28,6 +28,7 @@ class Packing:
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor) -> Packing:
+        """The packing of sequences of ``lengths`` tokens (taken as int64)."""
         return cls(lengths.long())
 
     @cached_property
@@ -37,14 +38,17 @@ class Packing:
 
     @cached_property
     def total(self) -> int:
+        """``T``: the tokens of all images together."""
         return int(self.offsets[-1])
 
     @cached_property
     def max_length(self) -> int:
+        """The longest image's token count."""
         return int(self.lengths.max())
 
     @cached_property
     def min_length(self) -> int:
+        """The shortest image's token count."""
         return int(self.lengths.min())
 
     @cached_property
@@ -102,6 +106,7 @@ class Packing:
 
     @cached_property
     def flex_block_mask(self):
+        """``flex_attention``'s block mask: a token attends only to tokens of its own image."""
         from torch.nn.attention.flex_attention import create_block_mask
 
         document = self.document
@@ -158,6 +163,7 @@ class TokenPlan:
         return torch.cat([prefix.reshape(-1, dim), table.reshape(-1, dim)]).index_select(0, self.order)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenPlan:
+        """This plan on ``device``, its packing moved as :meth:`Packing.to` moves it (no device sync)."""
         device = torch.device(device)
         return TokenPlan(_to(self.order, device, non_blocking), self.packing.to(device, non_blocking), self.n_prefix)
 

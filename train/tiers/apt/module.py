@@ -54,6 +54,7 @@ class APTModule(ClassifierModule):
         return self.net(images, plan=plan)
 
     def logits(self, batch: dict) -> torch.Tensor:
+        """The logits of ``batch``, with the packing plan the loader workers made (``apt_plan``) when it has one."""
         return self(batch["image"], batch.get("apt_plan"))
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

@@ -102,6 +102,8 @@ def _paired(before: dict, after: dict, n_boot: int) -> dict:
 
 
 class Settings(Group):
+    """``apt``: the source classifier, the entropy thresholds (given or from quantiles), the retrofit epoch and what the
+    report measures."""
     source: str
     thresholds: list[float] | None
     quantiles: list[Probability]
@@ -115,6 +117,8 @@ class Settings(Group):
 
 @dataclass
 class Inputs:
+    """What APT reads: the source stage's saved classifier and its input spec, the run's data, the ViT's patch size and
+    the entropy thresholds."""
     stage1: Path  # the source stage's saved classifier
     spec: dict
     datamodule: object
@@ -124,6 +128,7 @@ class Inputs:
 
 @register_tier
 class APTTier(ClassifierTier, name="apt", schema=Settings):
+    """The APT retrofit of ``apt.source``'s classifier: content-adaptive patch sizes, one epoch of fine-tuning."""
     def needs(self, cfg: DictConfig) -> list[str]:
         return [cfg.apt.source]
 

@@ -115,6 +115,7 @@ def plot_routing(path, curves: dict[str, tuple[torch.Tensor, torch.Tensor]], tit
 
 
 class Settings(RiskControl):
+    """``difficulty``: the router's queries, targets, training and selection, and its reported acceptance."""
     levels: Levels
     target: Literal["hard", "soft"]
     val_fraction: Probability
@@ -134,6 +135,8 @@ class Settings(RiskControl):
 
 @dataclass
 class Inputs:
+    """What the router reads: the calibrated draft's and Stage-1's outputs with the pooled image on meta, calib and
+    test, where each tier was wrong, and meta's training targets."""
     spec: dict
     outcomes: dict[str, dict]  # split -> the tiers' logits, the pooled image, label, index, level
     wrong: dict[str, torch.Tensor]  # split -> (N, targets) 1.0 where the tier answered wrongly

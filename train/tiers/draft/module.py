@@ -74,6 +74,7 @@ class DraftModule(pl.LightningModule):
         self.strict_loading = False  # checkpoints leave the frozen teacher out (it is reloaded from its file)
 
     def train(self, mode: bool = True):
+        """``nn.Module.train``, the frozen teacher kept in eval mode; returns ``self``."""
         super().train(mode)
         self.teacher.eval()  # frozen: no dropout, no batch-norm updates
         return self

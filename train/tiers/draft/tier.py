@@ -140,6 +140,8 @@ def draft_flops(draft: nn.Module, teacher: nn.Module, img_size: int, budgets: di
 
 
 class Settings(RiskControl):
+    """``draft``: the teacher and how its outputs reach the student, the epochs, the module and the reported acceptance
+    (levels, alpha, resamples)."""
     teacher: str
     teacher_outputs: Literal["online", "cache"]
     cache_levels: Levels
@@ -152,6 +154,7 @@ class Settings(RiskControl):
 
 @dataclass
 class Inputs:
+    """What the draft reads: the teacher's input spec, the run's data, whether the teacher's outputs are remembered."""
     spec: dict
     datamodule: object
     remember: bool  # the teacher's outputs on repeated augmentation draws are kept
@@ -159,6 +162,7 @@ class Inputs:
 
 @register_tier
 class DraftTier(ClassifierTier, name="draft", schema=Settings):
+    """The speculative draft: a small student distilled from the calibrated ``draft.teacher``, then calibrated."""
     def needs(self, cfg: DictConfig) -> list[str]:
         return calibrated(cfg, cfg.draft.teacher)
 

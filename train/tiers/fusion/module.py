@@ -58,10 +58,12 @@ class FusionModule(pl.LightningModule):
 
 
 def rows_of(data: dict, rows: torch.Tensor) -> dict:
+    """The ``rows`` of a split's tensors (features per modality, presence, label)."""
     return {"features": [f[rows] for f in data["features"]], **{k: data[k][rows] for k in ("present", "label")}}
 
 
 def collate(items: list[dict]) -> dict:
+    """A batch of :class:`RowDataset` items: the features stacked per modality, presence and labels stacked."""
     return {"features": [torch.stack(x) for x in zip(*(i["features"] for i in items))],
             "present": torch.stack([i["present"] for i in items]), "label": torch.stack([i["label"] for i in items])}
 

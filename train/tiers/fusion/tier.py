@@ -169,6 +169,7 @@ def single_modality_heads(cfg: DictConfig, data: dict, modalities: list[str], ta
 
 
 class Settings(RiskControl):
+    """``fusion``: the modalities fused, training and selection, the compared heads and the reported acceptance."""
     modalities: list[str] | None
     val_fraction: Probability
     epochs: Positive
@@ -184,6 +185,7 @@ class Settings(RiskControl):
 
 @dataclass
 class Inputs:
+    """What the fusion head reads: the run's feature store, the modalities fused and their rows per split."""
     store: FeatureStore
     modalities: list[str]
     data: dict[str, dict]  # split -> the store's rows: features per modality, presence, label, index, level

@@ -123,6 +123,7 @@ def _entry(result) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def mcc(answer: torch.Tensor, label: torch.Tensor) -> float:
+    """MCC of 0/1 ``answer`` against ``label``."""
     return float(binary_matthews_corrcoef(answer.float(), label.long(), threshold=0.5))
 
 
@@ -133,6 +134,7 @@ def hard_subset(views: dict, fraction: float) -> torch.Tensor:
 
 
 def search_figures(table: dict, label: torch.Tensor, hard: torch.Tensor) -> dict:
+    """MCC (all queries and the ``hard`` subset) and mean views evaluated per method and budget of a search table."""
     return {method: {str(b): {"mcc": mcc(a, label), "mcc_hard": mcc(a[hard], label[hard]), "views": float(v.mean())}
                      for b, (a, v) in by_budget.items()} for method, by_budget in table.items()}
 
@@ -155,6 +157,8 @@ def stop_threshold(trace, label: torch.Tensor, groups: np.ndarray, pcfg: DictCon
 
 
 def plot_search(path, figures: dict, stopped: dict, title: str) -> None:
+    """Write the search curve to ``path``: MCC against views evaluated per method, on all test queries and the hard
+    subset, the early stop starred."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,6 +215,7 @@ def evaluate_prm(cfg: DictConfig, net: ProcessRewardModel, views: dict, traces: 
 
 
 class Views(Group):
+    """``prm.views``: the views of each query (:class:`~train.data.views.ViewSet`'s arguments)."""
     tiles: list[Positive]
     zooms: list[Annotated[float, Field(gt=0, le=1)]]
     random_zooms: Annotated[int, Field(ge=0)]
@@ -220,6 +225,7 @@ class Views(Group):
 
 
 class Traces(Group):
+    """``prm.traces``: random traces per query, views per trace, rollouts labelling each step, the label kind."""
     per_query: Positive
     budget: Positive
     rollouts: Positive
@@ -227,6 +233,7 @@ class Traces(Group):
 
 
 class Search(Group):
+    """``prm.search``: the budgets compared, the deployed search and the risk control of its reported early stop."""
     budgets: list[Positive]
     method: Literal["beam", "best_of_n", "weighted_best_of_n"]
     budget: Positive
@@ -239,6 +246,7 @@ class Search(Group):
 
 
 class Settings(Group):
+    """``prm``: the views model and views, the traces, training and the search; the trace budget must fit the views."""
     views_model: str
     views: Views
     levels: Levels
@@ -265,6 +273,8 @@ class Settings(Group):
 
 @dataclass
 class Inputs:
+    """What the PRM reads: the views and the views model's outputs on them, the traces with step labels per split, and
+    the calib queries' scenes."""
     view_set: ViewSet
     spec: dict  # the views model's input
     views: dict[str, dict]  # split -> the views model's outputs on every view of every query

@@ -67,5 +67,6 @@ class Stage1Module(ClassifierModule):
 
     @property
     def input_spec(self) -> dict:
+        """The input spec saved with the model: size, mean, std, resize, channel order and layout."""
         return {"img_size": self.hparams.img_size, "mean": list(self.hparams.mean), "std": list(self.hparams.std),
                 "interpolation": "area", "channel_order": "RGB", "layout": "NCHW"}
