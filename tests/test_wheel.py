@@ -12,7 +12,7 @@ import pytest
 from conftest import QUIET
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["pyproject.toml", "README.md", "train", "conf"]  # what the build reads
+SOURCES = ["pyproject.toml", "README.md", "train", "conf", "checkpoints/pretrained"]  # what the build reads
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
 
 
@@ -58,7 +58,7 @@ def test_wheel_holds_the_package_its_configs_and_weights(wheel):
     assert not modules - names, "a package is missing from [tool.setuptools] packages in pyproject.toml"
     configs = {shipped_as(p, folders) for p in (ROOT / "conf").rglob("*.yaml")}
     assert "train/conf/config.yaml" in configs and not configs - names
-    weights = {p.relative_to(ROOT).as_posix() for p in (ROOT / "train" / "weights").glob("*.safetensors")}
+    weights = {shipped_as(p, folders) for p in (ROOT / "checkpoints" / "pretrained").glob("*.safetensors")}
     assert weights and {w.replace(".safetensors", ".json") for w in weights} | weights <= names
     assert not [n for n in names if n.startswith("conf/")]  # under the package, not a top-level conf
 

@@ -1,4 +1,4 @@
-"""Where the Hydra configs are, for ``python -m train``, the benchmarks and the tests."""
+"""Where the files the project ships are: the Hydra configs and the pretrained backbones."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,3 +17,10 @@ def config_dir() -> Path:
     install, else the copy an installed wheel ships as ``train/conf/`` (pyproject.toml maps one onto the other)."""
     root = checkout_root()
     return root / "conf" if root else PACKAGE / "conf"
+
+
+def pretrained_dir() -> Path:
+    """The folder of the backbones this project pretrained and ships: ``checkpoints/pretrained/`` in a checkout or an
+    editable install, else the copy an installed wheel ships as ``train/pretrained/``."""
+    root = checkout_root()
+    return root / "checkpoints" / "pretrained" if root else PACKAGE / "pretrained"

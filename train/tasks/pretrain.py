@@ -233,10 +233,10 @@ def run_pretrain(cfg: DictConfig, run: Run) -> dict:
 
 
 def ship(weights: Path, card: Path, name: str) -> None:
-    """Copy a pretrained backbone and its card into the package's shipped backbones (:mod:`train.weights`)."""
-    import train.weights
+    """Copy a pretrained backbone and its card into the shipped backbones (:func:`train.configs.pretrained_dir`)."""
+    from train.configs import pretrained_dir
 
-    folder = Path(train.weights.__file__).parent
+    folder = pretrained_dir()
     for src, suffix in ((weights, ".safetensors"), (card, ".json")):
         atomic_write_bytes(folder / f"{name}{suffix}", src.read_bytes())
     log.info("shipped as model.backbone.pretrained=%s (%s)", name, folder)
