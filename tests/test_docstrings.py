@@ -1,6 +1,6 @@
-"""Every public function and class of the package has a docstring (the API reference is built from them). A method
-that implements a documented hook of its base (Lightning's steps and hooks, torch's ``forward``, a Tier's hooks, a
-Dataset's protocol) is documented there."""
+"""Every public function and class of the package has a docstring (the API reference is built from them), and every
+field of the export manifest a meaning. A method that implements a documented hook of its base (Lightning's steps and
+hooks, torch's ``forward``, a Tier's hooks, a Dataset's protocol) is documented there."""
 import ast
 from pathlib import Path
 
@@ -34,3 +34,15 @@ def undocumented() -> list[str]:
 def test_every_public_function_and_class_has_a_docstring():
     missing = undocumented()
     assert not missing, f"{len(missing)} without a docstring:\n" + "\n".join(missing)
+
+
+def test_every_manifest_field_has_a_meaning_in_the_schema():
+    """The manifest reference and ``manifest.schema.json`` give each field's meaning (its attribute docstring)."""
+    from train.export.manifest import Manifest, ModelCard
+
+    missing = []
+    for schema in (Manifest.model_json_schema(), ModelCard.model_json_schema()):
+        for record in [schema, *schema.get("$defs", {}).values()]:
+            missing += [f"{record['title']}.{name}" for name, field in record["properties"].items()
+                        if len(field.get("description", "")) < 10]
+    assert not missing, f"manifest fields without a meaning: {missing}"
