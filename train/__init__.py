@@ -11,5 +11,13 @@ LABELS = {0: "None", 1: "Roadwork"}  # the NATIX label map; index 1 is the posit
 
 import warnings as _warnings
 
-# pytorch_lightning 2.6 on torch 2.14 warns on every step about a torch pytree rename: noise, not a problem.
-_warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Library warnings that describe this framework's design, not a problem:
+for _message in (
+    r".*isinstance\(treespec, LeafSpec\).*",  # pytorch_lightning 2.6 on torch 2.14, every step: a torch pytree rename
+    # APT's LightningModule prepares its token plan in on_before_batch_transfer, beside the shared DataModule
+    r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
+    r"Found \d+ module\(s\) in eval mode at the start of training",  # the draft's frozen teacher
+    # a task's CSV logger writes into the task's folder, which holds its other files; only metrics.csv is replaced
+    r"Experiment logs directory .* exists and is not empty",
+):
+    _warnings.filterwarnings("ignore", message=_message)

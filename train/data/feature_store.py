@@ -228,5 +228,6 @@ def load_split(store: FeatureStore, split: str, modalities: list[str]) -> dict:
     cols = store.read_split(split, modalities)
     return {"features": [torch.from_numpy(np.array(cols[m])) for m in modalities],
             "present": torch.from_numpy(np.stack([cols[presence_column(m)] for m in modalities], 1)),
-            "label": torch.from_numpy(cols["label"].astype(np.int64)), "index": torch.from_numpy(cols["index"]),
+            "label": torch.from_numpy(cols["label"].astype(np.int64)),
+            "index": torch.from_numpy(np.array(cols["index"])),  # a copy: the store's arrays are read-only
             "level": torch.from_numpy(cols["level"].astype(np.int64))}

@@ -262,7 +262,8 @@ class ModelEntry(Strict):
     checks: dict[str, float] = {}
     """Export-time checks (HF folder vs PyTorch, the miner's preprocessing vs ours, ...)."""
     backbone: dict[str, Any] = {}
-    """The settings the network was built from (timm backbone arguments; the router's, fusion head's or PRM's config)."""
+    """The settings the network was built from (timm backbone arguments; the router's, fusion head's or PRM's
+    config)."""
     apt: AdaptivePatches | None = None
     """Set for APT models: the graph also takes ``token_index``."""
     fusion: FusionInputs | None = None

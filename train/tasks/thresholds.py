@@ -34,6 +34,7 @@ from train.tiers.base import get_tier
 from train.tiers.calibration import calibrated
 from train.tiers.cascade import one_per_scene, tier_record, tier_rules
 from train.tiers.training import build_datamodule
+from train.utils.console import cost_ratio
 from train.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -232,9 +233,9 @@ def run_thresholds(cfg: DictConfig, run: Run) -> dict:
                  [r["alpha"] for r in candidates], op.split, c.baseline, op.max_mcc_drop)
     t = report["test"]
     log.info("cascade on test (PyTorch): MCC %.3f vs %s alone %.3f (difference %+.3f [%+.3f, %+.3f]); mean FLOPs "
-             "%.3g = %.2fx fewer; exits %s", t["mcc_cascade"], c.baseline, t["mcc_reference"],
+             "%.3g = %s; exits %s", t["mcc_cascade"], c.baseline, t["mcc_reference"],
              t["mcc_difference"]["delta"], t["mcc_difference"]["low"], t["mcc_difference"]["high"], t["mean_flops"],
-             t["flops_ratio"], {k: round(v, 3) for k, v in t["exit_fraction"].items()})
+             cost_ratio(t["flops_ratio"]), {k: round(v, 3) for k, v in t["exit_fraction"].items()})
     for n, tier in tiers.items():
         log.info("tier %-10s threshold %s (%s)", n, tier["threshold"], tier["risk"])
     metrics = {"alpha": alpha, "test/mcc_cascade": t["mcc_cascade"], "test/mcc_reference": t["mcc_reference"],

@@ -38,7 +38,7 @@ from train.predictions import predict_split
 from train.runs import Run
 from train.tiers.cascade import one_per_scene, tier_rules
 from train.tiers.training import build_datamodule
-from train.utils.console import print_level_table, track
+from train.utils.console import cost_ratio, print_level_table, track
 from train.utils.files import atomic_write_json
 from train.utils.loggers import publish_figures
 
@@ -233,10 +233,10 @@ def alpha_sweep(cfg, run, cascade: BundleCascade, calib, calib_meta, test, test_
 
 def _print(report: dict) -> None:
     f, d = report["flops"], report["mcc_difference"]
-    log.info("cascade from the bundle: exits %s; mean FLOPs %.3g vs %s alone %.3g (%.2fx fewer), %.2f views; "
+    log.info("cascade from the bundle: exits %s; mean FLOPs %.3g vs %s alone %.3g (%s), %.2f views; "
              "MCC difference %+.3f [%+.3f, %+.3f]; latency %.2f ms vs %.2f ms per image",
              {k: round(v, 3) for k, v in report["exit_fraction"].items()}, f["cascade_mean"], report["reference"],
-             f["reference"], f["ratio"], f["mean_views"], d["delta"], d["low"], d["high"],
+             f["reference"], cost_ratio(f["ratio"]), f["mean_views"], d["delta"], d["low"], d["high"],
              1e3 * report["latency_s_per_image"]["cascade"], 1e3 * report["latency_s_per_image"]["reference"])
     rows = {f"cascade/{who} {lv}/{k}": v for who, per in report["metrics"].items() for lv, m in per.items()
             for k, v in m.items()}

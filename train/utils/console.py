@@ -120,6 +120,11 @@ def print_level_table(metrics: Mapping[str, float], title: str, split: str = "te
     console.print(table)
 
 
+def cost_ratio(ratio: float) -> str:
+    """A reference's cost over a cascade's (``ratio``) in words: ``4.14x fewer`` or, below 1, ``2.15x more``."""
+    return f"{ratio:.2f}x fewer" if ratio >= 1 else f"{1 / ratio:.2f}x more"
+
+
 # Progress of long steps (rendering, prepare, prediction passes, export, evaluate, replay). On a terminal: a rich bar
 # styled as the training bar (count, elapsed • remaining, rate); the start and milestone lines go to train.log only.
 # Elsewhere (CI, nohup): no redraws, plain lines through the ``train.progress`` logger: start, about every

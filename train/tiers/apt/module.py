@@ -64,13 +64,6 @@ class APTModule(ClassifierModule):
             batch["apt_plan"] = self.net.plan(keep=keep)
         return batch
 
-    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
-        plan = batch.pop("apt_plan", None)
-        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
-        if plan is not None:
-            batch["apt_plan"] = plan.to(device, non_blocking=True)
-        return batch
-
     def _eval_step(self, split: str, batch: dict, dataloader_idx: int) -> torch.Tensor:
         logits = super()._eval_step(split, batch, dataloader_idx)
         self.tokens[split][dataloader_idx].update(self._counts.float())
