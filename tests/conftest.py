@@ -1,6 +1,7 @@
 """Shared fixtures: the real Hydra config, cut down, and one small pipeline run for many tests."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,17 @@ def compose_config(*overrides: str) -> DictConfig:
     """Compose ``conf/config.yaml`` exactly as ``python -m train`` would, with overrides."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides))
+
+
+def command_lines(markdown: str) -> list[str]:
+    """The command lines of a page's bash blocks (continuations joined, comments dropped, ``a && b`` split)."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" # ", 1)[0].strip()
+            if line and not line.startswith("#"):
+                out += [command.strip() for command in line.split(" && ")]
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import QUIET, compose_config, copy_run
+from conftest import QUIET, command_lines, compose_config, copy_run
 
 from train.config_checks import check_config
 
@@ -17,21 +17,10 @@ NEEDS_HARDWARE_OR_DATA = ("trainer=gpu", "trainer=ddp", "trainer=deepspeed", "da
 EXAMPLE_RUN = "checkpoints/pipeline-20261201-101500"
 
 
-def readme_lines() -> list[str]:
-    """The command lines of the README's bash blocks (continuations joined, comments dropped)."""
-    out = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            command = line.split(" # ", 1)[0].strip()
-            if command and not command.startswith("#"):
-                out.append(command)
-    return out
-
-
 def readme_commands() -> list[list[str]]:
     """The Hydra overrides of each ``python -m train`` / ``make train`` command in the README's bash blocks."""
     out = []
-    for command in readme_lines():
+    for command in command_lines(README.read_text()):
         if command.startswith("python -m train"):
             out.append(shlex.split(command)[3:])
         elif command.startswith("make train"):
@@ -74,7 +63,7 @@ def test_the_readme_cpu_commands_run_cut_down_on_an_earlier_run(tiny_run, data_d
         run_task(compose_config(f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET,
                                 "pipeline=stage1", *overrides))
         assert Run.open(run.path).is_complete(task)
-    snippets = [shlex.split(c)[2] for c in readme_lines() if c.startswith("python -c ")]
+    snippets = [shlex.split(c)[2] for c in command_lines(README.read_text()) if c.startswith("python -c ")]
     assert snippets, "the README shows no python -c line"
     for code in snippets:
         result = subprocess.run([sys.executable, "-c", code.replace(EXAMPLE_RUN, str(run.path))],

@@ -194,7 +194,7 @@ class Variant(Group):
     """``quantize.variants.<name>``: how one INT8 variant is made (static or dynamic, and ONNX Runtime's options)."""
     mode: Literal["static", "dynamic"]
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    method_options: dict[str, Any] = {}
+    method_options: dict[str, Any] | None = None
     per_channel: bool
     quant_format: Literal["QDQ", "QOperator"] = "QDQ"
     activation_type: Literal["QUInt8", "QInt8"] = "QUInt8"
