@@ -103,20 +103,8 @@ def file_comments(path: Path) -> dict[tuple[str, ...], Comment]:
     inline comment and its continuation, else the comment lines directly above it; keys inside a flow mapping
     (``key: {a: 1}  # meaning``) get the line's comment with ``how="flow"``. Keys without a comment are left out.
     Sequence items nest under a ``[]`` path element, so nothing inside a list matches a config key."""
-    return _parse(path)[0]
-
-
-def file_keys(path: Path) -> dict[tuple[str, ...], tuple[int, Comment | None]]:
-    """Every key a YAML file sets on a line of its own (flow-mapping keys excepted), by its path inside the file:
-    its 1-based line and its comment as :func:`file_comments` finds it (None: none)."""
-    return _parse(path)[1]
-
-
-def _parse(path: Path) -> tuple[dict, dict]:
-    """:func:`file_comments`' and :func:`file_keys`' answers, from one pass over the file."""
     lines = path.read_text().splitlines()
     found: dict[tuple[str, ...], Comment] = {}
-    keys: dict[tuple[str, ...], tuple[int, Comment | None]] = {}
     stack: list[tuple[int, str]] = []  # (indent, key) of the open mappings and sequence items
     consumed: set[int] = set()         # comment-only lines that continue an inline comment
     header_end = 0                     # the file's opening comment block: it describes the file, not a key
@@ -178,9 +166,8 @@ def _parse(path: Path) -> tuple[dict, dict]:
                 j -= 1
             comment = " ".join(above)
             how = "above"
-        keys[keypath] = (i + 1, Comment(comment, path, i + 1, how) if comment else None)
         if comment:
-            found[keypath] = keys[keypath][1]
+            found[keypath] = Comment(comment, path, i + 1, how)
         if rest.startswith("{"):
             try:
                 flow = yaml.safe_load(rest)
@@ -192,7 +179,7 @@ def _parse(path: Path) -> tuple[dict, dict]:
         if not rest:  # a mapping (or a sequence) opens below
             stack.append((indent, key))
         i = last + 1
-    return found, keys
+    return found
 
 
 def _loaded_files(overrides: list[str]) -> list[tuple[Path, tuple[str, ...], str]]:
@@ -251,11 +238,6 @@ def entries(overrides: list[str] | None = None) -> list[Entry]:
             flow = flow or comment
         out.append(Entry(".".join(path), value, found or flow))
     return out
-
-
-def missing(overrides: list[str] | None = None) -> list[str]:
-    """The leaf keys of the composed config that no comment in conf/ explains."""
-    return [e.key for e in entries(overrides) if e.meaning is None or not e.meaning.text.strip()]
 
 
 def render_value(value: object) -> str:
