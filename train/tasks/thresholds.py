@@ -48,11 +48,7 @@ def cascade_order(cfg: DictConfig, run: Run) -> list[tuple[str, str]]:
         if not run.is_complete(name) and not (run.is_complete("calibrate") and name in cfg.calibrate.tiers):
             raise RunError(f"cascade.tiers has {name!r}, which run {run.path.name} has not trained (add its stage, "
                              f"or remove it from cascade.tiers)")
-        kind = get_tier(name).kind
-        if kind == "fusion":
-            raise RunError(f"cascade.tiers has the fusion head {name!r}: the thresholds stage and the replay do not "
-                             "route to a fusion tier (it needs every view of a sample and the feature store); remove it")
-        order.append((name, kind))
+        order.append((name, get_tier(name).kind))  # no fusion head: config_checks.check_cascade refuses it
     return order
 
 
