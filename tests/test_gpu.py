@@ -1,5 +1,5 @@
-"""The default job and the ViT-B/16 experiment on one CUDA GPU, cut down (``pytest -m gpu tests/test_gpu.py`` on a GPU
-host; skipped elsewhere). Run them on the GPU machine whenever a stage changes."""
+"""The default job, the ViT-B/16 experiment and FDSL pretraining on one CUDA GPU, cut down (``pytest -m gpu
+tests/test_gpu.py`` on a GPU host; skipped elsewhere). Run them on the GPU machine whenever a stage changes."""
 import json
 import math
 
@@ -46,3 +46,14 @@ def test_the_vit_b16_experiment_on_one_gpu(tmp_path, data_dir):
     config = json.loads(run.artifact("stage1", "model_config").read_text())
     assert config["backbone"]["name"] == "vit_base_patch16_224" and config["input"]["img_size"] == 224
     assert (run.path / "export" / "manifest.json").is_file()
+
+
+def test_fdsl_pretraining_on_one_gpu(tmp_path, data_dir):
+    """task=pretrain on the GPU: fractals rendered on the device, bf16, fused AdamW with clipping."""
+    run_task(compose_config(f"paths.root_dir={tmp_path}", f"paths.data_dir={data_dir}", *QUIET, "trainer=gpu",
+                            "task=pretrain", "pretrain.fdsl.classes=10", "pretrain.epochs=1",
+                            "pretrain.steps_per_epoch=5", "pretrain.batch_size=64", "pretrain.held_out=128"))
+    (path,) = (tmp_path / "checkpoints").iterdir()
+    run = Run.open(path)
+    assert run.metrics("pretrain")["images_seen"] == 5 * 64
+    assert json.loads(run.artifact("pretrain", "card").read_text())["precision"] == "bf16-mixed"

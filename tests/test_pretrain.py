@@ -73,6 +73,13 @@ def test_a_pretraining_stopped_by_a_signal_resumes_to_the_unbroken_result(fdsl_r
     assert all(torch.equal(resumed[k], v) for k, v in unbroken.items())
 
 
+def test_pretraining_with_a_fused_optimizer_bf16_and_clipping_trains(tmp_path, data_dir, one_thread):
+    """What a GPU run gets (fused AdamW under bf16-mixed, clipped at norm 1), which Lightning alone refuses."""
+    run = pretrain(tmp_path, data_dir, "pretrain.epochs=1", "pretrain.steps_per_epoch=3", "pretrain.held_out=64",
+                   "pretrain.optimizer.fused=true", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0")
+    assert run.is_complete("pretrain") and run.metrics("pretrain")["images_seen"] == 3 * 64
+
+
 @pytest.mark.parametrize("key, value, named", [("depth", 3, "misses tensor 'blocks.2."),
                                                    ("embed_dim", 32, r"\(64,\) in the file, \(32,\) in the model")])
 def test_another_architecture_is_refused_with_the_key_named(fdsl_run, tmp_path, tiny_config, key, value, named):

@@ -77,3 +77,24 @@ def with_schedule(module, optimizer: torch.optim.Optimizer, scheduler: Callable 
     total = module.trainer.estimated_stepping_batches
     return {"optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler(optimizer, total_steps=total), "interval": "step"}}
+
+
+class FusedOptimizerSteps:
+    """LightningModule mixin: fused optimizers (:func:`fused_default`) wherever no gradient scaler runs, and gradient
+    clipping that works with them. Lightning refuses clipping with a fused optimizer under any mixed precision for
+    fear of a gradient scaler, but bf16 has none; under 16-mixed (the one scaled precision) nothing is fused."""
+
+    def fuses(self) -> bool:
+        """Whether :func:`build_optimizer` may fuse: not under 16-mixed, whose scaler unscales before clipping."""
+        return self._trainer is None or self.trainer.precision != "16-mixed"
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, also for a fused optimizer (DeepSpeed's optimizer wrappers have no ``defaults``:
+        DeepSpeed clips by its own config)."""
+        if not gradient_clip_val or not getattr(optimizer, "defaults", {}).get("fused") or not self.fuses():
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)

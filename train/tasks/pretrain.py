@@ -29,7 +29,7 @@ from train.data.fractals import FractalCategories, FractalImages, search_categor
 from train.models import create_backbone
 from train.models.mae import MaskedAutoencoder
 from train.models.saving import save_backbone
-from train.optim import build_optimizer, with_schedule
+from train.optim import FusedOptimizerSteps, build_optimizer, with_schedule
 from train.runs import Run
 from train.tasks.registry import ensure_data, ensure_shards, register_task
 from train.tiers.training import batch_size, build_datamodule, build_trainer, checkpoint_paths, resolve_ckpt_path
@@ -48,7 +48,7 @@ def step_generator(device: torch.device, *key: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(state) & (2 ** 63 - 1))
 
 
-class PretrainModule(CheckpointedRNG, pl.LightningModule):
+class PretrainModule(CheckpointedRNG, FusedOptimizerSteps, pl.LightningModule):
     """What both methods share: the backbone ``self.net``, its optimiser and compile; :meth:`backbone` is the net to
     save (head removed)."""
 
@@ -63,7 +63,8 @@ class PretrainModule(CheckpointedRNG, pl.LightningModule):
             self.net.compile()  # in place: parameter names (and the saved file) stay as they are
 
     def configure_optimizers(self):
-        return with_schedule(self, build_optimizer(self.optimizer_factory, self.net), self.scheduler_factory)
+        return with_schedule(self, build_optimizer(self.optimizer_factory, self.net, fuse=self.fuses()),
+                             self.scheduler_factory)
 
     def on_train_start(self) -> None:
         self.trained, self.since = 0, time.perf_counter()
@@ -149,7 +150,8 @@ class MAEPretrainModule(PretrainModule):
         self.setup_optim(optimizer, scheduler, compile)
 
     def configure_optimizers(self):
-        return with_schedule(self, build_optimizer(self.optimizer_factory, self.mae), self.scheduler_factory)
+        return with_schedule(self, build_optimizer(self.optimizer_factory, self.mae, fuse=self.fuses()),
+                             self.scheduler_factory)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.mae(batch["image"], step_generator(self.device, self.hparams.seed, 0, self.global_step,

@@ -23,7 +23,7 @@ from torchmetrics.aggregation import CatMetric
 
 from train.export import Calibration, ExportError, export_classifier
 from train.metrics import bootstrap_interval, by_level, per_level_metrics, roadwork_prob, with_mean
-from train.optim import build_optimizer, with_schedule
+from train.optim import FusedOptimizerSteps, build_optimizer, with_schedule
 from train.predictions import unique_rows
 from train.runs import Run
 from train.tiers.base import Tier
@@ -35,7 +35,7 @@ from train.utils.rng import CheckpointedRNG
 log = logging.getLogger(__name__)
 
 
-class ClassifierModule(CheckpointedRNG, pl.LightningModule):
+class ClassifierModule(CheckpointedRNG, FusedOptimizerSteps, pl.LightningModule):
     """Cross-entropy training and per-level evaluation of ``self.net``; see the module docstring."""
 
     net: nn.Module
@@ -124,23 +124,8 @@ class ClassifierModule(CheckpointedRNG, pl.LightningModule):
                 self.log_dict({f"test/L{level}/mcc_low": low, f"test/L{level}/mcc_high": high})
 
     def configure_optimizers(self):
-        # a gradient scaler (16-mixed) unscales before clipping, which a fused optimizer's own step cannot allow
-        fuse = self._trainer is None or self.trainer.precision != "16-mixed"
-        optimizer = build_optimizer(self.optimizer_factory, self.net, self.layer_decay, fuse=fuse)
+        optimizer = build_optimizer(self.optimizer_factory, self.net, self.layer_decay, fuse=self.fuses())
         return with_schedule(self, optimizer, self.scheduler_factory)
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's clipping, also for a fused optimizer: Lightning refuses those under any mixed precision for
-        fear of a gradient scaler, but bf16 has none (and :meth:`configure_optimizers` does not fuse under 16-mixed).
-        DeepSpeed's optimizer wrappers have no ``defaults``: DeepSpeed clips by its own config."""
-        scaled = self._trainer is not None and self.trainer.precision == "16-mixed"  # then Lightning's error stands
-        if not gradient_clip_val or not getattr(optimizer, "defaults", {}).get("fused") or scaled:
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
 def test_figures(predictions: dict[int, dict[str, torch.Tensor]], metrics: dict[str, float], title: str) -> dict:
