@@ -6,7 +6,7 @@ import importlib
 import json
 
 BENCHMARKS = {"synthetic": "train.bench.synthetic", "apt": "train.bench.apt", "stage1": "train.bench.stage1",
-              "fp8": "train.bench.fp8", "compare": "train.bench.compare",
+              "fp8": "train.bench.fp8", "compare": "train.bench.compare", "fractals": "train.bench.fractals",
               "validator": "train.bench.validator_parity"}
 
 
