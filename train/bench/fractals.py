@@ -1,22 +1,23 @@
 """FDSL pretraining throughput on one device: fractal images rendered per second, and rendered + trained per second.
 
-The training step is ``task=pretrain``'s (render a batch, mixup / cutmix, forward, backward, AdamW) on the
-``vit_tiny`` architecture, timed in windows synchronised at their edges (:mod:`train.bench.timing`).
+The training step is ``task=pretrain``'s (render a batch, mixup / cutmix, forward, backward, AdamW) with the model
+and FDSL settings of the composed config (``model=vit_tiny`` and ``conf/pretrain/default.yaml``, ``--override`` to
+change them), timed in windows synchronised at their edges (:mod:`train.bench.timing`).
 """
 from __future__ import annotations
 
 import argparse
 
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 from train.bench.timing import time_steps
+from train.configs import config_dir
 from train.data.fractals import FractalImages, search_categories
 from train.models import create_backbone
-
-VIT_TINY = {"library": "timm", "name": "vit_tiny_patch16_224", "img_size": 64, "patch_size": 8, "depth": 4,
-            "embed_dim": 128, "num_heads": 4, "pretrained": False}
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -27,13 +28,17 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per figure")
     parser.add_argument("--window", type=int, default=5)
+    parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides of the composed config")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    categories = search_categories(args.classes, device=device)
-    images = FractalImages(categories, size=64)
-    net = create_backbone(**VIT_TINY, num_classes=args.classes).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=args.classes)
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["model=vit_tiny", *args.override])
+    fdsl, device = cfg.pretrain.fdsl, torch.device(args.device)
+    categories = search_categories(args.classes, device=device, **fdsl.search)
+    images = FractalImages(categories, size=cfg.model.img_size, **OmegaConf.to_container(fdsl.render))
+    backbone = {**OmegaConf.to_container(cfg.model.backbone, resolve=True), "pretrained": False}
+    net = create_backbone(**backbone, num_classes=args.classes).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.pretrain.optimizer.lr)
+    mixup = Mixup(**(fdsl.mixup or {"prob": 0.0}), label_smoothing=fdsl.label_smoothing, num_classes=args.classes)
     criterion = SoftTargetCrossEntropy()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(0)
@@ -55,5 +60,5 @@ def run(argv: list[str] | None = None) -> dict:
                  for name, step in (("rendered", render), ("trained", train))}
         figures["batches"][batch] = timed
         print(f"fractals on {figures['device']}, batch {batch}: {timed['rendered']:,.0f} img/s rendered, "
-              f"{timed['trained']:,.0f} img/s rendered + trained (vit_tiny, 64 px, bf16 on CUDA)")
+              f"{timed['trained']:,.0f} img/s rendered + trained ({backbone['name']}, {cfg.model.img_size} px, bf16 on CUDA)")
     return figures
