@@ -60,5 +60,6 @@ def run(argv: list[str] | None = None) -> dict:
                  for name, step in (("rendered", render), ("trained", train))}
         figures["batches"][batch] = timed
         print(f"fractals on {figures['device']}, batch {batch}: {timed['rendered']:,.0f} img/s rendered, "
-              f"{timed['trained']:,.0f} img/s rendered + trained ({backbone['name']}, {cfg.model.img_size} px, bf16 on CUDA)")
+              f"{timed['trained']:,.0f} img/s rendered + trained ({backbone['name']}, {cfg.model.img_size} px, "
+              "bf16 on CUDA)")
     return figures
