@@ -41,7 +41,7 @@ def test_meanings_come_from_the_groups_own_file(default_entries):
     number, comment = _line(draft, "epochs")
     epochs = default_entries["draft.epochs"]
     assert comment and (epochs.meaning.file, epochs.meaning.line, epochs.meaning.text) == (draft, number, comment)
-    assert epochs.default == 6  # conf/sizes/cpu.yaml's, the composed default
+    assert epochs.default == 12  # conf/sizes/cpu.yaml's, the composed default
     # cascade.alpha's comment goes on over the comment-only line below it
     number, comment = _line(cascade, "alpha")
     alpha = default_entries["cascade.alpha"]
