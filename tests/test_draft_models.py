@@ -480,3 +480,30 @@ def test_draft_module_remembers_its_teachers_outputs(tmp_path):
         for _ in range(3):
             module.validation_step(batch, 0)
         assert calls == [8]
+
+
+# --- the default job's draft ----------------------------------------------------------------------------
+
+def test_the_default_jobs_draft_starts_from_stage1_at_a_seventh_of_its_flops():
+    """conf/sizes/cpu.yaml's draft keeps Stage-1's width, so its embeddings and first two blocks are Stage-1's, and
+    its 2 x 2-pooled tokens cost about 0.15x Stage-1's FLOPs."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_config
+    from train.export.flops import count_flops
+    from train.models.backbones import create_backbone
+    from train.models.draft import build_student, draft_classifier, init_from_teacher
+
+    cfg = OmegaConf.to_container(compose_config(), resolve=True)
+    torch.manual_seed(0)
+    teacher = create_backbone(**{**cfg["model"]["backbone"], "pretrained": False}).eval()
+    student = build_student(cfg["draft"]["module"]["student"], cfg["draft"]["module"]["elastic"])
+    copied = init_from_teacher(student, teacher)
+    theirs = teacher.state_dict()
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.1.mlp.fc2.weight", "norm.weight"} <= set(copied)
+    assert not any(name.startswith("blocks.2") for name in theirs if name in copied)
+    body = draft_classifier(student).elastic.vit.state_dict()
+    assert all(torch.equal(body[name], theirs[name]) for name in copied)
+    x = images(4, size=cfg["model"]["img_size"])
+    ratio = count_flops(draft_classifier(student).eval(), x) / count_flops(teacher, x)
+    assert 0.12 < ratio < 0.18, ratio
