@@ -382,7 +382,7 @@ def apt_run(tiny_run, data_dir, tmp_path_factory):
     run = Run.open(shutil.copytree(tiny_run.path, root / "run"))
     cfg = compose_config(f"paths.root_dir={root}", f"paths.data_dir={data_dir}", "debug=tiny", *QUIET,
                          "task=apt", f"run_dir={run.path}", "apt.bootstrap=200", "apt.grid_samples=4",
-                         "apt.quantiles=[0.5,0.4]")
+                         "apt.quantiles=[0.5,0.4]", "apt.module.train=all")  # (the default job's sizes: new)
     run_task(cfg)
     return run, cfg
 
